@@ -1,0 +1,131 @@
+// BlockDevice: the interface every format driver implements, and the only thing
+// the server sees of an export.
+//
+// A driver stacks on children named by the roles users know from qemu-img:
+// `file` (the container it parses), `backing` (qcow2) / `parent` (VHD differencing)
+// where unallocated reads fall through, and `data-file` (qcow2 external data).
+// Backing files and parents are opened read-only and are never written.
+//
+// Invariants every driver keeps:
+//  - All methods are thread-safe. Reads of allocated data may run in parallel;
+//    allocation is serialized per cluster/block, never by one lock held across I/O.
+//  - I/O methods return 0 or a positive errno value (EIO, ENOSPC, EINVAL, EPERM,
+//    ENOTSUP, ENOMEM, EOVERFLOW). They never throw. Requests are already
+//    bounds-checked by the caller (offset + length <= size()).
+//  - After flush() returns 0 (or a write with fua=true returns 0), every write
+//    acknowledged before it is durable in every file of the stack.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace strata {
+
+enum class ChildRole { file, backing, parent, data_file };
+std::string_view to_string(ChildRole role);
+
+// One run of the device as seen through the whole stack.
+struct Extent {
+  uint64_t length = 0;
+  // Not allocated in any layer of the stack (NBD base:allocation HOLE).
+  bool hole = false;
+  // Reads as zeros (NBD base:allocation ZERO).
+  bool zero = false;
+  // qemu:allocation-depth: 0 = unallocated everywhere, 1 = this layer,
+  // 2 = its backing/parent, and so on.
+  uint32_t depth = 1;
+
+  bool same_kind(const Extent& o) const {
+    return hole == o.hole && zero == o.zero && depth == o.depth;
+  }
+};
+
+struct Capabilities {
+  bool read_only = true;
+  bool can_flush = true;
+  bool can_fua = true;
+  bool can_trim = false;          // trim() does something useful
+  bool can_zero = true;           // write_zeroes() supported (may be emulated)
+  bool can_fast_zero = false;     // write_zeroes(fast_only) can succeed
+  bool can_multi_conn = true;     // consistent across connections (shared state)
+  bool can_cache = true;          // cache() supported
+  bool has_extents = true;        // extents() says more than "all data"
+};
+
+struct BlockSizes {
+  uint32_t minimum = 1;
+  uint32_t preferred = 4096;
+  uint32_t maximum = 32 * 1024 * 1024;
+};
+
+struct ZeroFlags {
+  bool may_trim = false;   // NBD: no NO_HOLE flag -> may deallocate
+  bool fast_only = false;  // NBD FAST_ZERO: fail with ENOTSUP unless cheap
+  bool fua = false;
+};
+
+class BlockDevice;
+
+struct Child {
+  ChildRole role;
+  std::shared_ptr<BlockDevice> device;
+};
+
+// Result of a structural check (`strata check`).
+struct CheckReport {
+  std::vector<std::string> errors;  // corruption
+  std::vector<std::string> leaks;   // allocated but unreferenced space
+  std::vector<std::string> notes;   // informational
+  bool clean() const { return errors.empty(); }
+};
+
+class BlockDevice {
+ public:
+  virtual ~BlockDevice() = default;
+
+  // "raw", "vhd", "qcow2".
+  virtual std::string_view format() const = 0;
+  // Path of the image file this driver parses.
+  virtual const std::string& path() const = 0;
+  // Virtual size in bytes.
+  virtual uint64_t size() const = 0;
+  virtual Capabilities capabilities() const = 0;
+  virtual BlockSizes block_sizes() const { return {}; }
+
+  virtual int read(uint64_t offset, std::span<std::byte> buf) = 0;
+  virtual int write(uint64_t offset, std::span<const std::byte> buf, bool fua) = 0;
+  virtual int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) = 0;
+  // Hint that the range is unused. Must never make a backing/parent show through
+  // where the guest wrote data; returning 0 without doing anything is allowed.
+  virtual int trim(uint64_t offset, uint64_t length, bool fua) = 0;
+  virtual int flush() = 0;
+  // Prefetch hint (NBD_CMD_CACHE).
+  virtual int cache(uint64_t offset, uint64_t length) {
+    (void)offset;
+    (void)length;
+    return 0;
+  }
+  // Appends extents covering [offset, offset + length) in order (the last one
+  // may be clipped by the caller). Must cover at least one byte on success.
+  virtual int extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) = 0;
+
+  virtual std::vector<Child> children() const { return {}; }
+  // Format-specific facts for `strata info` (this layer only).
+  virtual void describe(nlohmann::json& out) const;
+  // Structural check of this layer (`strata check`).
+  virtual void check(CheckReport& report) { (void)report; }
+  // Counters for logs (cache hits/misses and the like); empty by default.
+  virtual std::string stats() const { return {}; }
+};
+
+// Appends `e` to `out`, merging with the last extent when they are of one kind.
+void append_extent(std::vector<Extent>& out, const Extent& e);
+
+}  // namespace strata

@@ -1,0 +1,65 @@
+// File: the one narrow door between the drivers and the host file system.
+//
+// Every driver does its I/O through a File so that tests can wrap one
+// (FaultFile in tests/) to inject errors, short writes or crashes.
+// Methods return 0 or a positive errno value and never throw; open() throws
+// ImageError with the path and the reason.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+namespace strata {
+
+class File {
+ public:
+  virtual ~File() = default;
+
+  virtual const std::string& path() const = 0;
+  virtual bool writable() const = 0;
+
+  // Reads exactly buf.size() bytes at offset; bytes past end of file read as
+  // zeros (image tables are not always padded to a full cluster on disk).
+  virtual int read_at(uint64_t offset, std::span<std::byte> buf) = 0;
+  // Writes exactly buf.size() bytes at offset, extending the file if needed.
+  virtual int write_at(uint64_t offset, std::span<const std::byte> buf) = 0;
+  // Makes written data durable (fdatasync).
+  virtual int sync() = 0;
+  // Deallocates the range; it reads as zeros afterwards. ENOTSUP if the file
+  // system cannot.
+  virtual int punch_hole(uint64_t offset, uint64_t length) = 0;
+  // Makes the range read as zeros, preferably without writing data
+  // (FALLOC_FL_ZERO_RANGE). ENOTSUP if the file system cannot.
+  virtual int zero_range(uint64_t offset, uint64_t length) = 0;
+  // Current size in bytes (fstat); negative errno on failure.
+  virtual int64_t size() = 0;
+  virtual int truncate(uint64_t size) = 0;
+  // SEEK_DATA / SEEK_HOLE. Return the offset, or a negative errno
+  // (-ENXIO past the last data, -ENOTSUP where unsupported).
+  virtual int64_t seek_data(uint64_t offset) = 0;
+  virtual int64_t seek_hole(uint64_t offset) = 0;
+  // Device and inode, to detect loops in backing chains.
+  virtual dev_t device() const = 0;
+  virtual ino_t inode() const = 0;
+};
+
+// Opens a host file. Throws ImageError naming the path when it cannot.
+std::unique_ptr<File> open_file(const std::string& path, bool writable);
+
+// Creates (or truncates) a file for a new image, read-write.
+std::unique_ptr<File> create_file(const std::string& path);
+
+// Helpers over File for exact-size big-endian structures.
+inline int read_bytes(File& f, uint64_t offset, void* buf, size_t len) {
+  return f.read_at(offset, {static_cast<std::byte*>(buf), len});
+}
+inline int write_bytes(File& f, uint64_t offset, const void* buf, size_t len) {
+  return f.write_at(offset, {static_cast<const std::byte*>(buf), len});
+}
+
+}  // namespace strata

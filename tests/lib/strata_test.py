@@ -1,0 +1,211 @@
+"""Shared helpers for integration tests: start a real `strata serve`, wait until it
+listens, hand out URIs, stop it and check it exited cleanly.
+
+Tests run under /usr/bin/python3 (python3-libnbd, python3-libvhdi are Debian
+packages). STRATA points at the binary under test (set by ctest).
+"""
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+STRATA = os.environ.get("STRATA") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "build", "strata")
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def run(cmd, check=True, **kw):
+    """Runs a command, returns CompletedProcess with text output."""
+    log("+", " ".join(str(c) for c in cmd))
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"command failed ({p.returncode}): {cmd}\n"
+                             f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running `strata serve` process.
+
+    Server(image, "--format", "raw", ...) listens on a unix socket in a temp dir
+    (and on TCP with tcp=True). Use as a context manager; on exit it sends
+    SIGTERM and asserts a clean exit (status 0, no sanitizer report).
+    """
+
+    def __init__(self, *args, export="test", tcp=False, unix=True, config=None,
+                 expect_fail=False, env=None):
+        self.tmp = tempfile.mkdtemp(prefix="strata-srv-")
+        self.export = export
+        self.sock = os.path.join(self.tmp, "nbd.sock") if unix else None
+        self.port = free_port() if tcp else None
+        self.logfile = os.path.join(self.tmp, "server.log")
+        cmd = [STRATA, "serve"]
+        if config is not None:
+            cmd += ["--config", config]
+        else:
+            cmd += [str(a) for a in args]
+            cmd += ["--export", export]
+            if self.sock:
+                cmd += ["--socket", self.sock]
+            if self.port:
+                cmd += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        self.cmd = cmd
+        self.expect_fail = expect_fail
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+
+    def start(self, timeout=20):
+        log("+", " ".join(self.cmd))
+        self.out = open(self.logfile, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT,
+                                     env=self.env)
+        if self.expect_fail:
+            return self
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early ({self.proc.returncode}):\n"
+                                     + self.read_log())
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        raise AssertionError("server did not start listening:\n" + self.read_log())
+
+    def ready(self):
+        try:
+            if self.sock:
+                if not os.path.exists(self.sock):
+                    return False
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(self.sock)
+            else:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+            s.settimeout(2)
+            data = s.recv(8)
+            s.close()
+            return data == b"NBDMAGIC"
+        except OSError:
+            return False
+
+    def read_log(self):
+        with open(self.logfile, errors="replace") as f:
+            return f.read()
+
+    @property
+    def uri(self):
+        if self.sock:
+            return f"nbd+unix:///{self.export}?socket={self.sock}"
+        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+
+    @property
+    def tcp_uri(self):
+        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+
+    def connect_raw(self):
+        """A plain socket to the server, for hand-made protocol traffic."""
+        if self.sock:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(self.sock)
+        else:
+            s = socket.create_connection(("127.0.0.1", self.port))
+        s.settimeout(10)
+        return s
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=30, check=True):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("server did not exit after signal:\n" + self.read_log())
+        self.out.close()
+        text = self.read_log()
+        if check:
+            assert "ERROR: AddressSanitizer" not in text, text
+            assert "runtime error:" not in text, text
+            assert "ThreadSanitizer" not in text, text
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                assert self.proc.returncode == 0, (
+                    f"server exit status {self.proc.returncode}\n{text}")
+        return text
+
+    def kill(self):
+        """SIGKILL, for crash tests."""
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self.proc is not None and self.out and not self.out.closed:
+                text = self.stop(check=exc_type is None)
+                if exc_type is not None:
+                    log("---- server log ----\n" + text[-5000:])
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+@contextlib.contextmanager
+def workdir():
+    d = tempfile.mkdtemp(prefix="strata-test-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def nbd_handle(uri):
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def main(tests):
+    """Runs test functions in order; prints 'N passed, M failed'; exits non-zero on failure."""
+    passed = failed = 0
+    only = sys.argv[1:] or None
+    for t in tests:
+        if only and t.__name__ not in only:
+            continue
+        log(f"=== {t.__name__}")
+        t0 = time.time()
+        try:
+            t()
+            passed += 1
+            log(f"--- PASS {t.__name__} ({time.time() - t0:.1f}s)")
+        except Exception as e:  # noqa: BLE001 - report every failure
+            failed += 1
+            import traceback
+            traceback.print_exc()
+            log(f"--- FAIL {t.__name__}: {e}")
+    log(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
