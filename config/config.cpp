@@ -1,1 +1,241 @@
-// see config.h
+#include "config/config.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "formats/create.h"
+
+namespace strata {
+
+using nlohmann::json;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& key, const std::string& what) {
+  throw ConfigError(key + ": " + what);
+}
+
+std::string type_name(const json& v) { return v.type_name(); }
+
+void check_keys(const json& obj, const std::string& where, const std::set<std::string>& allowed) {
+  if (!obj.is_object()) fail(where, "must be an object, not " + type_name(obj));
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    if (!allowed.count(it.key())) {
+      fail(where.empty() ? it.key() : where + "." + it.key(), "unknown key");
+    }
+  }
+}
+
+std::string get_string(const json& obj, const std::string& where, const std::string& key,
+                       const std::string& def, bool required = false) {
+  auto it = obj.find(key);
+  if (it == obj.end()) {
+    if (required) fail(where + "." + key, "is required");
+    return def;
+  }
+  if (!it->is_string()) fail(where + "." + key, "must be a string, not " + type_name(*it));
+  return it->get<std::string>();
+}
+
+bool get_bool(const json& obj, const std::string& where, const std::string& key, bool def) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return def;
+  if (!it->is_boolean()) fail(where + "." + key, "must be true or false, not " + type_name(*it));
+  return it->get<bool>();
+}
+
+uint64_t get_uint(const json& obj, const std::string& where, const std::string& key,
+                  uint64_t def, uint64_t min, uint64_t max) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return def;
+  uint64_t v;
+  if (it->is_number_unsigned()) {
+    v = it->get<uint64_t>();
+  } else if (it->is_number_integer()) {
+    fail(where + "." + key, "must not be negative");
+  } else if (it->is_string()) {  // sizes like "64M"
+    try {
+      v = parse_size(it->get<std::string>());
+    } catch (const std::exception& e) {
+      fail(where + "." + key, e.what());
+    }
+  } else {
+    fail(where + "." + key, "must be a number, not " + type_name(*it));
+  }
+  if (v < min || v > max) {
+    fail(where + "." + key, std::to_string(v) + " is outside " + std::to_string(min) + ".." +
+                                std::to_string(max));
+  }
+  return v;
+}
+
+ListenerConfig parse_listener(const json& j, const std::string& where) {
+  check_keys(j, where, {"type", "address", "port", "path"});
+  ListenerConfig l;
+  std::string type = get_string(j, where, "type", "tcp");
+  if (type == "tcp") {
+    l.kind = ListenerConfig::Kind::tcp;
+    l.address = get_string(j, where, "address", "0.0.0.0");
+    l.port = static_cast<uint16_t>(get_uint(j, where, "port", 10809, 0, 65535));
+    if (j.contains("path")) fail(where + ".path", "only for unix listeners");
+  } else if (type == "unix") {
+    l.kind = ListenerConfig::Kind::unix_socket;
+    l.path = get_string(j, where, "path", "", true);
+    if (l.path.empty()) fail(where + ".path", "must not be empty");
+    if (l.path.size() >= 108) fail(where + ".path", "longer than a unix socket path may be");
+    if (j.contains("port") || j.contains("address")) {
+      fail(where, "address/port are only for tcp listeners");
+    }
+  } else {
+    fail(where + ".type", "'" + type + "' is not one of tcp, unix");
+  }
+  return l;
+}
+
+ExportConfig parse_export(const json& j, const std::string& where) {
+  check_keys(j, where,
+             {"name", "path", "format", "read_only", "description", "allowed_dirs", "cache_size",
+              "data_file", "allow_raw_backing", "vhd_strict_parent_timestamp", "vhd_size_mode",
+              "vhd_size", "max_chain_depth"});
+  ExportConfig e;
+  e.name = get_string(j, where, "name", "", true);
+  if (e.name.size() > 4096) fail(where + ".name", "longer than 4096 bytes");
+  e.path = get_string(j, where, "path", "", true);
+  if (e.path.empty()) fail(where + ".path", "must not be empty");
+  std::string fmt = get_string(j, where, "format", "auto");
+  auto f = parse_format(fmt);
+  if (!f) fail(where + ".format", "'" + fmt + "' is not one of raw, qcow2, vhd, auto");
+  e.format = *f;
+  e.read_only = get_bool(j, where, "read_only", false);
+  e.description = get_string(j, where, "description", "");
+  if (auto it = j.find("allowed_dirs"); it != j.end()) {
+    if (!it->is_array()) fail(where + ".allowed_dirs", "must be an array of directories");
+    for (size_t i = 0; i < it->size(); ++i) {
+      const auto& d = (*it)[i];
+      std::string k = where + ".allowed_dirs[" + std::to_string(i) + "]";
+      if (!d.is_string() || d.get<std::string>().empty()) fail(k, "must be a directory path");
+      e.allowed_dirs.push_back(d.get<std::string>());
+    }
+  }
+  e.cache_size = get_uint(j, where, "cache_size", 0, 0, 1ull << 40);
+  if (j.contains("data_file")) e.data_file = get_string(j, where, "data_file", "");
+  e.allow_raw_backing = get_bool(j, where, "allow_raw_backing", false);
+  e.vhd_strict_parent_timestamp = get_bool(j, where, "vhd_strict_parent_timestamp", false);
+  e.vhd_size_mode = get_string(j, where, "vhd_size_mode", "current");
+  if (e.vhd_size_mode != "current" && e.vhd_size_mode != "chs") {
+    fail(where + ".vhd_size_mode", "'" + e.vhd_size_mode + "' is not one of current, chs");
+  }
+  if (j.contains("vhd_size")) {
+    e.vhd_size = get_uint(j, where, "vhd_size", 0, 512, 2040ull << 30);
+    if (*e.vhd_size % 512) fail(where + ".vhd_size", "must be a multiple of 512");
+  }
+  e.max_chain_depth = static_cast<int>(get_uint(j, where, "max_chain_depth", 16, 1, 256));
+  return e;
+}
+
+}  // namespace
+
+OpenOptions ExportConfig::open_options() const {
+  OpenOptions o;
+  o.format = format;
+  o.read_only = read_only;
+  o.allowed_dirs = allowed_dirs;
+  o.max_chain_depth = max_chain_depth;
+  o.metadata_cache_bytes = cache_size;
+  o.data_file = data_file;
+  o.allow_raw_backing_probe = allow_raw_backing;
+  o.vhd_strict_parent_timestamp = vhd_strict_parent_timestamp;
+  o.vhd_size_mode = vhd_size_mode;
+  o.vhd_size_override = vhd_size;
+  return o;
+}
+
+Config parse_config(const json& j) {
+  check_keys(j, "", {"listeners", "exports", "limits", "log_level"});
+  Config c;
+  if (auto it = j.find("listeners"); it != j.end()) {
+    if (!it->is_array()) fail("listeners", "must be an array");
+    for (size_t i = 0; i < it->size(); ++i) {
+      c.listeners.push_back(parse_listener((*it)[i], "listeners[" + std::to_string(i) + "]"));
+    }
+  } else {
+    c.listeners.push_back(ListenerConfig{});
+  }
+  auto ex = j.find("exports");
+  if (ex == j.end()) fail("exports", "is required");
+  if (!ex->is_array()) fail("exports", "must be an array");
+  for (size_t i = 0; i < ex->size(); ++i) {
+    c.exports.push_back(parse_export((*ex)[i], "exports[" + std::to_string(i) + "]"));
+  }
+  if (auto it = j.find("limits"); it != j.end()) {
+    check_keys(*it, "limits",
+               {"max_connections", "handshake_timeout_ms", "max_inflight_requests",
+                "max_inflight_bytes", "workers"});
+    Limits& l = c.limits;
+    l.max_connections = static_cast<uint32_t>(
+        get_uint(*it, "limits", "max_connections", l.max_connections, 1, 65536));
+    l.handshake_timeout_ms = static_cast<uint32_t>(
+        get_uint(*it, "limits", "handshake_timeout_ms", l.handshake_timeout_ms, 100, 3600000));
+    l.max_inflight_requests = static_cast<uint32_t>(
+        get_uint(*it, "limits", "max_inflight_requests", l.max_inflight_requests, 1, 4096));
+    l.max_inflight_bytes = get_uint(*it, "limits", "max_inflight_bytes", l.max_inflight_bytes,
+                                    kMaxRequestBytes, 1ull << 32);
+    l.workers = static_cast<uint32_t>(get_uint(*it, "limits", "workers", l.workers, 1, 256));
+  }
+  c.log_level = get_string(j, "", "log_level", "info");
+  validate(c);
+  return c;
+}
+
+void validate(const Config& c) {
+  static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "off"};
+  if (!levels.count(c.log_level)) {
+    fail("log_level", "'" + c.log_level + "' is not one of trace, debug, info, warn, error, off");
+  }
+  if (c.listeners.empty()) fail("listeners", "at least one listener is needed");
+  if (c.exports.empty()) fail("exports", "at least one export is needed");
+  std::set<std::string> names;
+  for (size_t i = 0; i < c.exports.size(); ++i) {
+    if (!names.insert(c.exports[i].name).second) {
+      fail("exports[" + std::to_string(i) + "].name",
+           "'" + c.exports[i].name + "' is used by another export");
+    }
+  }
+  std::set<std::string> socks;
+  for (size_t i = 0; i < c.listeners.size(); ++i) {
+    const auto& l = c.listeners[i];
+    std::string key = l.kind == ListenerConfig::Kind::tcp
+                          ? l.address + ":" + std::to_string(l.port)
+                          : l.path;
+    if (!socks.insert(key).second) {
+      fail("listeners[" + std::to_string(i) + "]", "'" + key + "' is listed twice");
+    }
+  }
+}
+
+Config parse_config_text(const std::string& text) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw ConfigError(std::string("not valid JSON: ") + e.what());
+  }
+  return parse_config(j);
+}
+
+Config load_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError(path + ": cannot read the config file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return parse_config_text(ss.str());
+  } catch (const ConfigError& e) {
+    throw ConfigError(path + ": " + e.what());
+  }
+}
+
+}  // namespace strata

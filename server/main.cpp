@@ -1,1 +1,227 @@
-int main() { return 0; }
+// strata: NBD server (`strata serve`) and image tool (`create`, `info`, `check`, `map`).
+#include <unistd.h>
+
+#include <filesystem>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "config/config.h"
+#include "formats/create.h"
+#include "formats/errors.h"
+#include "server/server.h"
+#include "server/tool.h"
+
+namespace fs = std::filesystem;
+using namespace strata;
+
+namespace {
+
+constexpr const char* kDefaultImage = "data/default.raw";
+constexpr uint64_t kDefaultImageSize = 1ull << 30;
+
+struct ServeArgs {
+  std::string image;
+  std::string config;
+  std::string format = "auto";
+  std::string export_name = "default";
+  std::string description;
+  int port = -1;
+  std::string bind = "0.0.0.0";
+  std::vector<std::string> sockets;
+  bool read_only = false;
+  std::vector<std::string> allowed_dirs;
+  std::string cache_size;
+  std::string data_file;
+  bool allow_raw_backing = false;
+  std::string log_level;
+  uint32_t max_connections = 0;
+  uint32_t handshake_timeout_ms = 0;
+  uint32_t workers = 0;
+};
+
+Config config_from_args(ServeArgs& a) {
+  Config c;
+  if (!a.config.empty()) {
+    if (!a.image.empty()) throw ConfigError("give either IMAGE or --config, not both");
+    c = load_config_file(a.config);
+  } else {
+    ExportConfig e;
+    if (a.image.empty()) {  // the embedded default export
+      a.image = kDefaultImage;
+      if (!fs::exists(a.image)) {
+        fs::create_directories(fs::path(a.image).parent_path());
+        CreateOptions co;
+        co.format = Format::raw;
+        co.path = a.image;
+        co.size = kDefaultImageSize;
+        create_image(co);
+        spdlog::info("created the default export image {} (1 GiB, sparse)", a.image);
+      }
+      a.format = "raw";
+    }
+    e.name = a.export_name;
+    e.path = a.image;
+    e.description = a.description;
+    auto f = parse_format(a.format);
+    if (!f) throw ConfigError("--format: '" + a.format + "' is not one of raw, qcow2, vhd, auto");
+    e.format = *f;
+    e.read_only = a.read_only;
+    e.allowed_dirs = a.allowed_dirs;
+    if (!a.cache_size.empty()) {
+      try {
+        e.cache_size = parse_size(a.cache_size);
+      } catch (const std::exception& ex) {
+        throw ConfigError(std::string("--cache-size: ") + ex.what());
+      }
+    }
+    if (!a.data_file.empty()) e.data_file = a.data_file;
+    e.allow_raw_backing = a.allow_raw_backing;
+    c.exports.push_back(e);
+    for (const auto& s : a.sockets) {
+      ListenerConfig l;
+      l.kind = ListenerConfig::Kind::unix_socket;
+      l.path = s;
+      c.listeners.push_back(l);
+    }
+    if (a.port >= 0 || a.sockets.empty()) {
+      ListenerConfig l;
+      l.address = a.bind;
+      l.port = static_cast<uint16_t>(a.port >= 0 ? a.port : 10809);
+      c.listeners.push_back(l);
+    }
+  }
+  if (!a.log_level.empty()) c.log_level = a.log_level;
+  if (a.max_connections) c.limits.max_connections = a.max_connections;
+  if (a.handshake_timeout_ms) c.limits.handshake_timeout_ms = a.handshake_timeout_ms;
+  if (a.workers) c.limits.workers = a.workers;
+  validate(c);
+  return c;
+}
+
+int serve(ServeArgs& args) {
+  Config config = config_from_args(args);
+  spdlog::set_level(spdlog::level::from_str(config.log_level));
+  Server server(std::move(config));
+  server.listen();
+  for (const auto& uri : server.uris()) {
+    std::cout << "serving " << uri << std::endl;
+  }
+  return server.run();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto logger = spdlog::stderr_color_mt("strata");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+
+  CLI::App app{"Strata: a network block device server for raw, VHD and qcow2 images"};
+  app.require_subcommand(1);
+
+  ServeArgs sa;
+  auto* serve_cmd = app.add_subcommand("serve", "Serve images over NBD");
+  serve_cmd->add_option("image", sa.image,
+                        "Image to serve as one export (default: data/default.raw, 1 GiB)");
+  serve_cmd->add_option("-c,--config", sa.config, "JSON config file (see docs/CONFIG.md)");
+  serve_cmd->add_option("-f,--format", sa.format, "raw, qcow2, vhd or auto")
+      ->check(CLI::IsMember({"raw", "qcow2", "vhd", "vpc", "auto"}));
+  serve_cmd->add_option("-x,--export", sa.export_name, "Export name");
+  serve_cmd->add_option("--description", sa.description, "Export description");
+  serve_cmd->add_option("-p,--port", sa.port, "TCP port (default 10809)")
+      ->check(CLI::Range(0, 65535));
+  serve_cmd->add_option("-b,--bind", sa.bind, "TCP address to bind (IPv4 or IPv6)");
+  serve_cmd->add_option("-k,--socket", sa.sockets, "Unix socket path");
+  serve_cmd->add_flag("-r,--read-only", sa.read_only, "Serve read-only");
+  serve_cmd->add_option("--allowed-dir", sa.allowed_dirs,
+                        "Directory child images (backing, parent, data file) may live in");
+  serve_cmd->add_option("--cache-size", sa.cache_size, "qcow2 metadata cache size (e.g. 4M)");
+  serve_cmd->add_option("--data-file", sa.data_file, "qcow2 external data file override");
+  serve_cmd->add_flag("--allow-raw-backing", sa.allow_raw_backing,
+                      "Treat a backing file without a recorded format as raw");
+  serve_cmd->add_option("--log-level", sa.log_level, "trace, debug, info, warn, error, off");
+  serve_cmd->add_option("--max-connections", sa.max_connections, "Connection limit");
+  serve_cmd->add_option("--handshake-timeout-ms", sa.handshake_timeout_ms,
+                        "Drop clients that do not finish the handshake in time");
+  serve_cmd->add_option("--workers", sa.workers, "Block I/O worker threads");
+
+  ToolOptions topt;
+  std::string tool_format = "auto";
+  std::string output = "human";
+  std::string tool_image;
+  auto add_tool = [&](const char* name, const char* help) {
+    auto* c = app.add_subcommand(name, help);
+    c->add_option("image", tool_image, "Image file")->required();
+    c->add_option("-f,--format", tool_format, "raw, qcow2, vhd or auto")
+        ->check(CLI::IsMember({"raw", "qcow2", "vhd", "vpc", "auto"}));
+    c->add_option("--output", output, "human or json")->check(CLI::IsMember({"human", "json"}));
+    c->add_option("--allowed-dir", topt.allowed_dirs, "Confine child images to this directory");
+    return c;
+  };
+  auto* info_cmd = add_tool("info", "Show an image and its whole chain");
+  auto* check_cmd = add_tool("check", "Check an image for structural errors and leaks");
+  auto* map_cmd = add_tool("map", "List extents and the layer that holds them");
+
+  CreateOptions co;
+  std::string create_format, create_opts, backing, backing_format = "auto", size_text;
+  auto* create_cmd = app.add_subcommand("create", "Create an image");
+  create_cmd->add_option("-f,--format", create_format, "raw, qcow2 or vhd")
+      ->required()
+      ->check(CLI::IsMember({"raw", "qcow2", "vhd", "vpc"}));
+  create_cmd->add_option("-o,--options", create_opts, "key=value[,key=value...]");
+  create_cmd->add_option("-b,--backing", backing, "Backing file / parent image");
+  create_cmd->add_option("-F,--backing-format", backing_format, "Format of the backing file");
+  create_cmd->add_option("file", co.path, "Image file to create")->required();
+  create_cmd->add_option("size", size_text, "Virtual size (e.g. 64M, 1G)");
+
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (serve_cmd->parsed()) return serve(sa);
+    topt.format = *parse_format(tool_format);
+    topt.json_output = output == "json";
+    if (info_cmd->parsed()) return tool_info(tool_image, topt);
+    if (check_cmd->parsed()) return tool_check(tool_image, topt);
+    if (map_cmd->parsed()) return tool_map(tool_image, topt);
+    if (create_cmd->parsed()) {
+      co.format = *parse_format(create_format);
+      if (!size_text.empty()) {
+        try {
+          co.size = parse_size(size_text);
+        } catch (const std::exception& e) {
+          throw ConfigError("size: " + std::string(e.what()));
+        }
+      }
+      if (!backing.empty()) co.backing = backing;
+      auto bf = parse_format(backing_format);
+      if (!bf) throw ConfigError("-F: unknown format '" + backing_format + "'");
+      co.backing_format = *bf;
+      std::string rest = create_opts;
+      while (!rest.empty()) {
+        auto comma = rest.find(',');
+        std::string kv = rest.substr(0, comma);
+        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+        auto eq = kv.find('=');
+        if (eq == std::string::npos) throw ConfigError("-o: '" + kv + "' is not key=value");
+        co.options[kv.substr(0, eq)] = kv.substr(eq + 1);
+      }
+      return tool_create(co);
+    }
+  } catch (const ConfigError& e) {
+    spdlog::error("config: {}", e.what());
+    return 1;
+  } catch (const ImageError& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  } catch (const std::system_error& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  }
+  return 0;
+}

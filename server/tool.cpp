@@ -1,1 +1,169 @@
-// see tool.h
+#include "server/tool.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstring>
+#include <cstdio>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "formats/create.h"
+#include "formats/errors.h"
+
+namespace strata {
+
+using nlohmann::json;
+
+namespace {
+
+OpenOptions tool_open_options(const ToolOptions& t) {
+  OpenOptions o;
+  o.format = t.format;
+  o.read_only = true;
+  o.allowed_dirs = t.allowed_dirs.empty() ? std::vector<std::string>{"/"} : t.allowed_dirs;
+  o.allow_raw_backing_probe = t.allow_raw_backing;
+  return o;
+}
+
+json describe_layer(const BlockDevice& dev) {
+  json j;
+  j["filename"] = dev.path();
+  j["format"] = std::string(dev.format());
+  j["virtual-size"] = dev.size();
+  json details = json::object();
+  dev.describe(details);
+  if (!details.empty()) j["format-specific"] = details;
+  for (const auto& c : dev.children()) {
+    if (c.device) j[std::string(to_string(c.role))] = describe_layer(*c.device);
+  }
+  return j;
+}
+
+void print_layer_text(const json& j, int indent) {
+  std::string pad(indent, ' ');
+  std::cout << pad << "image: " << j["filename"].get<std::string>() << "\n";
+  std::cout << pad << "file format: " << j["format"].get<std::string>() << "\n";
+  std::cout << pad << "virtual size: " << j["virtual-size"].get<uint64_t>() << " bytes\n";
+  if (j.contains("format-specific")) {
+    for (auto it = j["format-specific"].begin(); it != j["format-specific"].end(); ++it) {
+      std::cout << pad << it.key() << ": "
+                << (it->is_string() ? it->get<std::string>() : it->dump()) << "\n";
+    }
+  }
+  for (const char* role : {"backing", "parent", "data-file"}) {
+    if (j.contains(role)) {
+      std::cout << pad << role << ":\n";
+      print_layer_text(j[role], indent + 2);
+    }
+  }
+}
+
+// Path of the layer at `depth` (1 = top) following backing/parent children.
+std::string layer_path(const BlockDevice& top, uint32_t depth) {
+  const BlockDevice* d = &top;
+  for (uint32_t i = 1; i < depth && d; ++i) {
+    const BlockDevice* next = nullptr;
+    for (const auto& c : d->children()) {
+      if (c.role == ChildRole::backing || c.role == ChildRole::parent) next = c.device.get();
+    }
+    d = next;
+  }
+  return d ? d->path() : "";
+}
+
+}  // namespace
+
+int tool_info(const std::string& path, const ToolOptions& t) {
+  auto dev = open_image(path, tool_open_options(t));
+  json j = describe_layer(*dev);
+  if (t.json_output) {
+    std::cout << j.dump(2) << "\n";
+  } else {
+    print_layer_text(j, 0);
+  }
+  return 0;
+}
+
+int tool_map(const std::string& path, const ToolOptions& t) {
+  auto dev = open_image(path, tool_open_options(t));
+  std::vector<Extent> ext;
+  uint64_t off = 0;
+  const uint64_t size = dev->size();
+  json out = json::array();
+  if (!t.json_output) std::printf("%-16s %-16s %-6s %-5s %s\n", "Offset", "Length", "Depth", "Zero", "File");
+  while (off < size) {
+    ext.clear();
+    uint64_t len = std::min<uint64_t>(size - off, 1ull << 30);
+    if (int r = dev->extents(off, len, ext)) {
+      throw ImageError(path + ": cannot map at offset " + std::to_string(off) + ": " +
+                       std::strerror(r));
+    }
+    if (ext.empty()) throw ImageError(path + ": driver returned no extents");
+    for (const auto& e : ext) {
+      uint64_t l = std::min<uint64_t>(e.length, size - off);
+      if (l == 0) break;
+      if (t.json_output) {
+        json x;
+        x["start"] = off;
+        x["length"] = l;
+        x["depth"] = e.depth;
+        x["present"] = !e.hole;
+        x["zero"] = e.zero;
+        x["data"] = !e.hole && !e.zero;
+        if (!e.hole && e.depth > 0) x["file"] = layer_path(*dev, e.depth);
+        if (!out.empty() && out.back()["depth"] == x["depth"] &&
+            out.back()["zero"] == x["zero"] && out.back()["present"] == x["present"]) {
+          out.back()["length"] = out.back()["length"].get<uint64_t>() + l;
+        } else {
+          out.push_back(x);
+        }
+      } else {
+        std::printf("%#-16" PRIx64 " %#-16" PRIx64 " %-6u %-5s %s\n", off, l, e.depth,
+                    e.zero ? "yes" : "no", e.hole ? "-" : layer_path(*dev, e.depth).c_str());
+      }
+      off += l;
+    }
+  }
+  if (t.json_output) std::cout << out.dump(2) << "\n";
+  return 0;
+}
+
+int tool_check(const std::string& path, const ToolOptions& t) {
+  auto dev = open_image(path, tool_open_options(t));
+  CheckReport report;
+  dev->check(report);
+  if (t.json_output) {
+    json j;
+    j["filename"] = path;
+    j["format"] = std::string(dev->format());
+    j["corruptions"] = report.errors;
+    j["leaks"] = report.leaks;
+    j["notes"] = report.notes;
+    std::cout << j.dump(2) << "\n";
+  } else {
+    for (const auto& e : report.errors) std::cout << "ERROR: " << e << "\n";
+    for (const auto& l : report.leaks) std::cout << "Leaked: " << l << "\n";
+    for (const auto& n : report.notes) std::cout << n << "\n";
+    if (report.errors.empty() && report.leaks.empty()) {
+      std::cout << "No errors were found on the image.\n";
+    } else {
+      std::cout << report.errors.size() << " errors and " << report.leaks.size()
+                << " leaks were found on the image.\n";
+    }
+  }
+  if (!report.errors.empty()) return 2;
+  if (!report.leaks.empty()) return 3;
+  return 0;
+}
+
+int tool_create(const CreateOptions& opts) {
+  create_image(opts);
+  std::cout << "Formatting '" << opts.path << "', fmt=" << to_string(opts.format);
+  if (opts.size) std::cout << " size=" << *opts.size;
+  if (opts.backing) std::cout << " backing_file=" << *opts.backing;
+  std::cout << "\n";
+  return 0;
+}
+
+}  // namespace strata

@@ -1,0 +1,74 @@
+// Strata's configuration: a JSON file (or the `strata serve IMAGE` shortcut)
+// turned into a typed, validated Config. Every error names the key and the
+// problem, e.g. "exports[1].format: 'qcow3' is not one of raw, qcow2, vhd, auto".
+// The reference is docs/CONFIG.md; examples live in config/examples/.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "formats/open.h"
+
+namespace strata {
+
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct ListenerConfig {
+  enum class Kind { tcp, unix_socket };
+  Kind kind = Kind::tcp;
+  std::string address = "0.0.0.0";  // tcp: IPv4 or IPv6 literal
+  uint16_t port = 10809;            // tcp
+  std::string path;                 // unix
+};
+
+struct ExportConfig {
+  std::string name;
+  std::string path;
+  std::string description;
+  Format format = Format::automatic;
+  bool read_only = false;
+  std::vector<std::string> allowed_dirs;
+  uint64_t cache_size = 0;  // qcow2 metadata cache; 0 = default
+  std::optional<std::string> data_file;
+  bool allow_raw_backing = false;
+  bool vhd_strict_parent_timestamp = false;
+  std::string vhd_size_mode = "current";
+  std::optional<uint64_t> vhd_size;
+  int max_chain_depth = 16;
+
+  OpenOptions open_options() const;
+};
+
+struct Limits {
+  uint32_t max_connections = 128;
+  uint32_t handshake_timeout_ms = 10000;
+  uint32_t max_inflight_requests = 128;    // per connection
+  uint64_t max_inflight_bytes = 64 << 20;  // per connection
+  uint32_t workers = 8;                    // block I/O threads
+};
+
+inline constexpr uint32_t kMaxRequestBytes = 32 * 1024 * 1024;
+
+struct Config {
+  std::vector<ListenerConfig> listeners;
+  std::vector<ExportConfig> exports;
+  Limits limits;
+  std::string log_level = "info";
+};
+
+// Parses and validates; throws ConfigError.
+Config parse_config(const nlohmann::json& j);
+Config parse_config_text(const std::string& text);
+Config load_config_file(const std::string& path);
+// Checks cross-field rules (unique names, at least one listener/export...).
+void validate(const Config& c);
+
+}  // namespace strata

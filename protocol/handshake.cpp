@@ -1,0 +1,178 @@
+#include "protocol/handshake.h"
+
+namespace strata::nbd {
+
+bool Handshake::accept_client_flags(uint32_t flags, std::string* why) {
+  if (!(flags & kClientFixedNewstyle)) {
+    *why = "client does not support fixed newstyle negotiation";
+    return false;
+  }
+  if (flags & ~(kClientFixedNewstyle | kClientNoZeroes)) {
+    *why = "client sent unknown handshake flags";
+    return false;
+  }
+  no_zeroes_ = flags & kClientNoZeroes;
+  return true;
+}
+
+uint16_t Handshake::tx_flags(const ExportView& e) const {
+  uint16_t f = e.tx_flags | kTxHasFlags;
+  if (structured_) f |= kTxSendDf;
+  return f;
+}
+
+Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> data) {
+  Step step;
+  switch (option) {
+    case kOptExportName: {
+      std::string name(data.begin(), data.end());
+      const ExportView* e = exports_.find(name);
+      if (!e) {
+        step.action = Action::kClose;
+        step.note = "unknown export '" + name + "'";
+        return step;
+      }
+      step.reply = encode_export_name_reply(e->size, tx_flags(*e), no_zeroes_);
+      step.action = Action::kTransmit;
+      step.export_view = e;
+      return step;
+    }
+    case kOptAbort:
+      step.reply = encode_option_reply(option, kRepAck);
+      step.action = Action::kClose;
+      step.note = "client aborted";
+      return step;
+    case kOptList:
+      return list(option, data);
+    case kOptInfo:
+    case kOptGo:
+      return info_or_go(option, data);
+    case kOptStructuredReply:
+      if (!data.empty()) {
+        step.reply = encode_option_error(option, kRepErrInvalid, "payload must be empty");
+      } else if (structured_) {
+        step.reply = encode_option_error(option, kRepErrInvalid, "already negotiated");
+      } else {
+        structured_ = true;
+        step.reply = encode_option_reply(option, kRepAck);
+      }
+      return step;
+    case kOptListMetaContext:
+    case kOptSetMetaContext:
+      return meta_context(option, data);
+    default:
+      step.reply = encode_option_error(option, kRepErrUnsup, "option not supported");
+      step.note = "unsupported option " + std::to_string(option);
+      return step;
+  }
+}
+
+Handshake::Step Handshake::list(uint32_t option, std::span<const uint8_t> data) {
+  Step step;
+  if (!data.empty()) {
+    step.reply = encode_option_error(option, kRepErrInvalid, "payload must be empty");
+    return step;
+  }
+  for (const ExportView* e : exports_.all()) {
+    Bytes payload;
+    Writer(payload).u32(static_cast<uint32_t>(e->name.size())).bytes(e->name).bytes(
+        e->description);
+    auto r = encode_option_reply(option, kRepServer, payload);
+    step.reply.insert(step.reply.end(), r.begin(), r.end());
+  }
+  auto ack = encode_option_reply(option, kRepAck);
+  step.reply.insert(step.reply.end(), ack.begin(), ack.end());
+  return step;
+}
+
+Handshake::Step Handshake::info_or_go(uint32_t option, std::span<const uint8_t> data) {
+  Step step;
+  auto req = decode_info_request(data);
+  if (!req) {
+    step.reply = encode_option_error(option, kRepErrInvalid, "malformed request");
+    return step;
+  }
+  const ExportView* e = exports_.find(req->name);
+  if (!e) {
+    step.reply = encode_option_error(option, kRepErrUnknown, "unknown export '" + req->name + "'");
+    step.note = "unknown export '" + req->name + "'";
+    return step;
+  }
+  auto append = [&](const Bytes& b) { step.reply.insert(step.reply.end(), b.begin(), b.end()); };
+  bool want_name = false, want_description = false;
+  for (uint16_t r : req->requests) {
+    want_name |= r == kInfoName;
+    want_description |= r == kInfoDescription;
+  }
+  Bytes p;
+  Writer(p).u16(kInfoExport).u64(e->size).u16(tx_flags(*e));
+  append(encode_option_reply(option, kRepInfo, p));
+  if (want_name) {
+    p.clear();
+    Writer(p).u16(kInfoName).bytes(e->name);
+    append(encode_option_reply(option, kRepInfo, p));
+  }
+  if (want_description && !e->description.empty()) {
+    p.clear();
+    Writer(p).u16(kInfoDescription).bytes(e->description);
+    append(encode_option_reply(option, kRepInfo, p));
+  }
+  p.clear();
+  Writer(p).u16(kInfoBlockSize).u32(e->min_block).u32(e->pref_block).u32(e->max_block);
+  append(encode_option_reply(option, kRepInfo, p));
+  append(encode_option_reply(option, kRepAck));
+  if (option == kOptGo) {
+    if (exports_.find(meta_export_) != e) {  // contexts were chosen for another export
+      meta_base_allocation_ = meta_allocation_depth_ = false;
+    }
+    step.action = Action::kTransmit;
+    step.export_view = e;
+  }
+  return step;
+}
+
+Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t> data) {
+  Step step;
+  const bool set = option == kOptSetMetaContext;
+  if (set && !structured_) {
+    step.reply = encode_option_error(option, kRepErrInvalid,
+                                     "structured replies must be negotiated first");
+    return step;
+  }
+  auto req = decode_meta_context_request(data);
+  if (!req) {
+    step.reply = encode_option_error(option, kRepErrInvalid, "malformed request");
+    return step;
+  }
+  if (!exports_.find(req->export_name)) {
+    step.reply = encode_option_error(option, kRepErrUnknown,
+                                     "unknown export '" + req->export_name + "'");
+    return step;
+  }
+  bool base = false, depth = false;
+  if (req->queries.empty() && !set) {
+    base = depth = true;
+  }
+  for (const auto& q : req->queries) {
+    if (q == kMetaBaseAllocation || (!set && q == "base:")) base = true;
+    if (q == kMetaAllocationDepth || (!set && q == "qemu:")) depth = true;
+  }
+  auto append_context = [&](uint32_t id, std::string_view name) {
+    Bytes p;
+    Writer(p).u32(set ? id : 0).bytes(name);
+    auto r = encode_option_reply(option, kRepMetaContext, p);
+    step.reply.insert(step.reply.end(), r.begin(), r.end());
+  };
+  if (base) append_context(kMetaIdBaseAllocation, kMetaBaseAllocation);
+  if (depth) append_context(kMetaIdAllocationDepth, kMetaAllocationDepth);
+  auto ack = encode_option_reply(option, kRepAck);
+  step.reply.insert(step.reply.end(), ack.begin(), ack.end());
+  if (set) {
+    meta_base_allocation_ = base;
+    meta_allocation_depth_ = depth;
+    meta_export_ = req->export_name;
+  }
+  return step;
+}
+
+}  // namespace strata::nbd

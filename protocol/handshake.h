@@ -1,0 +1,75 @@
+// The fixed-newstyle handshake as pure logic: the server feeds it the client's
+// flags and each option; it returns the bytes to send and what to do next.
+// No sockets here, so every branch is unit-tested byte for byte.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "protocol/nbd.h"
+
+namespace strata::nbd {
+
+// What the handshake needs to know about one export.
+struct ExportView {
+  std::string name;
+  std::string description;
+  uint64_t size = 0;
+  // Transmission flags without SEND_DF (added when structured replies are on).
+  uint16_t tx_flags = kTxHasFlags;
+  uint32_t min_block = 1;
+  uint32_t pref_block = 4096;
+  uint32_t max_block = 32 * 1024 * 1024;
+};
+
+class ExportCatalog {
+ public:
+  virtual ~ExportCatalog() = default;
+  // Looks an export up by name; "" names the default export.
+  virtual const ExportView* find(std::string_view name) const = 0;
+  virtual std::vector<const ExportView*> all() const = 0;
+};
+
+class Handshake {
+ public:
+  // Options longer than this are refused (the connection is closed).
+  static constexpr uint32_t kMaxOptionLength = 64 * 1024;
+
+  enum class Action { kContinue, kTransmit, kClose };
+  struct Step {
+    Bytes reply;
+    Action action = Action::kContinue;
+    const ExportView* export_view = nullptr;  // set with kTransmit
+    std::string note;                         // for logs
+  };
+
+  explicit Handshake(const ExportCatalog& exports) : exports_(exports) {}
+
+  Bytes greeting() const { return encode_greeting(kFlagFixedNewstyle | kFlagNoZeroes); }
+  // False: the client is not fixed-newstyle or sent unknown flags; close.
+  bool accept_client_flags(uint32_t flags, std::string* why);
+  Step on_option(uint32_t option, std::span<const uint8_t> data);
+
+  bool structured_replies() const { return structured_; }
+  bool meta_base_allocation() const { return meta_base_allocation_; }
+  bool meta_allocation_depth() const { return meta_allocation_depth_; }
+  // Transmission flags as sent for `e` on this connection.
+  uint16_t tx_flags(const ExportView& e) const;
+
+ private:
+  Step info_or_go(uint32_t option, std::span<const uint8_t> data);
+  Step list(uint32_t option, std::span<const uint8_t> data);
+  Step meta_context(uint32_t option, std::span<const uint8_t> data);
+
+  const ExportCatalog& exports_;
+  bool no_zeroes_ = false;
+  bool structured_ = false;
+  bool meta_base_allocation_ = false;
+  bool meta_allocation_depth_ = false;
+  std::string meta_export_;
+};
+
+}  // namespace strata::nbd

@@ -1,0 +1,533 @@
+#include "server/connection.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <spdlog/spdlog.h>
+
+#include "formats/endian.h"
+#include "server/server.h"
+
+namespace strata {
+
+namespace {
+
+constexpr size_t kReadBufferSize = 64 * 1024;
+// Reads at least this long look for holes so sparse regions send no zeros.
+constexpr uint32_t kSparseReadThreshold = 64 * 1024;
+// A WRITE payload we refuse is read and dropped up to this size, else we close.
+constexpr uint64_t kMaxDiscard = 2ull * kMaxRequestBytes;
+// A client that does not read its replies for this long is dropped.
+constexpr int kSendTimeoutMs = 120 * 1000;
+
+constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
+
+}  // namespace
+
+struct Connection::Request {
+  nbd::Request hdr;
+  std::unique_ptr<std::byte[]> payload;  // WRITE data
+  uint64_t accounted = 0;                // bytes counted in inflight_bytes_
+};
+
+Connection::Connection(Server& server, Socket socket, uint64_t id, std::string peer)
+    : server_(server),
+      socket_(std::move(socket)),
+      fd_(socket_.native_handle()),
+      id_(id),
+      peer_(std::move(peer)),
+      limits_(server.config().limits),
+      handshake_(server.exports()),
+      rbuf_(new uint8_t[kReadBufferSize]),
+      wake_(socket_.get_executor(), asio::steady_timer::time_point::max()),
+      started_(std::chrono::steady_clock::now()) {}
+
+Connection::~Connection() = default;
+
+void Connection::shutdown() {
+  stopping_ = true;
+  wake_.cancel();
+  std::error_code ec;
+  if (in_transmission_) {
+    socket_.cancel(ec);  // stop reading; in-flight requests still finish
+  } else {
+    socket_.close(ec);
+  }
+}
+
+asio::awaitable<bool> Connection::read_exact(void* dst, size_t n) {
+  auto* out = static_cast<uint8_t*>(dst);
+  size_t have = std::min(n, rend_ - rpos_);
+  if (have) std::memcpy(out, rbuf_.get() + rpos_, have);
+  rpos_ += have;
+  out += have;
+  n -= have;
+  if (n == 0) co_return true;
+  if (n >= kReadBufferSize / 2) {  // large payloads go straight to their buffer
+    auto [ec, got] = co_await asio::async_read(socket_, asio::buffer(out, n), use_nothrow);
+    co_return !ec;
+  }
+  rpos_ = rend_ = 0;
+  while (rend_ < n) {
+    auto [ec, got] = co_await socket_.async_read_some(
+        asio::buffer(rbuf_.get() + rend_, kReadBufferSize - rend_), use_nothrow);
+    if (ec) co_return false;
+    rend_ += got;
+  }
+  std::memcpy(out, rbuf_.get(), n);
+  rpos_ = n;
+  co_return true;
+}
+
+asio::awaitable<bool> Connection::discard(uint64_t n) {
+  std::vector<uint8_t> sink(std::min<uint64_t>(n, 1 << 20));
+  while (n > 0) {
+    size_t k = static_cast<size_t>(std::min<uint64_t>(n, sink.size()));
+    if (!co_await read_exact(sink.data(), k)) co_return false;
+    n -= k;
+  }
+  co_return true;
+}
+
+asio::awaitable<void> Connection::wait_until(auto pred) {
+  while (!pred()) {
+    reader_waiting_.store(true);
+    if (pred()) break;
+    co_await wake_.async_wait(use_nothrow);
+  }
+  reader_waiting_.store(false);
+}
+
+void Connection::wake_reader() {
+  if (reader_waiting_.exchange(false)) {
+    asio::post(socket_.get_executor(), [self = shared_from_this()] { self->wake_.cancel(); });
+  }
+}
+
+asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
+  co_await self->serve();
+}
+
+asio::awaitable<void> Connection::serve() {
+  spdlog::debug("conn {}: connected from {}", id_, peer_);
+  if (co_await handshake()) {
+    in_transmission_ = true;
+    co_await transmission();
+    // Drain: every accepted request gets its reply before the socket closes.
+    co_await wait_until([this] { return inflight_.load() == 0; });
+    if (!export_->caps.read_only && n_writes_.load() > 0) export_->device->flush();
+  }
+  std::error_code ec;
+  socket_.shutdown(asio::socket_base::shutdown_both, ec);
+  socket_.close(ec);
+  auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  spdlog::info(
+      "conn {}: closed peer={} export='{}' reads={} writes={} other={} errors={} "
+      "bytes_read={} bytes_written={} seconds={:.3f}",
+      id_, peer_, export_ ? export_->config.name : "", n_reads_.load(), n_writes_.load(),
+      n_other_.load(), n_errors_.load(), bytes_read_.load(), bytes_written_.load(), secs);
+  server_.connection_closed(id_);
+}
+
+asio::awaitable<bool> Connection::handshake() {
+  auto timer = std::make_shared<asio::steady_timer>(
+      socket_.get_executor(), std::chrono::milliseconds(limits_.handshake_timeout_ms));
+  timer->async_wait([this, self = shared_from_this()](std::error_code ec) {
+    if (!ec && !in_transmission_) {
+      spdlog::warn("conn {}: handshake timed out", id_);
+      std::error_code ignored;
+      socket_.close(ignored);
+    }
+  });
+  struct CancelTimer {
+    std::shared_ptr<asio::steady_timer> t;
+    ~CancelTimer() { t->cancel(); }
+  } cancel_timer{timer};
+
+  auto greeting = handshake_.greeting();
+  auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(greeting), use_nothrow);
+  if (ec) co_return false;
+  uint8_t flags_buf[4];
+  if (!co_await read_exact(flags_buf, 4)) co_return false;
+  std::string why;
+  if (!handshake_.accept_client_flags(load_be32(flags_buf), &why)) {
+    spdlog::warn("conn {}: {}", id_, why);
+    co_return false;
+  }
+  for (;;) {
+    uint8_t hdr[nbd::kOptionHeaderSize];
+    if (!co_await read_exact(hdr, sizeof hdr)) co_return false;
+    auto opt = nbd::decode_option_header(std::span<const uint8_t, nbd::kOptionHeaderSize>(hdr));
+    if (opt.magic != nbd::kOptMagic) {
+      spdlog::warn("conn {}: bad option magic {:#x}", id_, opt.magic);
+      co_return false;
+    }
+    if (opt.length > nbd::Handshake::kMaxOptionLength) {
+      spdlog::warn("conn {}: option {} too long ({} bytes)", id_, opt.option, opt.length);
+      co_return false;
+    }
+    std::vector<uint8_t> data(opt.length);
+    if (!co_await read_exact(data.data(), data.size())) co_return false;
+    auto step = handshake_.on_option(opt.option, data);
+    if (!step.note.empty()) spdlog::debug("conn {}: {}", id_, step.note);
+    if (!step.reply.empty()) {
+      auto [wec, wn] = co_await asio::async_write(socket_, asio::buffer(step.reply), use_nothrow);
+      if (wec) co_return false;
+    }
+    if (step.action == nbd::Handshake::Action::kClose) co_return false;
+    if (step.action == nbd::Handshake::Action::kTransmit) {
+      export_ = server_.exports().by_view(step.export_view);
+      tx_flags_ = handshake_.tx_flags(*step.export_view);
+      spdlog::info("conn {}: peer={} export='{}' structured={} flags={:#x}", id_, peer_,
+                   export_->config.name, handshake_.structured_replies(), tx_flags_);
+      co_return !stopping_;
+    }
+  }
+}
+
+uint32_t Connection::validate(const nbd::Request& r) const {
+  using namespace nbd;
+  const uint16_t known = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagDf | kCmdFlagReqOne |
+                         kCmdFlagFastZero;
+  if (r.flags & ~known) return kEINVAL;
+  const bool ro = export_->caps.read_only;
+  const uint64_t size = export_->view.size;
+  const bool in_range = r.offset <= size && r.length <= size - r.offset;
+  switch (r.type) {
+    case kCmdRead:
+    case kCmdCache:
+      if (r.flags & (kCmdFlagNoHole | kCmdFlagReqOne | kCmdFlagFastZero)) return kEINVAL;
+      if ((r.flags & kCmdFlagDf) && (r.type != kCmdRead || !handshake_.structured_replies())) {
+        return kEINVAL;
+      }
+      if (r.type == kCmdRead && r.length > kMaxRequestBytes) return kEINVAL;
+      return in_range ? 0 : kEINVAL;
+    case kCmdWrite:
+    case kCmdTrim:
+    case kCmdWriteZeroes: {
+      uint16_t allowed = kCmdFlagFua;
+      if (r.type == kCmdWriteZeroes) allowed |= kCmdFlagNoHole | kCmdFlagFastZero;
+      if (r.flags & ~allowed) return kEINVAL;
+      if (r.type == kCmdWrite && r.length > kMaxRequestBytes) return kEINVAL;
+      if (ro) return kEPERM;
+      if (r.type == kCmdTrim && !(tx_flags_ & kTxSendTrim)) return kEINVAL;
+      if (r.type == kCmdWriteZeroes && !(tx_flags_ & kTxSendWriteZeroes)) return kEINVAL;
+      if ((r.flags & kCmdFlagFastZero) && !(tx_flags_ & kTxSendFastZero)) return kEINVAL;
+      return in_range ? 0 : kENOSPC;
+    }
+    case kCmdFlush:
+      if (r.flags & ~kCmdFlagFua) return kEINVAL;
+      return 0;
+    case kCmdBlockStatus:
+      if (r.flags & ~(kCmdFlagReqOne | kCmdFlagFua)) return kEINVAL;
+      if (!handshake_.meta_base_allocation() && !handshake_.meta_allocation_depth()) {
+        return kEINVAL;
+      }
+      if (r.length == 0) return kEINVAL;
+      return in_range ? 0 : kEINVAL;
+    default:
+      return kEINVAL;
+  }
+}
+
+asio::awaitable<void> Connection::transmission() {
+  using namespace nbd;
+  while (!stopping_) {
+    co_await wait_until([this] {
+      return stopping_ || (inflight_.load() < limits_.max_inflight_requests &&
+                           inflight_bytes_.load() < limits_.max_inflight_bytes);
+    });
+    if (stopping_) break;
+    uint8_t hdr[kRequestSize];
+    if (!co_await read_exact(hdr, sizeof hdr)) break;  // EOF, error or shutdown
+    auto req = std::make_unique<Request>();
+    req->hdr = decode_request(std::span<const uint8_t, kRequestSize>(hdr));
+    const nbd::Request& h = req->hdr;
+    if (h.magic != kRequestMagic) {
+      spdlog::warn("conn {}: bad request magic {:#x}, closing", id_, h.magic);
+      break;
+    }
+    if (h.type == kCmdDisc) {
+      spdlog::debug("conn {}: client disconnect", id_);
+      break;
+    }
+    uint32_t err = validate(h);
+    if (err) {
+      ++n_errors_;
+      spdlog::debug("conn {}: request type={} offset={} length={} flags={:#x} refused: error {}",
+                    id_, h.type, h.offset, h.length, h.flags, err);
+      if (h.type == kCmdWrite) {
+        if (h.length > kMaxDiscard) {
+          reply_error(h.cookie, err, "write payload too large");
+          break;
+        }
+        if (!co_await discard(h.length)) break;
+      }
+      reply_error(h.cookie, err, "request refused");
+      continue;
+    }
+    uint64_t bytes = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
+    if (h.type == kCmdWrite) {
+      req->payload = std::make_unique_for_overwrite<std::byte[]>(h.length);
+      if (!co_await read_exact(req->payload.get(), h.length)) {
+        spdlog::warn("conn {}: disconnected in the middle of a write payload", id_);
+        break;
+      }
+    }
+    req->accounted = bytes;
+    inflight_.fetch_add(1);
+    inflight_bytes_.fetch_add(bytes);
+    asio::post(server_.workers(), [self = shared_from_this(), r = std::move(req)]() mutable {
+      self->execute(*r);
+      self->finish(r->accounted);
+    });
+  }
+}
+
+void Connection::finish(uint64_t bytes) {
+  inflight_bytes_.fetch_sub(bytes);
+  inflight_.fetch_sub(1);
+  wake_reader();
+}
+
+void Connection::execute(Request& r) {
+  using namespace nbd;
+  const auto& h = r.hdr;
+  BlockDevice& dev = *export_->device;
+  int e = 0;
+  switch (h.type) {
+    case kCmdRead:
+      ++n_reads_;
+      return execute_read(r);
+    case kCmdWrite:
+      ++n_writes_;
+      e = dev.write(h.offset, {r.payload.get(), h.length}, h.flags & kCmdFlagFua);
+      if (!e) bytes_written_ += h.length;
+      break;
+    case kCmdFlush:
+      ++n_other_;
+      e = dev.flush();
+      break;
+    case kCmdTrim:
+      ++n_other_;
+      e = dev.trim(h.offset, h.length, h.flags & kCmdFlagFua);
+      break;
+    case kCmdWriteZeroes:
+      ++n_writes_;
+      e = dev.write_zeroes(h.offset, h.length,
+                           ZeroFlags{.may_trim = !(h.flags & kCmdFlagNoHole),
+                                     .fast_only = (h.flags & kCmdFlagFastZero) != 0,
+                                     .fua = (h.flags & kCmdFlagFua) != 0});
+      break;
+    case kCmdCache:
+      ++n_other_;
+      e = dev.cache(h.offset, h.length);
+      break;
+    case kCmdBlockStatus:
+      ++n_other_;
+      return execute_block_status(r);
+  }
+  if (e) {
+    if (!(h.type == kCmdWriteZeroes && e == ENOTSUP)) {
+      spdlog::warn("conn {}: command {} offset={} length={} failed: {}", id_, h.type, h.offset,
+                   h.length, std::strerror(e));
+    }
+    ++n_errors_;
+    reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+  } else {
+    reply_ok(h.cookie);
+  }
+}
+
+void Connection::execute_read(Request& r) {
+  using namespace nbd;
+  const auto& h = r.hdr;
+  BlockDevice& dev = *export_->device;
+  auto buf = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+  const bool structured = handshake_.structured_replies();
+
+  // Sparse-aware structured read: holes become OFFSET_HOLE chunks.
+  std::vector<Extent> ext;
+  if (structured && !(h.flags & kCmdFlagDf) && h.length >= kSparseReadThreshold &&
+      export_->caps.has_extents && dev.extents(h.offset, h.length, ext) == 0 &&
+      std::any_of(ext.begin(), ext.end(), [](const Extent& x) { return x.zero; })) {
+    Bytes headers;
+    struct Piece {
+      size_t hdr_off, hdr_len;
+      uint64_t pos;
+      uint32_t len;
+      bool data;
+    };
+    std::vector<Piece> pieces;
+    uint64_t pos = 0;
+    for (size_t i = 0; i < ext.size() && pos < h.length; ++i) {
+      uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(ext[i].length, h.length - pos));
+      bool last = pos + len >= h.length;
+      size_t off = headers.size();
+      if (ext[i].zero) {
+        append_chunk_hole(headers, h.cookie, h.offset + pos, len, last);
+      } else {
+        if (int e = dev.read(h.offset + pos, {buf.get() + pos, len})) {
+          ++n_errors_;
+          reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+          return;
+        }
+        append_chunk_data_header(headers, h.cookie, h.offset + pos, len, last);
+      }
+      pieces.push_back({off, headers.size() - off, pos, len, !ext[i].zero});
+      pos += len;
+    }
+    if (pos == h.length) {
+      std::vector<iovec> iov;
+      for (const auto& p : pieces) {
+        iov.push_back({headers.data() + p.hdr_off, p.hdr_len});
+        if (p.data) iov.push_back({buf.get() + p.pos, p.len});
+      }
+      if (send(iov)) bytes_read_ += h.length;
+      return;
+    }
+  }
+
+  if (int e = dev.read(h.offset, {buf.get(), h.length})) {
+    spdlog::warn("conn {}: read offset={} length={} failed: {}", id_, h.offset, h.length,
+                 std::strerror(e));
+    ++n_errors_;
+    reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+    return;
+  }
+  uint8_t hdr[kStructuredReplySize + 8];
+  size_t hdr_len;
+  if (structured) {
+    if (h.length == 0) {
+      reply_ok(h.cookie);
+      return;
+    }
+    encode_chunk_header(hdr, kReplyFlagDone, kChunkOffsetData, h.cookie, h.length + 8);
+    store_be64(hdr + kStructuredReplySize, h.offset);
+    hdr_len = kStructuredReplySize + 8;
+  } else {
+    encode_simple_reply(hdr, 0, h.cookie);
+    hdr_len = kSimpleReplySize;
+  }
+  iovec iov[2] = {{hdr, hdr_len}, {buf.get(), h.length}};
+  if (send(iov)) bytes_read_ += h.length;
+}
+
+void Connection::execute_block_status(Request& r) {
+  using namespace nbd;
+  const auto& h = r.hdr;
+  std::vector<Extent> ext;
+  int e = export_->device->extents(h.offset, h.length, ext);
+  if (e == 0 && ext.empty()) e = EIO;
+  if (e) {
+    ++n_errors_;
+    reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+    return;
+  }
+  const bool one = h.flags & kCmdFlagReqOne;
+  auto describe = [&](auto flags_of) {
+    std::vector<BlockStatusDescriptor> d;
+    uint64_t pos = 0;
+    for (const auto& x : ext) {
+      if (pos >= h.length) break;
+      uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(x.length, h.length - pos));
+      uint32_t flags = flags_of(x);
+      if (!d.empty() && d.back().flags == flags) {
+        d.back().length += len;
+      } else {
+        if (one && !d.empty()) break;
+        d.push_back({len, flags});
+      }
+      pos += len;
+    }
+    return d;
+  };
+  Bytes out;
+  const bool base = handshake_.meta_base_allocation();
+  const bool depth = handshake_.meta_allocation_depth();
+  if (base) {
+    auto d = describe([](const Extent& x) {
+      return (x.hole ? kStateHole : 0u) | (x.zero ? kStateZero : 0u);
+    });
+    append_chunk_block_status(out, h.cookie, kMetaIdBaseAllocation, d, !depth);
+  }
+  if (depth) {
+    auto d = describe([](const Extent& x) { return x.depth; });
+    append_chunk_block_status(out, h.cookie, kMetaIdAllocationDepth, d, true);
+  }
+  iovec iov{out.data(), out.size()};
+  send({&iov, 1});
+}
+
+void Connection::reply_error(uint64_t cookie, uint32_t error, std::string_view message) {
+  if (handshake_.structured_replies()) {
+    nbd::Bytes out;
+    nbd::append_chunk_error(out, cookie, error, message);
+    iovec iov{out.data(), out.size()};
+    send({&iov, 1});
+  } else {
+    uint8_t hdr[nbd::kSimpleReplySize];
+    nbd::encode_simple_reply(hdr, error, cookie);
+    iovec iov{hdr, sizeof hdr};
+    send({&iov, 1});
+  }
+}
+
+void Connection::reply_ok(uint64_t cookie) {
+  uint8_t hdr[nbd::kStructuredReplySize];
+  size_t len;
+  if (handshake_.structured_replies()) {
+    nbd::encode_chunk_header(hdr, nbd::kReplyFlagDone, nbd::kChunkNone, cookie, 0);
+    len = nbd::kStructuredReplySize;
+  } else {
+    nbd::encode_simple_reply(hdr, 0, cookie);
+    len = nbd::kSimpleReplySize;
+  }
+  iovec iov{hdr, len};
+  send({&iov, 1});
+}
+
+bool Connection::send(std::span<iovec> iov) {
+  std::lock_guard lock(write_mu_);
+  if (dead_) return false;
+  size_t i = 0;
+  while (i < iov.size()) {
+    msghdr msg{};
+    msg.msg_iov = iov.data() + i;
+    msg.msg_iovlen = std::min<size_t>(iov.size() - i, IOV_MAX);
+    ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        pollfd p{fd_, POLLOUT, 0};
+        int pr = ::poll(&p, 1, kSendTimeoutMs);
+        if (pr > 0) continue;
+        if (pr < 0 && errno == EINTR) continue;
+        spdlog::warn("conn {}: client stopped reading replies, dropping it", id_);
+      } else if (errno != EPIPE && errno != ECONNRESET) {
+        spdlog::warn("conn {}: send failed: {}", id_, std::strerror(errno));
+      }
+      dead_ = true;
+      ::shutdown(fd_, SHUT_RDWR);  // the reader sees EOF and the connection ends
+      return false;
+    }
+    size_t left = static_cast<size_t>(n);
+    while (i < iov.size() && left >= iov[i].iov_len) {
+      left -= iov[i].iov_len;
+      ++i;
+    }
+    if (left) {
+      iov[i].iov_base = static_cast<char*>(iov[i].iov_base) + left;
+      iov[i].iov_len -= left;
+    }
+  }
+  return true;
+}
+
+}  // namespace strata

@@ -1,0 +1,73 @@
+#include "server/exports.h"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+#include "formats/errors.h"
+#include "formats/open.h"
+
+namespace strata {
+
+uint16_t transmission_flags(const Capabilities& caps) {
+  uint16_t f = nbd::kTxHasFlags;
+  if (caps.read_only) f |= nbd::kTxReadOnly;
+  if (caps.can_flush) f |= nbd::kTxSendFlush;
+  if (caps.can_fua && !caps.read_only) f |= nbd::kTxSendFua;
+  if (caps.can_trim && !caps.read_only) f |= nbd::kTxSendTrim;
+  if (caps.can_zero && !caps.read_only) {
+    f |= nbd::kTxSendWriteZeroes;
+    if (caps.can_fast_zero) f |= nbd::kTxSendFastZero;
+  }
+  if (caps.can_multi_conn) f |= nbd::kTxCanMultiConn;
+  if (caps.can_cache) f |= nbd::kTxSendCache;
+  return f;
+}
+
+ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& configs) {
+  for (const auto& cfg : configs) {
+    auto e = std::make_unique<Export>();
+    e->config = cfg;
+    try {
+      e->device = open_image(cfg.path, cfg.open_options());
+    } catch (const ImageError& err) {
+      throw ImageError("export '" + cfg.name + "': " + err.what());
+    }
+    e->caps = e->device->capabilities();
+    if (cfg.read_only) e->caps.read_only = true;
+    BlockSizes bs = e->device->block_sizes();
+    e->view.name = cfg.name;
+    e->view.description = cfg.description;
+    e->view.size = e->device->size();
+    e->view.tx_flags = transmission_flags(e->caps);
+    e->view.min_block = std::max<uint32_t>(bs.minimum, 1);
+    e->view.pref_block = std::max(bs.preferred, e->view.min_block);
+    e->view.max_block = std::min<uint32_t>(bs.maximum, kMaxRequestBytes);
+    spdlog::info("export '{}': {} {} ({} bytes){}", cfg.name, e->device->format(), cfg.path,
+                 e->view.size, e->caps.read_only ? ", read-only" : "");
+    exports_.push_back(std::move(e));
+  }
+}
+
+const nbd::ExportView* ExportRegistry::find(std::string_view name) const {
+  if (name.empty() && !exports_.empty()) return &exports_.front()->view;  // default export
+  for (const auto& e : exports_) {
+    if (e->view.name == name) return &e->view;
+  }
+  return nullptr;
+}
+
+std::vector<const nbd::ExportView*> ExportRegistry::all() const {
+  std::vector<const nbd::ExportView*> out;
+  for (const auto& e : exports_) out.push_back(&e->view);
+  return out;
+}
+
+Export* ExportRegistry::by_view(const nbd::ExportView* view) {
+  for (auto& e : exports_) {
+    if (&e->view == view) return e.get();
+  }
+  return nullptr;
+}
+
+}  // namespace strata

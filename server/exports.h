@@ -1,0 +1,40 @@
+// The export registry: every configured export opened once at start-up and
+// shared by all connections (so flushes and writes are seen by every client,
+// which is what CAN_MULTI_CONN promises).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "formats/block_device.h"
+#include "protocol/handshake.h"
+
+namespace strata {
+
+struct Export {
+  ExportConfig config;
+  std::shared_ptr<BlockDevice> device;
+  Capabilities caps;
+  nbd::ExportView view;
+};
+
+class ExportRegistry final : public nbd::ExportCatalog {
+ public:
+  // Opens every export; throws ImageError/ConfigError naming the export.
+  explicit ExportRegistry(const std::vector<ExportConfig>& configs);
+
+  const nbd::ExportView* find(std::string_view name) const override;
+  std::vector<const nbd::ExportView*> all() const override;
+  Export* by_view(const nbd::ExportView* view);
+  std::vector<std::unique_ptr<Export>>& exports() { return exports_; }
+
+ private:
+  std::vector<std::unique_ptr<Export>> exports_;
+};
+
+// Transmission flags that tell the truth about a device.
+uint16_t transmission_flags(const Capabilities& caps);
+
+}  // namespace strata

@@ -1,0 +1,158 @@
+#include "server/server.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <spdlog/spdlog.h>
+
+#include "server/connection.h"
+
+namespace strata {
+
+Server::Server(Config config)
+    : config_(std::move(config)),
+      workers_(config_.limits.workers),
+      signals_(io_, SIGINT, SIGTERM) {
+  exports_ = std::make_unique<ExportRegistry>(config_.exports);
+}
+
+Server::~Server() {
+  workers_.join();
+  for (const auto& p : unix_paths_) ::unlink(p.c_str());
+}
+
+void Server::listen() {
+  for (const auto& l : config_.listeners) {
+    if (l.kind == ListenerConfig::Kind::tcp) {
+      std::error_code ec;
+      auto addr = asio::ip::make_address(l.address, ec);
+      if (ec) throw std::system_error(ec, "listener address '" + l.address + "'");
+      asio::ip::tcp::endpoint ep(addr, l.port);
+      auto a = std::make_unique<asio::ip::tcp::acceptor>(io_);
+      a->open(ep.protocol());
+      a->set_option(asio::socket_base::reuse_address(true));
+      if (addr.is_v6()) a->set_option(asio::ip::v6_only(false), ec);
+      a->bind(ep, ec);
+      if (ec) {
+        throw std::system_error(ec, "cannot listen on " + l.address + ":" +
+                                        std::to_string(l.port));
+      }
+      a->listen(asio::socket_base::max_listen_connections);
+      spdlog::info("listening on {}:{}", l.address, a->local_endpoint().port());
+      tcp_.push_back(std::move(a));
+    } else {
+      std::error_code ec;
+      struct stat st;
+      if (::stat(l.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(l.path.c_str());
+      auto a = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
+      asio::local::stream_protocol::endpoint ep(l.path);
+      a->open(ep.protocol());
+      a->bind(ep, ec);
+      if (ec) throw std::system_error(ec, "cannot listen on unix socket " + l.path);
+      a->listen(asio::socket_base::max_listen_connections);
+      spdlog::info("listening on unix socket {}", l.path);
+      unix_paths_.push_back(l.path);
+      unix_.push_back(std::move(a));
+    }
+  }
+}
+
+std::vector<std::string> Server::uris() const {
+  std::vector<std::string> out;
+  std::string name = config_.exports.front().name;
+  for (const auto& a : tcp_) {
+    auto ep = a->local_endpoint();
+    std::string host = ep.address().to_string();
+    if (ep.address().is_unspecified()) host = "localhost";
+    if (ep.address().is_v6() && host != "localhost") host = "[" + host + "]";
+    out.push_back("nbd://" + host + ":" + std::to_string(ep.port()) + "/" + name);
+  }
+  for (const auto& p : unix_paths_) out.push_back("nbd+unix:///" + name + "?socket=" + p);
+  return out;
+}
+
+template <class Acceptor>
+asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what) {
+  for (;;) {
+    auto [ec, sock] = co_await acceptor.async_accept(asio::experimental::as_tuple(asio::use_awaitable));
+    if (ec) {
+      if (ec == asio::error::operation_aborted || stopping_) co_return;
+      spdlog::warn("accept on {} failed: {}", what, ec.message());
+      continue;
+    }
+    std::string peer = what;
+    if constexpr (std::is_same_v<Acceptor, asio::ip::tcp::acceptor>) {
+      std::error_code ignored;
+      sock.set_option(asio::ip::tcp::no_delay(true), ignored);
+      auto ep = sock.remote_endpoint(ignored);
+      peer = ep.address().to_string() + ":" + std::to_string(ep.port());
+    }
+    if (connections_.size() >= config_.limits.max_connections) {
+      spdlog::warn("refusing connection from {}: limit of {} connections reached", peer,
+                   config_.limits.max_connections);
+      std::error_code ignored;
+      sock.close(ignored);
+      continue;
+    }
+    uint64_t id = next_id_++;
+    auto conn = std::make_shared<Connection>(*this, Connection::Socket(std::move(sock)), id, peer);
+    connections_[id] = conn;
+    asio::co_spawn(io_, Connection::run(conn), asio::detached);
+  }
+}
+
+void Server::connection_closed(uint64_t id) {
+  connections_.erase(id);
+  if (stopping_ && connections_.empty()) io_.stop();
+}
+
+void Server::stop() {
+  stop_requested_ = true;
+  asio::post(io_, [this] { begin_shutdown(); });
+}
+
+void Server::begin_shutdown() {
+  if (stopping_) return;
+  stopping_ = true;
+  spdlog::info("shutting down: {} connection(s) to finish", connections_.size());
+  std::error_code ec;
+  for (auto& a : tcp_) a->close(ec);
+  for (auto& a : unix_) a->close(ec);
+  signals_.cancel(ec);
+  for (auto& [id, weak] : connections_) {
+    if (auto c = weak.lock()) c->shutdown();
+  }
+  if (connections_.empty()) io_.stop();
+}
+
+int Server::run() {
+  signals_.async_wait([this](std::error_code ec, int sig) {
+    if (ec) return;
+    spdlog::info("received signal {}", sig);
+    begin_shutdown();
+  });
+  for (auto& a : tcp_) asio::co_spawn(io_, accept_loop(*a, "tcp"), asio::detached);
+  for (auto& a : unix_) asio::co_spawn(io_, accept_loop(*a, "unix"), asio::detached);
+  io_.run();
+  workers_.join();
+  int status = 0;
+  for (auto& e : exports_->exports()) {
+    if (e->caps.read_only) continue;
+    if (int r = e->device->flush()) {
+      spdlog::error("export '{}': final flush failed: {}", e->config.name, std::strerror(r));
+      status = 1;
+    }
+    auto stats = e->device->stats();
+    if (!stats.empty()) spdlog::info("export '{}': {}", e->config.name, stats);
+  }
+  spdlog::info("stopped");
+  return status;
+}
+
+}  // namespace strata

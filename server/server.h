@@ -1,0 +1,65 @@
+// The server: listeners (TCP v4/v6, unix sockets) on one network io_context,
+// a pool of block I/O workers, the export registry, the connection limit and
+// graceful shutdown on SIGTERM/SIGINT (stop accepting, finish in-flight
+// requests, flush every export, exit 0).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <asio.hpp>
+
+#include "config/config.h"
+#include "server/exports.h"
+
+namespace strata {
+
+class Connection;
+
+class Server {
+ public:
+  explicit Server(Config config);
+  ~Server();
+
+  // Binds every listener (throws std::system_error naming the address).
+  void listen();
+  // Runs until a signal (or stop()) and every connection has finished.
+  // Returns the process exit status.
+  int run();
+  // Starts a graceful stop; safe from any thread.
+  void stop();
+
+  const Config& config() const { return config_; }
+  ExportRegistry& exports() { return *exports_; }
+  asio::io_context& io() { return io_; }
+  asio::thread_pool& workers() { return workers_; }
+  // Human-readable URIs of the listeners, for the start-up message.
+  std::vector<std::string> uris() const;
+
+  // Connection bookkeeping (network thread).
+  void connection_closed(uint64_t id);
+
+ private:
+  template <class Acceptor>
+  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what);
+  void begin_shutdown();
+
+  Config config_;
+  asio::io_context io_{1};
+  asio::thread_pool workers_;
+  std::unique_ptr<ExportRegistry> exports_;
+  std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
+  std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_;
+  std::vector<std::string> unix_paths_;
+  asio::signal_set signals_;
+  std::map<uint64_t, std::weak_ptr<Connection>> connections_;
+  uint64_t next_id_ = 1;
+  bool stopping_ = false;
+  std::atomic<bool> stop_requested_{false};
+};
+
+}  // namespace strata

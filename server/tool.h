@@ -1,0 +1,28 @@
+// The image tool verbs of the `strata` binary: info, map, check, create.
+// They work on every format the drivers know and follow the whole chain.
+// Child images may live anywhere unless --allowed-dir narrows it: the tool is
+// run by the image's owner, unlike the server, which confines children.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "formats/create.h"
+#include "formats/open.h"
+
+namespace strata {
+
+struct ToolOptions {
+  Format format = Format::automatic;
+  bool json_output = false;
+  std::vector<std::string> allowed_dirs;
+  bool allow_raw_backing = true;
+};
+
+int tool_info(const std::string& path, const ToolOptions& t);
+int tool_map(const std::string& path, const ToolOptions& t);
+// Exit codes like qemu-img check: 0 clean, 2 corruption, 3 leaks only.
+int tool_check(const std::string& path, const ToolOptions& t);
+int tool_create(const CreateOptions& opts);
+
+}  // namespace strata
