@@ -1,0 +1,95 @@
+// Config validation: every error names the key and the problem.
+#include <doctest/doctest.h>
+
+#include <string>
+
+#include "config/config.h"
+
+using namespace strata;
+
+namespace {
+
+std::string error_of(const std::string& text) {
+  try {
+    parse_config_text(text);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("a full config parses into typed fields") {
+  auto c = parse_config_text(R"({
+    "listeners": [{"type": "tcp", "address": "::", "port": 10810},
+                  {"type": "unix", "path": "/run/strata.sock"}],
+    "exports": [{"name": "a", "path": "/img/a.qcow2", "format": "qcow2", "read_only": true,
+                 "description": "disk a", "allowed_dirs": ["/img"], "cache_size": "4M"},
+                {"name": "b", "path": "/img/b.raw"}],
+    "limits": {"max_connections": 8, "workers": 4, "max_inflight_requests": 32},
+    "log_level": "debug"})");
+  REQUIRE(c.listeners.size() == 2);
+  CHECK(c.listeners[0].address == "::");
+  CHECK(c.listeners[0].port == 10810);
+  CHECK(c.listeners[1].kind == ListenerConfig::Kind::unix_socket);
+  REQUIRE(c.exports.size() == 2);
+  CHECK(c.exports[0].format == Format::qcow2);
+  CHECK(c.exports[0].read_only);
+  CHECK(c.exports[0].cache_size == 4u << 20);
+  CHECK(c.exports[0].open_options().allowed_dirs == std::vector<std::string>{"/img"});
+  CHECK(c.exports[1].format == Format::automatic);
+  CHECK(c.limits.max_connections == 8);
+  CHECK(c.limits.workers == 4);
+  CHECK(c.log_level == "debug");
+}
+
+TEST_CASE("defaults: one TCP listener on 10809") {
+  auto c = parse_config_text(R"({"exports": [{"name": "x", "path": "/x.raw"}]})");
+  REQUIRE(c.listeners.size() == 1);
+  CHECK(c.listeners[0].port == 10809);
+  CHECK(c.limits.max_inflight_requests >= 64);
+}
+
+TEST_CASE("errors name the key and the problem") {
+  CHECK(error_of("{") .find("not valid JSON") != std::string::npos);
+  CHECK(error_of(R"({})") == "exports: is required");
+  CHECK(error_of(R"({"exports": []})") == "exports: at least one export is needed");
+  CHECK(error_of(R"({"exports": [{"path": "/x"}]})") == "exports[0].name: is required");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "format": "qcow3"}]})") ==
+        "exports[0].format: 'qcow3' is not one of raw, qcow2, vhd, auto");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "readonly": true}]})") ==
+        "exports[0].readonly: unknown key");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "read_only": "yes"}]})") ==
+        "exports[0].read_only: must be true or false, not string");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}, {"name": "x", "path": "/y"}]})") ==
+        "exports[1].name: 'x' is used by another export");
+  CHECK(error_of(R"({"listeners": [{"type": "tcp", "port": 70000}],
+                     "exports": [{"name": "x", "path": "/x"}]})") ==
+        "listeners[0].port: 70000 is outside 0..65535");
+  CHECK(error_of(R"({"listeners": [{"type": "udp"}], "exports": [{"name": "x", "path": "/x"}]})") ==
+        "listeners[0].type: 'udp' is not one of tcp, unix");
+  CHECK(error_of(R"({"listeners": [{"type": "unix"}], "exports": [{"name": "x", "path": "/x"}]})") ==
+        "listeners[0].path: is required");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "limits": {"workers": 0}})") ==
+        "limits.workers: 0 is outside 1..256");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "limits": {"workers": -1}})") ==
+        "limits.workers: must not be negative");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "log_level": "loud"})")
+            .find("log_level") == 0);
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "vhd_size": 1000}]})") ==
+        "exports[0].vhd_size: must be a multiple of 512");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "cache_size": "12Q"}]})")
+            .find("exports[0].cache_size:") == 0);
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "extra": 1})") ==
+        "extra: unknown key");
+}
+
+TEST_CASE("load_config_file prefixes the file name") {
+  try {
+    load_config_file("/nonexistent/strata.json");
+    FAIL("expected an error");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()) == "/nonexistent/strata.json: cannot read the config file");
+  }
+}

@@ -1,0 +1,261 @@
+// Byte-for-byte tests of the NBD codec and the handshake state machine.
+#include <doctest/doctest.h>
+
+#include <cstring>
+
+#include "formats/endian.h"
+#include "protocol/handshake.h"
+#include "protocol/nbd.h"
+
+using namespace strata::nbd;
+
+namespace {
+
+uint32_t load32(const Bytes& b, size_t off) {
+  REQUIRE(off + 4 <= b.size());
+  return strata::load_be32(b.data() + off);
+}
+
+Bytes hex(std::initializer_list<int> v) {
+  Bytes b;
+  for (int x : v) b.push_back(static_cast<uint8_t>(x));
+  return b;
+}
+
+class FakeCatalog : public ExportCatalog {
+ public:
+  FakeCatalog() {
+    a.name = "disk";
+    a.description = "first disk";
+    a.size = 0x100000;
+    a.tx_flags = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxCanMultiConn;
+    a.min_block = 1;
+    a.pref_block = 4096;
+    a.max_block = 32 << 20;
+    b.name = "other";
+    b.size = 512;
+    b.tx_flags = kTxHasFlags | kTxReadOnly;
+  }
+  const ExportView* find(std::string_view name) const override {
+    if (name.empty() || name == a.name) return &a;
+    if (name == b.name) return &b;
+    return nullptr;
+  }
+  std::vector<const ExportView*> all() const override { return {&a, &b}; }
+  ExportView a, b;
+};
+
+Bytes info_payload(std::string_view name, std::initializer_list<uint16_t> reqs) {
+  Bytes p;
+  Writer w(p);
+  w.u32(static_cast<uint32_t>(name.size())).bytes(name).u16(static_cast<uint16_t>(reqs.size()));
+  for (auto r : reqs) w.u16(r);
+  return p;
+}
+
+Bytes meta_payload(std::string_view name, std::initializer_list<std::string_view> queries) {
+  Bytes p;
+  Writer w(p);
+  w.u32(static_cast<uint32_t>(name.size())).bytes(name).u32(static_cast<uint32_t>(queries.size()));
+  for (auto q : queries) w.u32(static_cast<uint32_t>(q.size())).bytes(q);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("greeting is NBDMAGIC, IHAVEOPT and the handshake flags") {
+  CHECK(encode_greeting(kFlagFixedNewstyle | kFlagNoZeroes) ==
+        hex({'N', 'B', 'D', 'M', 'A', 'G', 'I', 'C', 'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T', 0,
+             3}));
+}
+
+TEST_CASE("option header decodes big-endian fields") {
+  auto b = hex({0x49, 0x48, 0x41, 0x56, 0x45, 0x4F, 0x50, 0x54, 0, 0, 0, 7, 0, 0, 1, 2});
+  auto h = decode_option_header(std::span<const uint8_t, 16>(b.data(), 16));
+  CHECK(h.magic == kOptMagic);
+  CHECK(h.option == kOptGo);
+  CHECK(h.length == 0x102);
+}
+
+TEST_CASE("option reply encoding") {
+  auto r = encode_option_reply(kOptStructuredReply, kRepAck);
+  CHECK(r == hex({0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0,
+                  0}));
+  auto e = encode_option_error(kOptStartTls, kRepErrUnsup, "no");
+  CHECK(e == hex({0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 5, 0x80, 0, 0, 1, 0, 0,
+                  0, 2, 'n', 'o'}));
+}
+
+TEST_CASE("request decode and encode round trip") {
+  auto b = hex({0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10,
+                0, 0, 0, 0x02, 0});
+  auto r = decode_request(std::span<const uint8_t, kRequestSize>(b.data(), kRequestSize));
+  CHECK(r.magic == kRequestMagic);
+  CHECK(r.flags == kCmdFlagFua);
+  CHECK(r.type == kCmdWrite);
+  CHECK(r.cookie == 0x0102030405060708ull);
+  CHECK(r.offset == 0x1000);
+  CHECK(r.length == 0x200);
+  uint8_t out[kRequestSize];
+  encode_request(r, out);
+  CHECK(std::memcmp(out, b.data(), kRequestSize) == 0);
+}
+
+TEST_CASE("simple and structured reply headers") {
+  uint8_t s[16];
+  encode_simple_reply(s, kEIO, 0xAABBCCDDEEFF0011ull);
+  CHECK(Bytes(s, s + 16) == hex({0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE,
+                                 0xFF, 0x00, 0x11}));
+  Bytes c;
+  append_chunk_hole(c, 7, 0x2000, 0x1000, true);
+  CHECK(c == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 12, 0, 0, 0,
+                  0, 0, 0, 0x20, 0, 0, 0, 0x10, 0}));
+  Bytes e;
+  append_chunk_error(e, 9, kEINVAL, "x");
+  CHECK(e == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 7, 0, 0,
+                  0, 22, 0, 1, 'x'}));
+  Bytes bs;
+  BlockStatusDescriptor d[2] = {{0x1000, kStateHole | kStateZero}, {0x200, 0}};
+  append_chunk_block_status(bs, 3, kMetaIdBaseAllocation, d, true);
+  CHECK(bs == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 20, 0, 0,
+                   0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0}));
+  Bytes dh;
+  append_chunk_data_header(dh, 1, 0x10, 4, false);
+  CHECK(dh == hex({0x66, 0x8e, 0x33, 0xef, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0,
+                   0, 0, 0, 0, 0, 0x10}));
+}
+
+TEST_CASE("export name reply: size, flags and 124 zeros unless NO_ZEROES") {
+  auto r = encode_export_name_reply(0x1000, 0x0003, false);
+  CHECK(r.size() == 8 + 2 + 124);
+  CHECK(r[6] == 0x10);
+  CHECK(r[9] == 3);
+  CHECK(encode_export_name_reply(1, 1, true).size() == 10);
+}
+
+TEST_CASE("errno mapping follows the NBD error set") {
+  CHECK(errno_to_nbd(0) == 0);
+  CHECK(errno_to_nbd(EROFS) == kEPERM);
+  CHECK(errno_to_nbd(EDQUOT) == kENOSPC);
+  CHECK(errno_to_nbd(ENOTSUP) == kENOTSUP);
+  CHECK(errno_to_nbd(ESHUTDOWN) == kESHUTDOWN);
+  CHECK(errno_to_nbd(EBADF) == kEIO);
+}
+
+TEST_CASE("handshake refuses clients without fixed newstyle or with unknown flags") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  std::string why;
+  CHECK_FALSE(hs.accept_client_flags(0, &why));
+  CHECK(why.find("fixed newstyle") != std::string::npos);
+  CHECK_FALSE(hs.accept_client_flags(kClientFixedNewstyle | 0x80, &why));
+  CHECK(hs.accept_client_flags(kClientFixedNewstyle | kClientNoZeroes, &why));
+}
+
+TEST_CASE("unknown options get ERR_UNSUP and the handshake goes on") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  auto s = hs.on_option(kOptStartTls, {});
+  CHECK(s.action == Handshake::Action::kContinue);
+  CHECK(load32(s.reply, 12) == kRepErrUnsup);
+  s = hs.on_option(0x1234, {});
+  CHECK(s.action == Handshake::Action::kContinue);
+  CHECK(load32(s.reply, 12) == kRepErrUnsup);
+}
+
+TEST_CASE("NBD_OPT_LIST lists every export then ACK") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  auto s = hs.on_option(kOptList, {});
+  // SERVER "disk" + description, SERVER "other", ACK
+  size_t first = 20 + 4 + 4 + std::strlen("first disk");
+  size_t second = 20 + 4 + 5;
+  REQUIRE(s.reply.size() == first + second + 20);
+  CHECK(load32(s.reply, 12) == kRepServer);
+  CHECK(std::string(s.reply.begin() + 24, s.reply.begin() + 28) == "disk");
+  CHECK(std::string(s.reply.begin() + 28, s.reply.begin() + first) == "first disk");
+  CHECK(load32(s.reply, first + second + 12) == kRepAck);
+  CHECK(load32(hs.on_option(kOptList, hex({1})).reply, 12) == kRepErrInvalid);
+}
+
+TEST_CASE("NBD_OPT_GO sends INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE, ACK") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  auto s = hs.on_option(kOptGo, info_payload("disk", {kInfoName, kInfoDescription}));
+  CHECK(s.action == Handshake::Action::kTransmit);
+  CHECK(s.export_view == &cat.a);
+  Bytes expected = encode_option_reply(
+      kOptGo, kRepInfo, hex({0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x01, 0x0d}));
+  auto add = [&](const Bytes& b) { expected.insert(expected.end(), b.begin(), b.end()); };
+  add(encode_option_reply(kOptGo, kRepInfo, hex({0, 1, 'd', 'i', 's', 'k'})));
+  Bytes desc = hex({0, 2});
+  desc.insert(desc.end(), cat.a.description.begin(), cat.a.description.end());
+  add(encode_option_reply(kOptGo, kRepInfo, desc));
+  add(encode_option_reply(kOptGo, kRepInfo,
+                          hex({0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0})));
+  add(encode_option_reply(kOptGo, kRepAck));
+  CHECK(s.reply == expected);
+}
+
+TEST_CASE("NBD_OPT_INFO continues; unknown export gets ERR_UNKNOWN; bad payload ERR_INVALID") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  auto s = hs.on_option(kOptInfo, info_payload("other", {}));
+  CHECK(s.action == Handshake::Action::kContinue);
+  s = hs.on_option(kOptGo, info_payload("nope", {}));
+  CHECK(s.action == Handshake::Action::kContinue);
+  CHECK(load32(s.reply, 12) == kRepErrUnknown);
+  s = hs.on_option(kOptGo, hex({0, 0, 0, 9, 'a'}));
+  CHECK(load32(s.reply, 12) == kRepErrInvalid);
+}
+
+TEST_CASE("EXPORT_NAME: reply for known export, close for unknown") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  std::string why;
+  hs.accept_client_flags(kClientFixedNewstyle, &why);
+  auto s = hs.on_option(kOptExportName, hex({'o', 't', 'h', 'e', 'r'}));
+  CHECK(s.action == Handshake::Action::kTransmit);
+  CHECK(s.reply.size() == 134);
+  Handshake hs2(cat);
+  CHECK(hs2.on_option(kOptExportName, hex({'x'})).action == Handshake::Action::kClose);
+}
+
+TEST_CASE("structured replies and meta contexts") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  // SET_META_CONTEXT before STRUCTURED_REPLY is invalid.
+  auto s = hs.on_option(kOptSetMetaContext, meta_payload("disk", {"base:allocation"}));
+  CHECK(load32(s.reply, 12) == kRepErrInvalid);
+  s = hs.on_option(kOptStructuredReply, {});
+  CHECK(load32(s.reply, 12) == kRepAck);
+  CHECK(hs.structured_replies());
+  CHECK((hs.tx_flags(cat.a) & kTxSendDf) != 0);
+  // LIST with no query lists both contexts with id 0.
+  s = hs.on_option(kOptListMetaContext, meta_payload("disk", {}));
+  CHECK(load32(s.reply, 12) == kRepMetaContext);
+  CHECK(load32(s.reply, 20) == 0);
+  CHECK(std::string(s.reply.begin() + 24, s.reply.begin() + 24 + 15) == "base:allocation");
+  // SET picks base:allocation, ignores unknown contexts.
+  s = hs.on_option(kOptSetMetaContext,
+                   meta_payload("disk", {"base:allocation", "x:unknown"}));
+  REQUIRE(s.reply.size() == 20 + 4 + 15 + 20);
+  CHECK(load32(s.reply, 20) == kMetaIdBaseAllocation);
+  CHECK(load32(s.reply, 20 + 4 + 15 + 12) == kRepAck);
+  CHECK(hs.meta_base_allocation());
+  CHECK_FALSE(hs.meta_allocation_depth());
+  s = hs.on_option(kOptSetMetaContext, meta_payload("nope", {"base:allocation"}));
+  CHECK(load32(s.reply, 12) == kRepErrUnknown);
+  // GO to the same export keeps the contexts.
+  s = hs.on_option(kOptGo, info_payload("disk", {}));
+  CHECK(s.action == Handshake::Action::kTransmit);
+  CHECK(hs.meta_base_allocation());
+}
+
+TEST_CASE("ABORT acks and closes") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  auto s = hs.on_option(kOptAbort, {});
+  CHECK(s.action == Handshake::Action::kClose);
+  CHECK(load32(s.reply, 12) == kRepAck);
+}
