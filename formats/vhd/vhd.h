@@ -1,0 +1,130 @@
+// The VHD driver: fixed, dynamic and differencing images (FORMATS.md Part A).
+//
+// Layout: fixed = [data][footer]; dynamic/differencing = [footer copy][header]
+// [BAT][locators, batmap][blocks...][footer]. A block is a sector bitmap
+// (MSB first, padded to 512 bytes) followed by block_size bytes of data.
+//
+// Invariants:
+//  - The last 512 bytes of a writable image are a valid footer at every instant:
+//    a new block first extends the file with a footer past its end, then its
+//    bitmap and data overwrite the previous footer.
+//  - A BAT entry is written only after the block's data is durable; a bitmap bit
+//    is set only after its sector's data is durable.
+//  - The BAT lives in memory (bat_, guarded by meta_mutex_); sector bitmaps are
+//    cached in a bounded cache (also under meta_mutex_). meta_mutex_ is never held
+//    across I/O on the read path.
+//  - Writes into one block are serialized by a striped per-block mutex; reads take
+//    no lock beyond short metadata look-ups.
+//  - A differencing image's parent is read-only and never written.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "formats/block_device.h"
+#include "formats/file.h"
+#include "formats/vhd/vhd_format.h"
+
+namespace strata::vhd {
+
+struct ParentInfo {
+  std::string name;           // header parent unicode name (decoded)
+  std::string resolved_path;  // canonical path actually opened
+  std::string resolved_by;    // locator (W2ru, W2ku, MacX) or "parent name"
+  std::vector<std::string> locators;  // "W2ru: .\\parent.vhd" etc.
+};
+
+class VhdDevice final : public BlockDevice {
+ public:
+  // Built by open_vhd() (vhd_open.cpp) after validation.
+  VhdDevice(std::unique_ptr<File> file, const Footer& footer, uint64_t size);
+
+  std::string_view format() const override { return "vhd"; }
+  const std::string& path() const override { return file_->path(); }
+  uint64_t size() const override { return size_; }
+  Capabilities capabilities() const override;
+  BlockSizes block_sizes() const override;
+
+  int read(uint64_t offset, std::span<std::byte> buf) override;
+  int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
+  int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
+  int trim(uint64_t offset, uint64_t length, bool fua) override;
+  int flush() override;
+  int extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) override;
+
+  std::vector<Child> children() const override;
+  void describe(nlohmann::json& out) const override;
+  void check(CheckReport& report) override;
+  std::string stats() const override;
+
+  const Footer& footer() const { return footer_; }
+  uint32_t disk_type() const { return footer_.disk_type; }
+
+ private:
+  using Bitmap = std::shared_ptr<const std::vector<uint8_t>>;
+  friend class Opener;  // vhd_open.cpp fills in the tables after validation
+
+  bool dynamic() const { return footer_.disk_type != kTypeFixed; }
+  bool differencing() const { return footer_.disk_type == kTypeDifferencing; }
+  uint64_t block_bytes() const { return bitmap_bytes_ + block_size_; }
+
+  // Reads what shows through where this layer has nothing: the parent chain for a
+  // differencing image (zeros past the parent's size), zeros otherwise.
+  int read_below(uint64_t offset, std::span<std::byte> buf);
+  int read_block(uint64_t block, uint64_t off_in_block, std::span<std::byte> buf);
+  int write_block(uint64_t block, uint64_t off_in_block, std::span<const std::byte> buf,
+                  bool& synced);
+  int allocate_block(uint64_t block, uint64_t s0, uint64_t s1,
+                     std::span<const std::byte> sectors);
+  int write_bat_entry(uint64_t block);
+  int fixed_extents(uint64_t offset, uint64_t length, std::vector<Extent>& out);
+  int extents_below(uint64_t offset, uint64_t length, std::vector<Extent>& out);
+  // Does every layer below read zeros in the range?
+  int below_is_zero(uint64_t offset, uint64_t length, bool& zero);
+
+  uint32_t bat_entry(uint64_t block) const;
+  // The sector bitmap of an allocated block (from cache or disk).
+  int get_bitmap(uint64_t block, uint32_t entry, Bitmap& out);
+  void put_bitmap(uint64_t block, Bitmap bm);
+  void footer_bytes(uint8_t* buf) const;
+
+  std::unique_ptr<File> file_;
+  Footer footer_;
+  uint64_t size_;
+
+  // Dynamic / differencing only.
+  DynHeader header_;
+  uint32_t block_size_ = 0;
+  uint32_t sectors_per_block_ = 0;
+  uint32_t bitmap_bytes_ = 0;  // padded to 512
+  std::vector<uint32_t> bat_;  // guarded by meta_mutex_
+  uint64_t metadata_end_ = 0;  // end of header, BAT, batmap and locator blobs
+  std::vector<std::pair<uint64_t, uint64_t>> metadata_ranges_;  // [start, end) for check
+  std::shared_ptr<BlockDevice> parent_;
+  ParentInfo parent_info_;
+  bool has_batmap_ = false;
+  std::string opened_notes_;  // what open repaired or warned about
+
+  mutable std::mutex meta_mutex_;
+  // Next free byte for a new block (bitmap start); grows with each allocation.
+  uint64_t next_free_ = 0;  // guarded by alloc_mutex_
+  std::mutex alloc_mutex_;
+  std::mutex bat_write_mutex_;
+  std::array<std::mutex, 64> block_locks_;
+
+  // Bounded bitmap cache: block -> bitmap bytes, LRU. Entries are immutable;
+  // an update replaces the pointer, so readers copy only a shared_ptr.
+  size_t bitmap_cache_max_ = 4096;
+  std::list<uint64_t> lru_;
+  std::unordered_map<uint64_t, std::pair<Bitmap, std::list<uint64_t>::iterator>> bitmaps_;
+  mutable std::atomic<uint64_t> bitmap_hits_{0}, bitmap_misses_{0}, allocations_{0};
+};
+
+}  // namespace strata::vhd

@@ -1,0 +1,193 @@
+// Corrupt and hostile VHDs are refused with a message naming the file and the
+// field: no crash, no hang, nothing silently served.
+#include <filesystem>
+
+#include "vhd_test_util.h"
+
+using namespace vhdtest;
+
+namespace {
+
+// A dynamic 4 MiB image (two 2 MiB blocks, both allocated).
+std::string good_dynamic(const TempDir& t, const std::string& name = "d.vhd") {
+  std::string img = t / name;
+  create(img, "4M", {{"force_size", "on"}});
+  auto d = open(img);
+  REQUIRE(write(*d, 0, pattern(4096, 1)) == 0);
+  REQUIRE(write(*d, 3 << 20, pattern(4096, 2)) == 0);
+  return img;
+}
+
+constexpr uint64_t kHeader = 512, kBat = 1536;
+
+}  // namespace
+
+TEST_CASE("footer and header damage is refused") {
+  TempDir t;
+  std::string img = good_dynamic(t);
+  const uint64_t size = fs::file_size(img);
+  SUBCASE("both footer checksums wrong") {
+    patch(img, 100, {1});
+    patch(img, size - 512 + 100, {1});
+    expect_refused(img, "checksum");
+  }
+  SUBCASE("unknown disk type") {
+    patch(img, 60, be32(5));
+    patch(img, size - 512 + 60, be32(5));
+    fix_checksums(img, true, false);
+    expect_refused(img, "disk type 5");
+  }
+  SUBCASE("dynamic header checksum") {
+    patch(img, kHeader + 800, {1});
+    expect_refused(img, "dynamic header: checksum");
+  }
+  SUBCASE("header offset outside the file") {
+    Bytes off(8);
+    strata::store_be64(off.data(), 1ull << 40);
+    patch(img, 16, off);
+    patch(img, size - 512 + 16, off);
+    fix_checksums(img, true, false);
+    expect_refused(img, "data_offset");
+  }
+  SUBCASE("block size zero") {
+    patch(img, kHeader + 32, be32(0));
+    fix_checksums(img, false, true);
+    expect_refused(img, "block_size 0 is not a power of two");
+  }
+  SUBCASE("block size not a power of two") {
+    patch(img, kHeader + 32, be32(3000));
+    fix_checksums(img, false, true);
+    expect_refused(img, "block_size 3000 is not a power of two");
+  }
+  SUBCASE("huge max_table_entries") {
+    patch(img, kHeader + 28, be32(0x7FFFFFFF));
+    fix_checksums(img, false, true);
+    expect_refused(img, "max_table_entries");
+  }
+  SUBCASE("max_table_entries too small for the size") {
+    patch(img, kHeader + 28, be32(1));
+    fix_checksums(img, false, true);
+    expect_refused(img, "max_table_entries 1 is too small");
+  }
+  SUBCASE("BAT outside the file") {
+    Bytes off(8);
+    strata::store_be64(off.data(), size + 4096);
+    patch(img, kHeader + 16, off);
+    fix_checksums(img, false, true);
+    expect_refused(img, "table_offset");
+  }
+}
+
+TEST_CASE("BAT damage is refused") {
+  TempDir t;
+  std::string img = good_dynamic(t);
+  const uint64_t size = fs::file_size(img);
+  Bytes bat = file_bytes(img);
+  uint32_t e0 = strata::load_be32(bat.data() + kBat);
+  SUBCASE("entry past the end of the file") {
+    patch(img, kBat, be32(static_cast<uint32_t>(size / 512 + 8)));
+    expect_refused(img, "BAT entry 0");
+  }
+  SUBCASE("entry far past the end (huge)") {
+    patch(img, kBat + 4, be32(0xFFFFFFF0u));
+    expect_refused(img, "points past the end of the file");
+  }
+  SUBCASE("entries overlapping each other") {
+    patch(img, kBat + 4, be32(e0 + 1));
+    expect_refused(img, "overlapping");
+  }
+  SUBCASE("entry pointing at the dynamic header") {
+    patch(img, kBat, be32(1));
+    expect_refused(img, "overlaps image metadata");
+  }
+  SUBCASE("truncated file") {
+    fs::resize_file(img, size - 3000);
+    expect_refused(img, "truncated");
+  }
+  SUBCASE("file shorter than a footer") {
+    fs::resize_file(img, 100);
+    expect_refused(img, "too small");
+  }
+}
+
+TEST_CASE("a truncated fixed VHD is refused") {
+  TempDir t;
+  std::string img = t / "f.vhd";
+  create(img, "1M", {{"type", "fixed"}, {"force_size", "on"}});
+  Bytes b = file_bytes(img);
+  Bytes foot(b.end() - 512, b.end());
+  b.resize(512 * 1024);
+  b.insert(b.end(), foot.begin(), foot.end());
+  write_file(img, b);
+  expect_refused(img, "truncated");
+}
+
+namespace {
+
+strata::vhd::Uuid uuid_of(const std::string& img) {
+  Bytes b = file_bytes(img);
+  strata::vhd::Uuid u;
+  std::copy(b.end() - 512 + 68, b.end() - 512 + 84, u.begin());
+  return u;
+}
+
+// Points a locator-less differencing child at `name` with parent id `id`.
+void repoint(const std::string& child, const std::string& name, const strata::vhd::Uuid& id) {
+  Bytes raw(512, 0);
+  auto u = strata::vhd::utf8_to_utf16(name, true);
+  std::copy(u.begin(), u.end(), raw.begin());
+  patch(child, kHeader + 64, raw);
+  patch(child, kHeader + 40, Bytes(id.begin(), id.end()));
+  fix_checksums(child, false, true);
+}
+
+}  // namespace
+
+TEST_CASE("broken differencing chains are refused") {
+  TempDir t;
+  std::string base = t / "base.vhd", a = t / "a.vhd", b = t / "b.vhd";
+  create(base, "4M");
+  create(a, "", {{"locators", ""}}, std::string("base.vhd"));
+  create(b, "", {{"locators", ""}}, std::string("a.vhd"));
+  CHECK_NOTHROW(open(b, true));
+  SUBCASE("missing parent") {
+    fs::remove(base);
+    expect_refused(a, "no usable parent");
+    expect_refused(b, "No such file");
+  }
+  SUBCASE("parent id mismatch") {
+    fs::remove(base);
+    create(base, "4M");
+    expect_refused(a, "parent id mismatch");
+  }
+  SUBCASE("self parent") {
+    repoint(a, "a.vhd", uuid_of(a));
+    expect_refused(a, "loop");
+  }
+  SUBCASE("parent loop") {
+    repoint(a, "b.vhd", uuid_of(b));
+    expect_refused(b, "loop");
+  }
+  SUBCASE("chain deeper than the limit") {
+    strata::OpenOptions o = opts(true);
+    o.max_chain_depth = 1;
+    std::string msg;
+    try {
+      strata::open_image(b, o);
+    } catch (const strata::ImageError& e) {
+      msg = e.what();
+    }
+    CHECK(msg.find("deeper") != std::string::npos);
+  }
+  SUBCASE("a hostile locator is ignored, the parent name still works") {
+    std::string c = t / "c.vhd";
+    create(c, "", {{"locators", "w2ru"}}, std::string("base.vhd"));
+    patch(c, kHeader + 576 + 8, be32(0xFFFFFFF0u));  // data length
+    fix_checksums(c, false, true);
+    CHECK_NOTHROW(open(c, true));
+  }
+  SUBCASE("a differencing disk that names no parent") {
+    repoint(a, "", uuid_of(base));
+    expect_refused(a, "no parent locator");
+  }
+}
