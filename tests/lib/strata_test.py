@@ -47,11 +47,12 @@ class Server:
     """
 
     def __init__(self, *args, export="test", tcp=False, unix=True, config=None,
-                 expect_fail=False, env=None):
+                 expect_fail=False, env=None, bind="127.0.0.1"):
         self.tmp = tempfile.mkdtemp(prefix="strata-srv-")
         self.export = export
         self.sock = os.path.join(self.tmp, "nbd.sock") if unix else None
         self.port = free_port() if tcp else None
+        self.bind = bind
         self.logfile = os.path.join(self.tmp, "server.log")
         cmd = [STRATA, "serve"]
         if config is not None:
@@ -62,7 +63,7 @@ class Server:
             if self.sock:
                 cmd += ["--socket", self.sock]
             if self.port:
-                cmd += ["--port", str(self.port), "--bind", "127.0.0.1"]
+                cmd += ["--port", str(self.port), "--bind", bind]
         self.cmd = cmd
         self.expect_fail = expect_fail
         self.env = dict(os.environ, **(env or {}))
@@ -93,7 +94,7 @@ class Server:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(self.sock)
             else:
-                s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+                s = socket.create_connection((self.bind, self.port), timeout=1)
             s.settimeout(2)
             data = s.recv(8)
             s.close()
@@ -113,7 +114,8 @@ class Server:
 
     @property
     def tcp_uri(self):
-        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"nbd://{host}:{self.port}/{self.export}"
 
     def connect_raw(self):
         """A plain socket to the server, for hand-made protocol traffic."""
@@ -121,7 +123,7 @@ class Server:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(self.sock)
         else:
-            s = socket.create_connection(("127.0.0.1", self.port))
+            s = socket.create_connection((self.bind, self.port))
         s.settimeout(10)
         return s
 
@@ -209,3 +211,73 @@ def main(tests):
             log(f"--- FAIL {t.__name__}: {e}")
     log(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
+
+
+# ---- Hand-made protocol traffic (for bad-input tests) -------------------------
+import struct
+
+NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def send_option(s, opt, data=b""):
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, opt, len(data)) + data)
+
+
+def read_option_reply(s):
+    magic, opt, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
+    assert magic == 0x3e889045565a9, hex(magic)
+    return opt, rtype, recv_exact(s, length)
+
+
+def raw_handshake(s, export="test"):
+    """Fixed-newstyle handshake with NBD_OPT_GO; returns (size, flags). Simple replies."""
+    greeting = recv_exact(s, 18)
+    assert greeting[:16] == b"NBDMAGICIHAVEOPT", greeting
+    s.sendall(struct.pack(">I", 1 | 2))
+    name = export.encode()
+    send_option(s, NBD_OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    size = flags = None
+    while True:
+        opt, rtype, data = read_option_reply(s)
+        if rtype == 3 and struct.unpack(">H", data[:2])[0] == 0:
+            size, flags = struct.unpack(">QH", data[2:12])
+        elif rtype == 1:
+            return size, flags
+        else:
+            raise AssertionError(f"unexpected option reply {rtype:#x} {data!r}")
+
+
+def send_request(s, cmd, offset=0, length=0, cookie=1, flags=0, data=b"",
+                 magic=NBD_REQUEST_MAGIC):
+    s.sendall(struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length) + data)
+
+
+def read_simple_reply(s, data_len=0):
+    magic, error, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+    assert magic == NBD_SIMPLE_REPLY_MAGIC, hex(magic)
+    data = recv_exact(s, data_len) if (data_len and error == 0) else b""
+    return error, cookie, data
+
+
+def assert_closed(s, timeout=10):
+    """The server closed the connection (EOF or reset) within timeout."""
+    s.settimeout(timeout)
+    try:
+        while True:
+            if not s.recv(65536):
+                return
+    except (ConnectionResetError, BrokenPipeError):
+        return
