@@ -140,7 +140,7 @@ class Server:
                 self.proc.wait()
                 raise AssertionError("server did not exit after signal:\n" + self.read_log())
         self.out.close()
-        text = self.read_log()
+        text = self.log_text = self.read_log()
         if check:
             assert "ERROR: AddressSanitizer" not in text, text
             assert "runtime error:" not in text, text
@@ -252,8 +252,9 @@ def raw_handshake(s, export="test"):
     size = flags = None
     while True:
         opt, rtype, data = read_option_reply(s)
-        if rtype == 3 and struct.unpack(">H", data[:2])[0] == 0:
-            size, flags = struct.unpack(">QH", data[2:12])
+        if rtype == 3:
+            if struct.unpack(">H", data[:2])[0] == 0:
+                size, flags = struct.unpack(">QH", data[2:12])
         elif rtype == 1:
             return size, flags
         else:

@@ -1,0 +1,124 @@
+"""Start-up, limits and shutdown: the default export, config errors, handshake
+timeout, connection limit, graceful SIGTERM with requests in flight."""
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import nbd
+
+from strata_test import STRATA, Server, free_port, main, recv_exact, run, workdir
+
+
+def test_default_export_is_created_and_served():
+    with workdir() as d:
+        port = free_port()
+        p = subprocess.Popen([STRATA, "serve", "--port", str(port), "--bind", "127.0.0.1"],
+                             cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            line = ""
+            deadline = time.time() + 20
+            while time.time() < deadline and "nbd://" not in line:
+                line = p.stdout.readline()
+            assert f"nbd://127.0.0.1:{port}/default" in line, line
+            img = os.path.join(d, "data", "default.raw")
+            assert os.path.getsize(img) == 1 << 30
+            assert os.stat(img).st_blocks < 1024  # sparse
+            out = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}/default"]).stdout
+            assert int(out) == 1 << 30
+            out = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"]).stdout  # "" = default
+            assert int(out) == 1 << 30
+        finally:
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=30) == 0
+
+
+def test_bad_config_names_the_key():
+    with workdir() as d:
+        conf = os.path.join(d, "c.json")
+        with open(conf, "w") as f:
+            f.write('{"exports": [{"name": "x", "path": "/nonexistent.raw", "format": "qcow3"}]}')
+        p = run([STRATA, "serve", "--config", conf], check=False)
+        assert p.returncode == 1
+        assert "exports[0].format: 'qcow3' is not one of" in p.stderr, p.stderr
+        with open(conf, "w") as f:
+            f.write('{"exports": [{"name": "x", "path": "/nonexistent.raw"}]}')
+        p = run([STRATA, "serve", "--config", conf], check=False)
+        assert p.returncode == 1
+        assert "export 'x'" in p.stderr and "/nonexistent.raw" in p.stderr, p.stderr
+        p = run([STRATA, "serve", os.path.join(d, "missing.raw"), "--port", "0"], check=False)
+        assert p.returncode == 1 and "missing.raw" in p.stderr, p.stderr
+
+
+def test_handshake_timeout_drops_idle_clients():
+    with workdir() as d:
+        img = os.path.join(d, "disk.raw")
+        with open(img, "wb") as f:
+            f.truncate(1 << 20)
+        with Server(img, "--handshake-timeout-ms", "500") as srv:
+            s = srv.connect_raw()
+            recv_exact(s, 18)
+            t0 = time.time()
+            s.settimeout(10)
+            assert s.recv(100) == b""  # closed by the server, not by our timeout
+            assert time.time() - t0 < 5
+            assert int(run(["nbdinfo", "--size", srv.uri]).stdout) == 1 << 20
+
+
+def test_connection_limit():
+    with workdir() as d:
+        img = os.path.join(d, "disk.raw")
+        with open(img, "wb") as f:
+            f.truncate(1 << 20)
+        with Server(img, "--max-connections", "2") as srv:
+            a = nbd.NBD()
+            a.connect_uri(srv.uri)
+            b = nbd.NBD()
+            b.connect_uri(srv.uri)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(srv.sock)
+            c.settimeout(10)
+            assert c.recv(100) == b""  # refused: closed without a greeting
+            a.shutdown()
+            time.sleep(0.3)
+            d2 = nbd.NBD()
+            d2.connect_uri(srv.uri)  # room again
+            d2.shutdown()
+            b.shutdown()
+        assert "limit of 2 connections" in srv.log_text
+
+
+def test_sigterm_finishes_in_flight_requests():
+    with workdir() as d:
+        img = os.path.join(d, "disk.raw")
+        with open(img, "wb") as f:
+            f.truncate(64 << 20)
+        srv = Server(img, "--format", "raw").start()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        bufs = []
+        for i in range(32):
+            h.aio_pwrite(bytes([i + 1]) * (1 << 20), i << 20)
+        # Push every request onto the socket, give the server time to read them all,
+        # then stop it while the replies are still outstanding.
+        while h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE:
+            h.poll(100)
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        # Every write submitted before the signal completes.
+        while h.aio_in_flight() > 0:
+            h.poll(1000)
+        assert srv.proc.wait(timeout=30) == 0
+        srv.stop()
+        with open(img, "rb") as f:
+            for i in range(32):
+                f.seek(i << 20)
+                assert f.read(1 << 20) == bytes([i + 1]) * (1 << 20), i
+        del bufs
+
+
+if __name__ == "__main__":
+    main([test_default_export_is_created_and_served, test_bad_config_names_the_key,
+          test_handshake_timeout_drops_idle_clients, test_connection_limit,
+          test_sigterm_finishes_in_flight_requests])
