@@ -1,0 +1,168 @@
+// qcow2: reference counting from the metadata (for `strata check` and for the
+// refcount rebuild of dirty images).
+#include <algorithm>
+#include <cstring>
+
+#include "formats/endian.h"
+#include "formats/qcow2/qcow2.h"
+
+namespace strata::qcow2 {
+
+void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& report,
+                                   bool include_refcount_structures) {
+  const int64_t fsize = file_->size();
+  const uint64_t nclusters = (static_cast<uint64_t>(std::max<int64_t>(fsize, 0)) + cs_ - 1) / cs_;
+  // Tables may end slightly past EOF (they are not padded); anything further is corrupt.
+  const uint64_t limit = nclusters + std::max<uint64_t>(16, (64ull << 20) / cs_);
+  counts.assign(nclusters, 0);
+  auto add = [&](uint64_t off, uint64_t len, const std::string& what) {
+    if (len == 0) return;
+    if (off >= kMaxHostOffset || len > kMaxHostOffset || off + len > kMaxHostOffset) {
+      report.errors.push_back(what + ": offset " + std::to_string(off) + " is invalid");
+      return;
+    }
+    uint64_t first = off >> cluster_bits_, last = (off + len - 1) >> cluster_bits_;
+    if (last >= limit) {
+      report.errors.push_back(what + ": offset " + std::to_string(off) + " is beyond the end of the file");
+      return;
+    }
+    if (last >= counts.size()) counts.resize(last + 1, 0);
+    for (uint64_t c = first; c <= last; ++c) ++counts[c];
+  };
+
+  add(0, cs_, "header");
+  std::vector<uint8_t> l2(cs_);
+  auto walk_l1 = [&](const std::vector<uint64_t>& l1, const std::string& name) {
+    for (uint64_t i = 0; i < l1.size(); ++i) {
+      uint64_t l1e = l1[i];
+      uint64_t off = l1e & kL1OffsetMask;
+      if (off == 0) continue;
+      std::string where = name + " L1 entry " + std::to_string(i);
+      if ((l1e & kL1ReservedMask) || off % cs_) {
+        report.errors.push_back(where + ": invalid L2 table offset " + std::to_string(l1e));
+        continue;
+      }
+      add(off, cs_, where + " L2 table");
+      if ((off >> cluster_bits_) >= limit) continue;
+      if (file_->read_at(off, {reinterpret_cast<std::byte*>(l2.data()), l2.size()}) != 0) {
+        report.errors.push_back(where + ": cannot read the L2 table");
+        continue;
+      }
+      for (uint64_t j = 0; j < l2_entries_; ++j) {
+        uint64_t e = load_be64(l2.data() + j * entry_bytes_);
+        if (e == 0) continue;
+        std::string ew = name + " L2 entry " + std::to_string(i * l2_entries_ + j);
+        if (e & kCompressed) {
+          const uint32_t x = 62 - (cluster_bits_ - 8);
+          uint64_t coff = e & ((uint64_t{1} << x) - 1);
+          uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
+          if (external_) {
+            report.errors.push_back(ew + ": compressed cluster in an image with a data file");
+            continue;
+          }
+          add(coff & ~uint64_t{511}, nsec * 512, ew + " compressed data");
+          continue;
+        }
+        uint64_t host = e & kL2OffsetMask;
+        if ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || host % cs_) {
+          report.errors.push_back(ew + ": invalid entry " + std::to_string(e));
+          continue;
+        }
+        if (host && !external_) add(host, cs_, ew + " data cluster");
+      }
+    }
+  };
+  add(h_.l1_table_offset, uint64_t{h_.l1_size} * 8, "L1 table");
+  walk_l1(l1_, "active");
+  if (h_.nb_snapshots) {
+    add(h_.snapshots_offset, snapshot_table_bytes_, "snapshot table");
+    for (const auto& s : snapshots_) {
+      add(s.l1_offset, uint64_t{s.l1_size} * 8, "snapshot '" + s.name + "' L1 table");
+      std::vector<uint64_t> l1(s.l1_size);
+      std::vector<uint8_t> raw(uint64_t{s.l1_size} * 8);
+      if (!raw.empty() && file_->read_at(s.l1_offset, {reinterpret_cast<std::byte*>(raw.data()), raw.size()}) != 0) {
+        report.errors.push_back("snapshot '" + s.name + "': cannot read its L1 table");
+        continue;
+      }
+      for (uint64_t i = 0; i < s.l1_size; ++i) l1[i] = load_be64(raw.data() + i * 8);
+      walk_l1(l1, "snapshot '" + s.name + "'");
+    }
+  }
+  if (h_.has_bitmaps_ext && h_.bitmap_directory_size) {
+    add(h_.bitmap_directory_offset, h_.bitmap_directory_size, "bitmap directory");
+    std::vector<uint8_t> dir(h_.bitmap_directory_size);
+    if (file_->read_at(h_.bitmap_directory_offset, {reinterpret_cast<std::byte*>(dir.data()), dir.size()}) == 0) {
+      uint64_t pos = 0;
+      for (uint32_t i = 0; i < h_.nb_bitmaps && pos + 24 <= dir.size(); ++i) {
+        uint64_t toff = load_be64(dir.data() + pos);
+        uint32_t tsize = load_be32(dir.data() + pos + 8);
+        uint16_t name_size = load_be16(dir.data() + pos + 18);
+        uint32_t extra = load_be32(dir.data() + pos + 20);
+        add(toff, uint64_t{tsize} * 8, "bitmap table");
+        std::vector<uint8_t> tbl(std::min<uint64_t>(uint64_t{tsize} * 8, 64ull << 20));
+        if (!tbl.empty() &&
+            file_->read_at(toff, {reinterpret_cast<std::byte*>(tbl.data()), tbl.size()}) == 0) {
+          for (uint64_t k = 0; k + 8 <= tbl.size(); k += 8) {
+            uint64_t be = load_be64(tbl.data() + k) & 0x00fffffffffffe00ull;
+            if (be) add(be, cs_, "bitmap data");
+          }
+        }
+        pos += (24 + uint64_t{extra} + name_size + 7) & ~uint64_t{7};
+      }
+    }
+  }
+  if (include_refcount_structures) {
+    add(reftable_offset_, reftable_clusters_ * cs_, "refcount table");
+    for (uint64_t i = 0; i < reftable_.size(); ++i) {
+      uint64_t off = reftable_[i] & kRefTableOffsetMask;
+      if (off) add(off, cs_, "refcount block " + std::to_string(i));
+    }
+  }
+}
+
+void Qcow2Device::check(CheckReport& report) {
+  std::lock_guard lk(mu_);
+  if (!read_only_) {
+    if (int r = flush_locked()) report.errors.push_back(std::string("flush failed: ") + std::strerror(r));
+  }
+  std::vector<uint64_t> counts;
+  count_references(counts, report, true);
+  uint64_t max_cluster = std::max<uint64_t>(counts.size(), reftable_.size() * rb_entries_);
+  uint64_t leaked = 0;
+  for (uint64_t c = 0; c < max_cluster; ++c) {
+    uint64_t bi = c / rb_entries_;
+    if ((reftable_[bi] & kRefTableOffsetMask) == 0) {
+      // No block: every refcount in its range is 0.
+      uint64_t next = (bi + 1) * rb_entries_;
+      for (; c < next && c < counts.size(); ++c) {
+        if (counts[c]) {
+          report.errors.push_back("cluster " + std::to_string(c) + " is used " + std::to_string(counts[c]) +
+                                  " times but has no refcount block");
+        }
+      }
+      c = next - 1;
+      continue;
+    }
+    uint64_t rc = 0;
+    if (get_refcount_locked(c, rc) != 0) {
+      report.errors.push_back("refcount block " + std::to_string(bi) + " is unreadable");
+      c = (bi + 1) * rb_entries_ - 1;
+      continue;
+    }
+    uint64_t want = c < counts.size() ? counts[c] : 0;
+    if (rc < want) {
+      report.errors.push_back("cluster " + std::to_string(c) + ": refcount " + std::to_string(rc) +
+                              " but used " + std::to_string(want) + " times");
+    } else if (rc > want) {
+      ++leaked;
+      if (report.leaks.size() < 100) {
+        report.leaks.push_back("cluster " + std::to_string(c) + ": refcount " + std::to_string(rc) +
+                               " but used " + std::to_string(want) + " times");
+      }
+    }
+  }
+  if (leaked > report.leaks.size()) report.notes.push_back(std::to_string(leaked) + " leaked clusters in total");
+  report.notes.push_back(stats_locked_free());
+}
+
+}  // namespace strata::qcow2

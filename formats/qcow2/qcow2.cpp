@@ -1,0 +1,497 @@
+// qcow2: open, mapping (guest -> host runs), reads, extents, info.
+#include "formats/qcow2/qcow2.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "formats/endian.h"
+#include "formats/errors.h"
+#include "formats/qcow2/compress.h"
+
+namespace strata::qcow2 {
+
+Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(std::move(file)) {
+  h_ = read_header(*file_);
+  cs_ = h_.cluster_size();
+  cluster_bits_ = h_.cluster_bits;
+  ext_ = h_.extended_l2();
+  entry_bytes_ = ext_ ? 16 : 8;
+  l2_entries_ = cs_ / entry_bytes_;
+  external_ = h_.has_data_file();
+  raw_ = h_.data_file_raw();
+  // QEMU serves floor(size / 512) * 512 bytes.
+  size_ = h_.size & ~uint64_t{511};
+  read_only_ = !file_->writable();
+  if (h_.incompatible & kIncompatCorrupt) {
+    corrupt_ = true;
+    if (!read_only_) {
+      spdlog::warn("{}: the corrupt bit is set (incompatible feature bit 1): serving read-only", path());
+    }
+    read_only_ = true;
+  }
+  if (h_.nb_snapshots) snapshots_ = read_snapshots(*file_, h_, &snapshot_table_bytes_);
+
+  l1_.resize(h_.l1_size);
+  if (h_.l1_size) {
+    std::vector<uint8_t> raw(uint64_t{h_.l1_size} * 8);
+    if (read_bytes(*file_, h_.l1_table_offset, raw.data(), raw.size()) != 0) {
+      throw_image_error(path(), "cannot read the L1 table");
+    }
+    for (uint64_t i = 0; i < h_.l1_size; ++i) l1_[i] = load_be64(raw.data() + i * 8);
+  }
+  reftable_offset_ = h_.refcount_table_offset;
+  reftable_clusters_ = h_.refcount_table_clusters;
+  {
+    uint64_t n = reftable_clusters_ * cs_ / 8;
+    std::vector<uint8_t> raw(n * 8);
+    if (read_bytes(*file_, reftable_offset_, raw.data(), raw.size()) != 0) {
+      throw_image_error(path(), "cannot read the refcount table");
+    }
+    reftable_.resize(n);
+    for (uint64_t i = 0; i < n; ++i) reftable_[i] = load_be64(raw.data() + i * 8);
+  }
+  rb_entries_ = cs_ * 8 / h_.refcount_bits();
+  rc_max_ = h_.refcount_order == 6 ? ~uint64_t{0} : (uint64_t{1} << h_.refcount_bits()) - 1;
+  int64_t fsize = file_->size();
+  end_ = (static_cast<uint64_t>(fsize) + cs_ - 1) / cs_;
+  free_hint_ = end_;
+
+  open_children(ctx);
+  setup_caches(ctx.options.metadata_cache_bytes);
+  if (!read_only_) prepare_for_writing();
+}
+
+Qcow2Device::~Qcow2Device() {
+  std::lock_guard lk(mu_);
+  if (!read_only_) {
+    if (int r = flush_locked()) spdlog::error("{}: flush on close failed: {}", path(), std::strerror(r));
+  }
+  if (read_only_) {
+    spdlog::debug("{}: {}", path(), stats_locked_free());
+  } else {
+    spdlog::info("{}: {}", path(), stats_locked_free());
+  }
+}
+
+void Qcow2Device::open_children(ChainContext& ctx) {
+  if (external_) {
+    std::string name = h_.data_file;
+    if (ctx.depth == 0 && ctx.options.data_file) name = *ctx.options.data_file;
+    if (name.empty()) {
+      throw_image_error(path(), "incompatible feature bit 2 (external data file) is set but no data file name "
+                                "is recorded; configure one (data_file)");
+    }
+    data_file_name_ = name;
+    std::string p = resolve_child_path(ctx, path(), name, ChildRole::data_file);
+    data_file_owned_ = open_file(p, !read_only_);
+    auto key = std::make_pair(data_file_owned_->device(), data_file_owned_->inode());
+    if (!ctx.seen.insert(key).second) {
+      throw_image_error(path(), "data file '" + name + "' is already part of this chain");
+    }
+    data_ = data_file_owned_.get();
+  } else {
+    data_ = file_.get();
+  }
+  if (!h_.backing_file.empty()) {
+    backing_name_ = h_.backing_file;
+    backing_format_ = h_.backing_format;
+    Format fmt = Format::automatic;
+    if (!backing_format_.empty()) {
+      auto f = parse_format(backing_format_);
+      if (!f || *f == Format::automatic) {
+        throw_image_error(path(), "backing format '" + backing_format_ + "' is not supported");
+      }
+      fmt = *f;
+    }
+    backing_ = open_child(ctx, path(), backing_name_, fmt, ChildRole::backing);
+    backing_size_ = backing_->size();
+  }
+}
+
+void Qcow2Device::setup_caches(uint64_t budget) {
+  const uint64_t tables_needed = std::max<uint64_t>(1, l1_entries_needed(size_, cluster_bits_, ext_));
+  uint64_t l2_tables;
+  uint64_t rb_tables = 4;
+  if (budget == 0) {
+    l2_tables = std::min<uint64_t>(tables_needed, std::max<uint64_t>(1, (32ull << 20) / cs_));
+  } else {
+    uint64_t rest = budget > rb_tables * cs_ ? budget - rb_tables * cs_ : 0;
+    l2_tables = std::min<uint64_t>(tables_needed, rest / cs_);
+  }
+  l2_tables = std::max<uint64_t>(l2_tables, 2);
+  l2_cache_ = std::make_unique<TableCache>("L2", l2_tables);
+  rb_cache_ = std::make_unique<TableCache>("refcount", rb_tables);
+}
+
+void Qcow2Device::prepare_for_writing() {
+  if (h_.incompatible & kIncompatDirty) {
+    spdlog::warn("{}: dirty bit set (lazy refcounts): rebuilding refcounts", path());
+    rebuild_refcounts();
+    spdlog::info("{}: refcounts rebuilt", path());
+  }
+}
+
+Capabilities Qcow2Device::capabilities() const {
+  Capabilities c;
+  c.read_only = read_only_;
+  c.can_trim = !read_only_;
+  c.can_zero = true;
+  c.can_fast_zero = !read_only_ && h_.version >= 3 && !raw_;
+  c.can_multi_conn = true;
+  return c;
+}
+
+BlockSizes Qcow2Device::block_sizes() const {
+  BlockSizes b;
+  b.preferred = static_cast<uint32_t>(std::max<uint64_t>(4096, std::min<uint64_t>(cs_, 2ull << 20)));
+  return b;
+}
+
+std::vector<Child> Qcow2Device::children() const {
+  std::vector<Child> out;
+  if (backing_) out.push_back({ChildRole::backing, backing_});
+  return out;
+}
+
+// ---- mapping
+
+bool Qcow2Device::host_cluster_valid(uint64_t host) const {
+  return host != 0 && host < kMaxHostOffset && host % cs_ == 0;
+}
+
+uint64_t Qcow2Device::entry_at(const CachedTable& t, uint64_t i) const {
+  return load_be64(t.data.data() + i * entry_bytes_);
+}
+
+uint64_t Qcow2Device::bitmap_at(const CachedTable& t, uint64_t i) const {
+  return ext_ ? load_be64(t.data.data() + i * 16 + 8) : 0;
+}
+
+void Qcow2Device::set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap) {
+  store_be64(t.data.data() + i * entry_bytes_, entry);
+  if (ext_) store_be64(t.data.data() + i * 16 + 8, bitmap);
+  t.dirty = true;
+}
+
+int Qcow2Device::load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh) {
+  if (CachedTable* t = cache.find(offset)) {
+    out = t;
+    return 0;
+  }
+  if (CachedTable* v = cache.victim()) {
+    if (v->dirty) {
+      int r = &cache == l2_cache_.get() ? writeback_locked() : write_refblock(*v);
+      if (r) return r;
+    }
+    cache.erase(v->offset);
+  }
+  std::vector<uint8_t> d(cs_);
+  if (!fresh) {
+    if (int r = file_->read_at(offset, {reinterpret_cast<std::byte*>(d.data()), d.size()})) return r;
+  }
+  out = cache.insert(offset, std::move(d), fresh);
+  return 0;
+}
+
+int Qcow2Device::get_l2_locked(uint64_t l1_index, CachedTable*& out) {
+  out = nullptr;
+  if (l1_index >= l1_.size()) return EIO;
+  uint64_t e = l1_[l1_index];
+  if (e & kL1ReservedMask) return EIO;
+  uint64_t off = e & kL1OffsetMask;
+  if (off == 0) return 0;
+  if (!host_cluster_valid(off)) return EIO;
+  return load_table(*l2_cache_, off, out, false);
+}
+
+namespace {
+
+void push_run(std::vector<Run>& out, const Run& r) {
+  if (r.length == 0) return;
+  if (!out.empty()) {
+    Run& l = out.back();
+    if (l.kind == r.kind && l.guest + l.length == r.guest && r.kind != Kind::compressed &&
+        (r.kind != Kind::data || l.host + l.length == r.host)) {
+      l.length += r.length;
+      return;
+    }
+  }
+  out.push_back(r);
+}
+
+}  // namespace
+
+int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
+                            uint64_t& covered) {
+  const uint64_t end = off + len;
+  const uint64_t table_span = l2_entries_ * cs_;
+  const uint64_t sc_size = cs_ / 32;
+  uint64_t pos = off;
+  uint64_t tables = 0;
+  // Unallocated ranges: backing file, or the raw data file 1:1 (data_file_raw).
+  auto unallocated = [&](uint64_t g, uint64_t n) {
+    if (raw_) {
+      push_run(out, {g, n, Kind::data, g});
+    } else {
+      push_run(out, {g, n, Kind::backing, 0});
+    }
+  };
+  while (pos < end) {
+    uint64_t l1i = pos / table_span;
+    uint64_t span_end = std::min(end, (l1i + 1) * table_span);
+    if (l1i >= l1_.size()) {
+      push_run(out, {pos, span_end - pos, Kind::invalid, 0});
+      pos = span_end;
+      continue;
+    }
+    uint64_t l1e = l1_[l1i];
+    uint64_t l2off = l1e & kL1OffsetMask;
+    if ((l1e & kL1ReservedMask) || (l2off && !host_cluster_valid(l2off))) {
+      push_run(out, {pos, span_end - pos, Kind::invalid, 0});
+      pos = span_end;
+      continue;
+    }
+    if (l2off == 0) {
+      unallocated(pos, span_end - pos);
+      pos = span_end;
+      continue;
+    }
+    if (tables >= max_l2) break;
+    ++tables;
+    CachedTable* t = nullptr;
+    if (int r = load_table(*l2_cache_, l2off, t, false)) return r;
+    while (pos < span_end) {
+      uint64_t gc = pos >> cluster_bits_;
+      uint64_t cstart = gc << cluster_bits_;
+      uint64_t cend = std::min(span_end, cstart + cs_);
+      uint64_t idx = gc % l2_entries_;
+      uint64_t e = entry_at(*t, idx);
+      if (e & kCompressed) {
+        push_run(out, {pos, cend - pos, external_ ? Kind::invalid : Kind::compressed, e});
+        pos = cend;
+        continue;
+      }
+      uint64_t host = e & kL2OffsetMask;
+      bool has_host = host != 0 || (external_ && (e & kCopied));
+      bool bad = (e & kL2StdReservedMask) || (ext_ && (e & 1)) || (host % cs_ != 0) ||
+                 (has_host && !external_ && !host_cluster_valid(host));
+      if (bad) {
+        push_run(out, {pos, cend - pos, Kind::invalid, 0});
+        pos = cend;
+        continue;
+      }
+      if (!ext_) {
+        if (e & kZeroFlag) {
+          push_run(out, {pos, cend - pos, Kind::zero, 0});
+        } else if (has_host) {
+          push_run(out, {pos, cend - pos, Kind::data, host + (pos - cstart)});
+        } else {
+          unallocated(pos, cend - pos);
+        }
+        pos = cend;
+        continue;
+      }
+      uint64_t bm = bitmap_at(*t, idx);
+      while (pos < cend) {
+        uint64_t sc = (pos - cstart) / sc_size;
+        uint64_t scend = std::min(cend, cstart + (sc + 1) * sc_size);
+        bool alloc = (bm >> sc) & 1;
+        bool zero = (bm >> (32 + sc)) & 1;
+        if (raw_ && has_host) {
+          push_run(out, {pos, scend - pos, zero && !alloc ? Kind::zero : Kind::data, host + (pos - cstart)});
+        } else if (alloc && (zero || !has_host)) {
+          push_run(out, {pos, scend - pos, Kind::invalid, 0});
+        } else if (alloc) {
+          push_run(out, {pos, scend - pos, Kind::data, host + (pos - cstart)});
+        } else if (zero) {
+          push_run(out, {pos, scend - pos, Kind::zero, 0});
+        } else {
+          unallocated(pos, scend - pos);
+        }
+        pos = scend;
+      }
+    }
+  }
+  covered = pos - off;
+  return 0;
+}
+
+// ---- reads
+
+int Qcow2Device::read_backing(uint64_t off, std::span<std::byte> buf) {
+  uint64_t n = 0;
+  if (backing_ && off < backing_size_) n = std::min<uint64_t>(buf.size(), backing_size_ - off);
+  if (n) {
+    if (int r = backing_->read(off, buf.first(n))) return r;
+  }
+  if (n < buf.size()) std::memset(buf.data() + n, 0, buf.size() - n);
+  return 0;
+}
+
+int Qcow2Device::read_compressed(uint64_t e, std::vector<uint8_t>& cluster) {
+  const uint32_t x = 62 - (cluster_bits_ - 8);
+  uint64_t coff = e & ((uint64_t{1} << x) - 1);
+  uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
+  uint64_t csize = nsec * 512 - (coff & 511);
+  if (coff == 0 || coff >= kMaxHostOffset || coff + csize > kMaxHostOffset) return EIO;
+  std::vector<uint8_t> in(csize);
+  if (int r = file_->read_at(coff, {reinterpret_cast<std::byte*>(in.data()), in.size()})) return r;
+  cluster.resize(cs_);
+  ++compressed_reads_;
+  return decompress_cluster(h_.compression_type, in.data(), in.size(), cluster.data(), cs_);
+}
+
+int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf) {
+  std::vector<uint8_t> cluster;
+  for (const Run& r : runs) {
+    auto dst = buf.subspan(r.guest - base, r.length);
+    int err = 0;
+    switch (r.kind) {
+      case Kind::data:
+        err = data_->read_at(r.host, dst);
+        break;
+      case Kind::zero:
+        std::memset(dst.data(), 0, dst.size());
+        break;
+      case Kind::backing:
+        err = read_backing(r.guest, dst);
+        break;
+      case Kind::compressed:
+        err = read_compressed(r.host, cluster);
+        if (!err) std::memcpy(dst.data(), cluster.data() + (r.guest & (cs_ - 1)), dst.size());
+        break;
+      case Kind::invalid:
+        spdlog::warn("{}: corrupt mapping for guest offset {}: EIO", path(), r.guest);
+        err = EIO;
+        break;
+    }
+    if (err) return err;
+  }
+  return 0;
+}
+
+int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
+  if (raw_) return data_->read_at(offset, buf);
+  uint64_t done = 0;
+  std::vector<Run> runs;
+  while (done < buf.size()) {
+    runs.clear();
+    uint64_t covered = 0;
+    {
+      std::lock_guard lk(mu_);
+      if (int r = map_locked(offset + done, buf.size() - done, runs, 64, covered)) return r;
+    }
+    if (covered == 0) return EIO;
+    if (int r = read_runs(runs, offset + done, buf.subspan(done, covered))) return r;
+    done += covered;
+  }
+  return 0;
+}
+
+// ---- extents
+
+int Qcow2Device::extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) {
+  std::vector<Run> runs;
+  uint64_t covered = 0;
+  {
+    std::lock_guard lk(mu_);
+    if (int r = map_locked(offset, length, runs, 16, covered)) return r;
+  }
+  if (covered == 0) return EIO;
+  const Extent data{.length = 0, .hole = false, .zero = false, .depth = 1};
+  const Extent zero_here{.length = 0, .hole = true, .zero = true, .depth = 1};
+  const Extent nothing{.length = 0, .hole = true, .zero = true, .depth = 0};
+  std::vector<Extent> tmp;
+  for (const Run& r : runs) {
+    Extent e;
+    switch (r.kind) {
+      case Kind::data:
+      case Kind::compressed:
+      case Kind::invalid:
+        e = data;
+        break;
+      case Kind::zero:
+        e = zero_here;
+        break;
+      case Kind::backing: {
+        uint64_t pos = r.guest;
+        const uint64_t end = r.guest + r.length;
+        uint64_t bend = backing_ ? std::min(end, std::max(pos, backing_size_)) : pos;
+        while (pos < bend) {
+          tmp.clear();
+          if (int err = backing_->extents(pos, bend - pos, tmp)) return err;
+          if (tmp.empty()) return EIO;
+          for (Extent be : tmp) {
+            be.length = std::min(be.length, bend - pos);
+            if (be.length == 0) break;
+            be.depth = be.depth ? be.depth + 1 : 0;
+            append_extent(out, be);
+            pos += be.length;
+          }
+        }
+        e = nothing;
+        e.length = end - pos;
+        append_extent(out, e);
+        continue;
+      }
+    }
+    e.length = r.length;
+    append_extent(out, e);
+  }
+  return 0;
+}
+
+// ---- info
+
+void Qcow2Device::describe(nlohmann::json& out) const {
+  std::lock_guard lk(mu_);
+  out["compat"] = h_.version == 2 ? "0.10" : "1.1";
+  out["version"] = h_.version;
+  out["cluster-size"] = cs_;
+  out["virtual-size"] = size_;
+  out["refcount-bits"] = h_.refcount_bits();
+  out["compression-type"] = h_.compression_type == 1 ? "zstd" : "zlib";
+  out["lazy-refcounts"] = (h_.compatible & kCompatLazyRefcounts) != 0;
+  out["extended-l2"] = ext_;
+  out["corrupt"] = corrupt_;
+  out["dirty"] = (h_.incompatible & kIncompatDirty) != 0;
+  if (!backing_name_.empty()) {
+    out["backing-filename"] = backing_name_;
+    if (!backing_format_.empty()) out["backing-filename-format"] = backing_format_;
+  }
+  if (external_) {
+    out["data-file"] = data_file_name_;
+    out["data-file-raw"] = raw_;
+  }
+  if (!snapshots_.empty()) {
+    auto arr = nlohmann::json::array();
+    for (const auto& s : snapshots_) arr.push_back({{"id", s.id}, {"name", s.name}});
+    out["snapshots"] = arr;
+  }
+  if (h_.has_bitmaps_ext) out["bitmaps"] = h_.nb_bitmaps;
+}
+
+std::string Qcow2Device::stats_locked_free() const {
+  return l2_cache_->stats() + "; " + rb_cache_->stats() + "; compressed cluster reads " +
+         std::to_string(compressed_reads_) + ", copy-on-write allocations " + std::to_string(cow_allocations_) +
+         ", metadata writebacks " + std::to_string(writebacks_);
+}
+
+std::string Qcow2Device::stats() const {
+  std::lock_guard lk(mu_);
+  return stats_locked_free();
+}
+
+}  // namespace strata::qcow2
+
+namespace strata {
+
+std::shared_ptr<BlockDevice> open_qcow2(std::unique_ptr<File> file, ChainContext& ctx) {
+  return std::make_shared<qcow2::Qcow2Device>(std::move(file), ctx);
+}
+
+}  // namespace strata

@@ -1,0 +1,171 @@
+// The qcow2 driver (versions 2 and 3): standard, zero, compressed (deflate,
+// zstd) and extended-L2 clusters, backing files of any format, external data
+// files (with and without data_file_raw), internal snapshots (active layer
+// served, shared clusters copied before a write).
+//
+// Concurrency: one metadata mutex (mu_) guards the L1 table, the refcount
+// table, both table caches and the allocator. It is held for table lookups and
+// metadata writeback, never across guest data I/O: reads and in-place writes
+// of allocated clusters run in parallel. A write that must change an L2 entry
+// marks its guest cluster in inflight_ so only that cluster is serialized.
+//
+// Crash safety (DESIGN.md): metadata is cached write-back and written by
+// writeback_locked() in dependency order — guest data synced, then refcount
+// blocks, refcount table entries, L2 tables, L1 entries, each stage synced.
+// Freed clusters are only decremented after the L2/L1 changes that dropped
+// them are durable, so a crash leaks clusters but never leaves a referenced
+// cluster with refcount 0.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <unordered_set>
+#include <vector>
+
+#include "formats/block_device.h"
+#include "formats/file.h"
+#include "formats/open.h"
+#include "formats/qcow2/header.h"
+#include "formats/qcow2/table_cache.h"
+
+namespace strata::qcow2 {
+
+// What a guest range maps to.
+enum class Kind : uint8_t {
+  data,        // at `host` in data_ (the data file or the image file)
+  zero,        // zero flag in this layer
+  backing,     // unallocated here: backing file (or zeros)
+  compressed,  // `host` holds the L2 entry
+  invalid      // corrupt mapping: EIO
+};
+
+struct Run {
+  uint64_t guest = 0;
+  uint64_t length = 0;
+  Kind kind = Kind::backing;
+  uint64_t host = 0;
+};
+
+class Qcow2Device final : public BlockDevice {
+ public:
+  Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx);
+  ~Qcow2Device() override;
+
+  std::string_view format() const override { return "qcow2"; }
+  const std::string& path() const override { return file_->path(); }
+  uint64_t size() const override { return size_; }
+  Capabilities capabilities() const override;
+  BlockSizes block_sizes() const override;
+
+  int read(uint64_t offset, std::span<std::byte> buf) override;
+  int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
+  int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
+  int trim(uint64_t offset, uint64_t length, bool fua) override;
+  int flush() override;
+  int extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) override;
+
+  std::vector<Child> children() const override;
+  void describe(nlohmann::json& out) const override;
+  void check(CheckReport& report) override;
+  std::string stats() const override;
+
+ private:
+  std::string stats_locked_free() const;  // REQUIRES mu_
+  friend struct Qcow2Test;
+
+  // ---- open (qcow2.cpp)
+  void open_children(ChainContext& ctx);
+  void setup_caches(uint64_t budget);
+  void prepare_for_writing();
+
+  // ---- mapping (qcow2.cpp). REQUIRES mu_ for *_locked.
+  // Appends runs for [off, off+len) touching at most max_l2 L2 tables; sets
+  // `covered` to the bytes mapped.
+  int map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
+  int load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh);
+  int get_l2_locked(uint64_t l1_index, CachedTable*& out);  // nullptr if unallocated
+  bool host_cluster_valid(uint64_t host) const;
+  uint64_t entry_at(const CachedTable& t, uint64_t i) const;
+  uint64_t bitmap_at(const CachedTable& t, uint64_t i) const;
+  void set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap);
+  int read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf);
+  int read_backing(uint64_t off, std::span<std::byte> buf);
+  int read_compressed(uint64_t entry, std::vector<uint8_t>& cluster);
+
+  // ---- writes (write.cpp)
+  int write_cluster(uint64_t guest, std::span<const std::byte> data);
+  int zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim);
+  int get_l2_for_write_locked(uint64_t l1_index, CachedTable*& out);
+  void lock_cluster(std::unique_lock<std::mutex>& lk, uint64_t gc);
+  void unlock_cluster(uint64_t gc);
+  bool overlaps_metadata(uint64_t host, uint64_t len) const;
+  int free_entry_locked(uint64_t entry);  // queue the clusters an L2 entry held
+  int clear_autoclear_once();
+
+  // ---- refcounts and metadata writeback (refcount.cpp). REQUIRE mu_.
+  int get_refcount_locked(uint64_t cluster, uint64_t& rc);
+  int set_refcount_locked(uint64_t cluster, uint64_t rc);
+  int alloc_cluster_locked(uint64_t& host, bool& fresh);
+  int grow_reftable_locked(uint64_t needed_index);
+  int writeback_locked();
+  int flush_locked();
+  int apply_frees_locked();
+  int write_refblock(CachedTable& t);
+  // Rebuilds all refcounts from the L1/L2 tables (dirty images).
+  void rebuild_refcounts();
+
+  // ---- check (check.cpp)
+  // Counts the references of every host cluster of the image file.
+  void count_references(std::vector<uint64_t>& counts, CheckReport& report, bool include_refcount_structures);
+
+  std::unique_ptr<File> file_;
+  std::unique_ptr<File> data_file_owned_;
+  File* data_ = nullptr;  // where guest data lives
+  std::shared_ptr<BlockDevice> backing_;
+  uint64_t backing_size_ = 0;
+  std::string backing_name_, backing_format_, data_file_name_;
+
+  Header h_;
+  std::vector<SnapshotInfo> snapshots_;
+  uint64_t snapshot_table_bytes_ = 0;
+  uint64_t cs_ = 0;
+  uint32_t cluster_bits_ = 0;
+  uint64_t l2_entries_ = 0;
+  uint32_t entry_bytes_ = 8;
+  bool ext_ = false;
+  bool external_ = false;  // external data file
+  bool raw_ = false;       // data_file_raw
+  uint64_t size_ = 0;
+  bool read_only_ = true;
+  bool corrupt_ = false;
+  std::string notes_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::unordered_set<uint64_t> inflight_;
+
+  std::vector<uint64_t> l1_;
+  std::set<uint64_t> l1_dirty_;
+  std::vector<uint64_t> reftable_;
+  std::set<uint64_t> reftable_dirty_;
+  uint64_t reftable_offset_ = 0;
+  uint64_t reftable_clusters_ = 0;
+  uint64_t rb_entries_ = 0;  // refcounts per refcount block
+  uint64_t rc_max_ = 0;
+  bool growing_ = false;
+
+  std::unique_ptr<TableCache> l2_cache_;
+  std::unique_ptr<TableCache> rb_cache_;
+
+  uint64_t end_ = 0;        // first never-used cluster index
+  uint64_t free_hint_ = 0;  // lowest cluster index that may be free
+  std::vector<uint64_t> pending_frees_;  // cluster indices to decrement
+  std::atomic<bool> data_dirty_{false};
+  std::atomic<bool> autoclear_cleared_{false};
+  std::atomic<uint64_t> compressed_reads_{0}, cow_allocations_{0}, writebacks_{0};
+};
+
+}  // namespace strata::qcow2

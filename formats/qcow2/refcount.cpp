@@ -1,0 +1,360 @@
+// qcow2: refcounts, cluster allocation, refcount-table growth, metadata
+// writeback in crash-safe order, deferred frees, refcount rebuild.
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "formats/endian.h"
+#include "formats/errors.h"
+#include "formats/qcow2/qcow2.h"
+
+namespace strata::qcow2 {
+namespace {
+
+uint64_t rb_get(const uint8_t* blk, uint32_t order, uint64_t i) {
+  switch (order) {
+    case 0:
+    case 1:
+    case 2: {
+      uint32_t bits = 1u << order;
+      uint64_t bit = i * bits;
+      return (blk[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+    }
+    case 3:
+      return blk[i];
+    case 4:
+      return load_be16(blk + i * 2);
+    case 5:
+      return load_be32(blk + i * 4);
+    default:
+      return load_be64(blk + i * 8);
+  }
+}
+
+void rb_set(uint8_t* blk, uint32_t order, uint64_t i, uint64_t v) {
+  switch (order) {
+    case 0:
+    case 1:
+    case 2: {
+      uint32_t bits = 1u << order;
+      uint64_t bit = i * bits;
+      uint8_t mask = static_cast<uint8_t>(((1u << bits) - 1) << (bit % 8));
+      blk[bit / 8] = static_cast<uint8_t>((blk[bit / 8] & ~mask) | ((v << (bit % 8)) & mask));
+      break;
+    }
+    case 3:
+      blk[i] = static_cast<uint8_t>(v);
+      break;
+    case 4:
+      store_be16(blk + i * 2, static_cast<uint16_t>(v));
+      break;
+    case 5:
+      store_be32(blk + i * 4, static_cast<uint32_t>(v));
+      break;
+    default:
+      store_be64(blk + i * 8, v);
+      break;
+  }
+}
+
+}  // namespace
+
+int Qcow2Device::write_refblock(CachedTable& t) {
+  if (int r = file_->write_at(t.offset, {reinterpret_cast<const std::byte*>(t.data.data()), t.data.size()})) {
+    return r;
+  }
+  t.dirty = false;
+  return 0;
+}
+
+int Qcow2Device::get_refcount_locked(uint64_t cluster, uint64_t& rc) {
+  rc = 0;
+  uint64_t bi = cluster / rb_entries_;
+  if (bi >= reftable_.size()) return 0;
+  uint64_t e = reftable_[bi];
+  uint64_t off = e & kRefTableOffsetMask;
+  if (off == 0) return 0;
+  if ((e & 0x1ff) || !host_cluster_valid(off)) return EIO;
+  CachedTable* t = nullptr;
+  if (int r = load_table(*rb_cache_, off, t, false)) return r;
+  rc = rb_get(t->data.data(), h_.refcount_order, cluster % rb_entries_);
+  return 0;
+}
+
+int Qcow2Device::set_refcount_locked(uint64_t cluster, uint64_t rc) {
+  if (rc > rc_max_) return EOVERFLOW;
+  uint64_t bi = cluster / rb_entries_;
+  if (bi >= reftable_.size()) {
+    if (rc == 0) return 0;
+    if (int r = grow_reftable_locked(bi)) return r;
+  }
+  uint64_t e = reftable_[bi];
+  uint64_t off = e & kRefTableOffsetMask;
+  if (off == 0) {
+    if (rc == 0) return 0;
+    // A new refcount block at the end of the image. If it lies in the range it
+    // covers it counts itself; otherwise its own refcount lives in another
+    // block, set before the table points at it.
+    uint64_t nb = end_++;
+    bool self = nb / rb_entries_ == bi;
+    if (!self) {
+      if (int r = set_refcount_locked(nb, 1)) return r;
+    }
+    CachedTable* t = nullptr;
+    if (int r = load_table(*rb_cache_, nb * cs_, t, true)) return r;
+    if (self) rb_set(t->data.data(), h_.refcount_order, nb % rb_entries_, 1);
+    t->dirty = true;
+    reftable_[bi] = nb * cs_;
+    reftable_dirty_.insert(bi);
+    off = nb * cs_;
+  } else if ((e & 0x1ff) || !host_cluster_valid(off)) {
+    return EIO;
+  }
+  CachedTable* t = nullptr;
+  if (int r = load_table(*rb_cache_, off, t, false)) return r;
+  rb_set(t->data.data(), h_.refcount_order, cluster % rb_entries_, rc);
+  t->dirty = true;
+  return 0;
+}
+
+int Qcow2Device::alloc_cluster_locked(uint64_t& host, bool& fresh) {
+  uint64_t c = free_hint_;
+  for (; c < end_; ++c) {
+    uint64_t rc = 0;
+    if (int r = get_refcount_locked(c, rc)) return r;
+    if (rc == 0 && c != 0) break;
+  }
+  fresh = c >= end_;
+  if (fresh) {
+    c = end_;
+    end_ = c + 1;
+  }
+  free_hint_ = c + 1;
+  if (c << cluster_bits_ >= kMaxHostOffset) return ENOSPC;
+  if (int r = set_refcount_locked(c, 1)) return r;
+  host = c << cluster_bits_;
+  return 0;
+}
+
+int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
+  if (growing_) return EIO;
+  if (int r = writeback_locked()) return r;
+  growing_ = true;
+  struct Reset {
+    bool& b;
+    ~Reset() { b = false; }
+  } reset{growing_};
+
+  const uint64_t old_entries = reftable_.size();
+  const uint64_t old_off = reftable_offset_;
+  const uint64_t old_clusters = reftable_clusters_;
+  uint64_t entries = std::max(old_entries * 2, needed_index + 1);
+  uint64_t clusters = 0;
+  for (;;) {
+    clusters = (entries * 8 + cs_ - 1) / cs_;
+    // The new table and the blocks counting it must be covered by the table.
+    uint64_t last = end_ + clusters + clusters / rb_entries_ + 4;
+    if (last / rb_entries_ < entries) break;
+    entries *= 2;
+  }
+  if (clusters * cs_ > kMaxRefcountTableBytes) return ENOSPC;
+  entries = clusters * cs_ / 8;
+  const uint64_t p = end_;
+  end_ += clusters;
+  reftable_.resize(entries, 0);
+  for (uint64_t k = p; k < p + clusters; ++k) {
+    if (int r = set_refcount_locked(k, 1)) return r;
+  }
+  bool wrote = false;
+  int err = 0;
+  rb_cache_->for_each([&](CachedTable& t) {
+    if (t.dirty && !err) {
+      err = write_refblock(t);
+      wrote = true;
+    }
+  });
+  if (err) return err;
+  std::vector<uint8_t> raw(clusters * cs_);
+  for (uint64_t i = 0; i < entries; ++i) store_be64(raw.data() + i * 8, reftable_[i]);
+  if (int r = file_->write_at(p * cs_, {reinterpret_cast<const std::byte*>(raw.data()), raw.size()})) return r;
+  if (int r = file_->sync()) return r;
+  uint8_t hdr[12];
+  store_be64(hdr, p * cs_);
+  store_be32(hdr + 8, static_cast<uint32_t>(clusters));
+  if (int r = write_bytes(*file_, kOffRefcountTable, hdr, sizeof hdr)) return r;
+  if (int r = file_->sync()) return r;
+  (void)wrote;
+  reftable_offset_ = p * cs_;
+  reftable_clusters_ = clusters;
+  reftable_dirty_.clear();
+  h_.refcount_table_offset = reftable_offset_;
+  h_.refcount_table_clusters = static_cast<uint32_t>(clusters);
+  // The header no longer points at the old table: free it (a crash before
+  // these counts are written only leaks it).
+  for (uint64_t k = old_off / cs_; k < old_off / cs_ + old_clusters; ++k) {
+    if (int r = set_refcount_locked(k, 0)) return r;
+  }
+  free_hint_ = std::min(free_hint_, old_off / cs_);
+  spdlog::info("{}: refcount table grown to {} clusters at offset {}", path(), clusters, reftable_offset_);
+  return 0;
+}
+
+int Qcow2Device::writeback_locked() {
+  bool l2_dirty = l2_cache_->any_dirty();
+  bool rb_dirty = rb_cache_->any_dirty();
+  if (!l2_dirty && !rb_dirty && reftable_dirty_.empty() && l1_dirty_.empty()) return 0;
+  ++writebacks_;
+  // 1. Guest data before any metadata that points at it.
+  if (data_dirty_.exchange(false)) {
+    if (int r = data_->sync()) return r;
+  }
+  // 2. Refcount blocks, then the table entries that point at new blocks.
+  int err = 0;
+  bool wrote = false;
+  rb_cache_->for_each([&](CachedTable& t) {
+    if (t.dirty && !err) {
+      err = write_refblock(t);
+      wrote = true;
+    }
+  });
+  if (err) return err;
+  if (!reftable_dirty_.empty()) {
+    const uint64_t capacity = reftable_clusters_ * cs_ / 8;
+    for (uint64_t bi : reftable_dirty_) {
+      if (bi >= capacity) return EIO;
+      uint8_t b[8];
+      store_be64(b, reftable_[bi]);
+      if (int r = write_bytes(*file_, reftable_offset_ + bi * 8, b, 8)) return r;
+    }
+    reftable_dirty_.clear();
+    wrote = true;
+  }
+  if (wrote) {
+    if (int r = file_->sync()) return r;
+  }
+  // 3. L2 tables.
+  if (l2_dirty) {
+    l2_cache_->for_each([&](CachedTable& t) {
+      if (t.dirty && !err) {
+        err = file_->write_at(t.offset, {reinterpret_cast<const std::byte*>(t.data.data()), t.data.size()});
+        if (!err) t.dirty = false;
+      }
+    });
+    if (err) return err;
+    if (int r = file_->sync()) return r;
+  }
+  // 4. L1 entries pointing at new or copied L2 tables.
+  if (!l1_dirty_.empty()) {
+    for (uint64_t i : l1_dirty_) {
+      uint8_t b[8];
+      store_be64(b, l1_[i]);
+      if (int r = write_bytes(*file_, h_.l1_table_offset + i * 8, b, 8)) return r;
+    }
+    l1_dirty_.clear();
+    if (int r = file_->sync()) return r;
+  }
+  return 0;
+}
+
+int Qcow2Device::apply_frees_locked() {
+  if (pending_frees_.empty()) return 0;
+  std::vector<uint64_t> frees;
+  frees.swap(pending_frees_);
+  for (uint64_t c : frees) {
+    uint64_t rc = 0;
+    if (int r = get_refcount_locked(c, rc)) return r;
+    if (rc == 0) {
+      spdlog::warn("{}: freeing cluster {} whose refcount is already 0", path(), c);
+      continue;
+    }
+    if (int r = set_refcount_locked(c, rc - 1)) return r;
+    if (rc == 1) {
+      free_hint_ = std::min(free_hint_, c);
+      int r = file_->punch_hole(c << cluster_bits_, cs_);
+      (void)r;  // advisory
+    }
+  }
+  return 0;
+}
+
+int Qcow2Device::flush_locked() {
+  if (read_only_) return 0;
+  if (int r = writeback_locked()) return r;
+  data_dirty_ = false;
+  if (int r = data_->sync()) return r;
+  if (data_ != file_.get()) {
+    if (int r = file_->sync()) return r;
+  }
+  // Frees whose L2/L1 changes are now durable.
+  if (int r = apply_frees_locked()) return r;
+  return writeback_locked();
+}
+
+int Qcow2Device::flush() {
+  std::lock_guard lk(mu_);
+  return flush_locked();
+}
+
+void Qcow2Device::rebuild_refcounts() {
+  CheckReport rep;
+  std::vector<uint64_t> counts;
+  count_references(counts, rep, false);
+  if (!rep.errors.empty()) {
+    throw_image_error(path(), "dirty image: cannot rebuild refcounts: " + rep.errors.front());
+  }
+  const uint64_t epb = rb_entries_;
+  const uint64_t e0 = std::max<uint64_t>(counts.size(), end_);
+  uint64_t nb = 0, nt = 0;
+  for (;;) {
+    uint64_t total = e0 + nb + nt;
+    uint64_t nb2 = (total + epb - 1) / epb;
+    uint64_t nt2 = (nb2 * 8 + cs_ - 1) / cs_;
+    if (nb2 == nb && nt2 == nt) break;
+    nb = nb2;
+    nt = nt2;
+  }
+  if (nt * cs_ > kMaxRefcountTableBytes) throw_image_error(path(), "dirty image: refcount table would be too large");
+  counts.resize(e0 + nb + nt, 0);
+  for (uint64_t k = e0; k < e0 + nb + nt; ++k) counts[k] = 1;
+  std::vector<uint8_t> blk(cs_);
+  for (uint64_t j = 0; j < nb; ++j) {
+    std::fill(blk.begin(), blk.end(), 0);
+    for (uint64_t i = 0; i < epb && j * epb + i < counts.size(); ++i) {
+      uint64_t v = counts[j * epb + i];
+      if (v > rc_max_) throw_image_error(path(), "dirty image: refcount overflow for cluster " + std::to_string(j * epb + i));
+      rb_set(blk.data(), h_.refcount_order, i, v);
+    }
+    if (write_bytes(*file_, (e0 + j) * cs_, blk.data(), cs_) != 0) throw_image_error(path(), "cannot write refcount block");
+  }
+  std::vector<uint8_t> table(nt * cs_);
+  for (uint64_t j = 0; j < nb; ++j) store_be64(table.data() + j * 8, (e0 + j) * cs_);
+  if (write_bytes(*file_, (e0 + nb) * cs_, table.data(), table.size()) != 0 || file_->sync() != 0) {
+    throw_image_error(path(), "cannot write the refcount table");
+  }
+  uint8_t hdr[12];
+  store_be64(hdr, (e0 + nb) * cs_);
+  store_be32(hdr + 8, static_cast<uint32_t>(nt));
+  if (write_bytes(*file_, kOffRefcountTable, hdr, 12) != 0 || file_->sync() != 0) {
+    throw_image_error(path(), "cannot update the header");
+  }
+  uint8_t inc[8];
+  h_.incompatible &= ~kIncompatDirty;
+  store_be64(inc, h_.incompatible);
+  if (write_bytes(*file_, kOffIncompat, inc, 8) != 0 || file_->sync() != 0) {
+    throw_image_error(path(), "cannot clear the dirty bit");
+  }
+  reftable_offset_ = (e0 + nb) * cs_;
+  reftable_clusters_ = nt;
+  h_.refcount_table_offset = reftable_offset_;
+  h_.refcount_table_clusters = static_cast<uint32_t>(nt);
+  reftable_.assign(nt * cs_ / 8, 0);
+  for (uint64_t j = 0; j < nb; ++j) reftable_[j] = (e0 + j) * cs_;
+  reftable_dirty_.clear();
+  rb_cache_ = std::make_unique<TableCache>("refcount", rb_cache_->capacity());
+  end_ = e0 + nb + nt;
+  free_hint_ = 1;
+}
+
+}  // namespace strata::qcow2

@@ -1,0 +1,48 @@
+#include "formats/qcow2/table_cache.h"
+
+namespace strata::qcow2 {
+
+CachedTable* TableCache::find(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it == map_.end()) {
+    ++misses;
+    return nullptr;
+  }
+  ++hits;
+  if (it->second != lru_.begin()) lru_.splice(lru_.begin(), lru_, it->second);
+  return &*it->second;
+}
+
+CachedTable* TableCache::victim() {
+  if (lru_.size() < capacity_) return nullptr;
+  return &lru_.back();
+}
+
+CachedTable* TableCache::insert(uint64_t offset, std::vector<uint8_t> data, bool dirty) {
+  lru_.push_front(CachedTable{offset, std::move(data), dirty});
+  map_[offset] = lru_.begin();
+  return &lru_.front();
+}
+
+void TableCache::erase(uint64_t offset) {
+  auto it = map_.find(offset);
+  if (it == map_.end()) return;
+  lru_.erase(it->second);
+  map_.erase(it);
+  ++evictions;
+}
+
+bool TableCache::any_dirty() const {
+  for (const auto& e : lru_) {
+    if (e.dirty) return true;
+  }
+  return false;
+}
+
+std::string TableCache::stats() const {
+  return name_ + " cache: " + std::to_string(lru_.size()) + "/" + std::to_string(capacity_) +
+         " tables, hits " + std::to_string(hits) + ", misses " + std::to_string(misses) +
+         ", evictions " + std::to_string(evictions);
+}
+
+}  // namespace strata::qcow2

@@ -1,0 +1,55 @@
+// TableCache: a bounded LRU cache of cluster-sized metadata tables (L2 tables or
+// refcount blocks) keyed by host offset, with hit/miss/eviction counters.
+//
+// It is not locked itself: the owning Qcow2Device calls it with its metadata
+// mutex held. Entries live in a std::list so their addresses stay valid until
+// they are erased; the owner writes dirty entries back before erasing them.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace strata::qcow2 {
+
+struct CachedTable {
+  uint64_t offset = 0;
+  std::vector<uint8_t> data;
+  bool dirty = false;
+};
+
+class TableCache {
+ public:
+  TableCache(std::string name, size_t capacity) : name_(std::move(name)), capacity_(capacity < 1 ? 1 : capacity) {}
+
+  // A hit moves the entry to the front and counts a hit; a miss returns nullptr
+  // and counts a miss.
+  CachedTable* find(uint64_t offset);
+  // Least recently used entry when the cache is full (the owner writes it back
+  // if dirty, then erases it); nullptr when there is room.
+  CachedTable* victim();
+  CachedTable* insert(uint64_t offset, std::vector<uint8_t> data, bool dirty);
+  void erase(uint64_t offset);
+
+  template <class F>
+  void for_each(F f) {
+    for (auto& e : lru_) f(e);
+  }
+  bool any_dirty() const;
+
+  size_t capacity() const { return capacity_; }
+  size_t size() const { return lru_.size(); }
+  std::string stats() const;
+
+  uint64_t hits = 0, misses = 0, evictions = 0;
+
+ private:
+  std::string name_;
+  size_t capacity_;
+  std::list<CachedTable> lru_;  // front = most recent
+  std::unordered_map<uint64_t, std::list<CachedTable>::iterator> map_;
+};
+
+}  // namespace strata::qcow2
