@@ -218,7 +218,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   if (!compressed && ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || old_host % cs_ != 0)) return EIO;
   if (compressed && external_) return EIO;
   const bool copied = e & kCopied;
-  const bool zero_flag = !ext_ && (e & kZeroFlag);
+  const bool zero_flag = !ext_ && !compressed && (e & kZeroFlag);
 
   uint64_t host = 0;
   bool fresh = false;
@@ -240,7 +240,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   // Byte range of the new/old host cluster to write, relative to cstart.
   uint64_t lo, hi;
   uint64_t new_bm = 0;
-  if (ext_ && (in_place || !has_host)) {
+  if (ext_ && (in_place || (!has_host && !compressed))) {
     // Subcluster granularity: only the touched subclusters are written.
     uint64_t s0 = in_off / sc_size, s1 = (in_off + n - 1) / sc_size;
     lo = s0 * sc_size;
