@@ -93,3 +93,12 @@ TEST_CASE("load_config_file prefixes the file name") {
     CHECK(std::string(e.what()) == "/nonexistent/strata.json: cannot read the config file");
   }
 }
+
+TEST_CASE("every example config in config/examples parses") {
+  for (const char* name : {"container.json", "multi.json"}) {
+    CAPTURE(name);
+    auto c = load_config_file(std::string(STRATA_SOURCE_DIR) + "/config/examples/" + name);
+    CHECK_FALSE(c.exports.empty());
+    CHECK_FALSE(c.listeners.empty());
+  }
+}
