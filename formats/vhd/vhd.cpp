@@ -94,6 +94,13 @@ uint32_t VhdDevice::bat_entry(uint64_t block) const {
   return block < bat_.size() ? bat_[block] : kUnallocated;
 }
 
+uint64_t VhdDevice::unallocated_run(uint64_t block, uint64_t max_blocks) const {
+  std::lock_guard lock(meta_mutex_);
+  uint64_t n = 0;
+  while (n < max_blocks && (block + n >= bat_.size() || bat_[block + n] == kUnallocated)) ++n;
+  return n;
+}
+
 int VhdDevice::get_bitmap(uint64_t block, uint32_t entry, Bitmap& out) {
   {
     std::lock_guard lock(meta_mutex_);
@@ -187,7 +194,15 @@ int VhdDevice::read(uint64_t offset, std::span<std::byte> buf) {
     uint64_t block = pos / block_size_;
     uint64_t off_in = pos % block_size_;
     size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, block_size_ - off_in));
-    if (int r = read_block(block, off_in, buf.subspan(done, n))) return r;
+    // A run of unallocated blocks is one read of the layer below.
+    uint64_t blocks = (off_in + (buf.size() - done) + block_size_ - 1) / block_size_;
+    uint64_t run = unallocated_run(block, blocks);
+    if (run > 0) {
+      n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, run * block_size_ - off_in));
+      if (int r = read_below(pos, buf.subspan(done, n))) return r;
+    } else if (int r = read_block(block, off_in, buf.subspan(done, n))) {
+      return r;
+    }
     done += n;
   }
   return 0;
@@ -438,8 +453,10 @@ int VhdDevice::extents(uint64_t offset, uint64_t length, std::vector<Extent>& ou
     uint64_t block = pos / block_size_;
     uint64_t off_in = pos % block_size_;
     uint64_t n = std::min<uint64_t>(end - pos, block_size_ - off_in);
-    uint32_t entry = bat_entry(block);
+    uint64_t run = unallocated_run(block, (off_in + (end - pos) + block_size_ - 1) / block_size_);
+    uint32_t entry = run > 0 ? kUnallocated : bat_entry(block);
     if (entry == kUnallocated) {
+      n = std::min<uint64_t>(end - pos, run * block_size_ - off_in);
       if (int r = extents_below(pos, n, out)) return r;
     } else {
       Bitmap bm;

@@ -90,6 +90,8 @@ class VhdDevice final : public BlockDevice {
   int below_is_zero(uint64_t offset, uint64_t length, bool& zero);
 
   uint32_t bat_entry(uint64_t block) const;
+  // Number of consecutive unallocated blocks from `block`, at most max_blocks.
+  uint64_t unallocated_run(uint64_t block, uint64_t max_blocks) const;
   // The sector bitmap of an allocated block (from cache or disk).
   int get_bitmap(uint64_t block, uint32_t entry, Bitmap& out);
   void put_bitmap(uint64_t block, Bitmap bm);

@@ -167,3 +167,36 @@ TEST_CASE("a damaged trailing footer falls back to the copy at offset 0 and is r
   patch(img, good.size() - 512, Bytes(4, 0));
   expect_refused(img, "footer");
 }
+
+TEST_CASE("virtual size: current size, CHS, QEMU's rule and an override") {
+  TempDir t;
+  std::string img = t / "s.vhd";
+  create(img, "10M", {{"force_size", "on"}});
+  // Make it look like a Virtual PC image whose geometry is smaller than current_size.
+  const uint64_t size = fs::file_size(img);
+  for (uint64_t at : {uint64_t{0}, size - 512}) {
+    patch(img, at + 28, {'v', 'p', 'c', ' '});
+    patch(img, at + 56, {0, 20, 16, 63});
+  }
+  fix_checksums(img, true, false);
+  const uint64_t chs = 20ull * 16 * 63 * 512;
+  auto with_mode = [&](const std::string& mode) {
+    strata::OpenOptions o = opts(true);
+    o.vhd_size_mode = mode;
+    return strata::open_image(img, o)->size();
+  };
+  CHECK(with_mode("current") == 10u << 20);
+  CHECK(with_mode("chs") == chs);
+  CHECK(with_mode("qemu") == chs);
+  std::string js = sh_out("qemu-img info -f vpc --output=json " + img);
+  CHECK(js.find("\"virtual-size\": " + std::to_string(chs)) != std::string::npos);
+  js = sh_out("qemu-img info --output=json --image-opts driver=vpc,file.filename=" + img +
+              ",force_size_calc=current_size");
+  CHECK(js.find("\"virtual-size\": " + std::to_string(10u << 20)) != std::string::npos);
+  strata::OpenOptions o = opts(true);
+  o.vhd_size_override = 4u << 20;
+  CHECK(strata::open_image(img, o)->size() == 4u << 20);
+  o.vhd_size_mode = "bogus";
+  o.vhd_size_override.reset();
+  CHECK_THROWS_AS(strata::open_image(img, o), strata::ImageError);
+}
