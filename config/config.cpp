@@ -172,15 +172,12 @@ Config parse_config(const json& j) {
   }
   if (auto it = j.find("limits"); it != j.end()) {
     check_keys(*it, "limits",
-               {"max_connections", "handshake_timeout_ms", "max_inflight_requests",
-                "max_inflight_bytes", "workers"});
+               {"max_connections", "handshake_timeout_ms", "max_inflight_bytes", "workers"});
     Limits& l = c.limits;
     l.max_connections = static_cast<uint32_t>(
         get_uint(*it, "limits", "max_connections", l.max_connections, 1, 65536));
     l.handshake_timeout_ms = static_cast<uint32_t>(
         get_uint(*it, "limits", "handshake_timeout_ms", l.handshake_timeout_ms, 100, 3600000));
-    l.max_inflight_requests = static_cast<uint32_t>(
-        get_uint(*it, "limits", "max_inflight_requests", l.max_inflight_requests, 1, 4096));
     l.max_inflight_bytes = get_uint(*it, "limits", "max_inflight_bytes", l.max_inflight_bytes,
                                     kMaxRequestBytes, 1ull << 32);
     l.workers = static_cast<uint32_t>(get_uint(*it, "limits", "workers", l.workers, 1, 256));

@@ -45,23 +45,26 @@ Connection::Connection(Server& server, Socket socket, uint64_t id, std::string p
       limits_(server.config().limits),
       handshake_(server.exports()),
       rbuf_(new uint8_t[kReadBufferSize]),
-      wake_(socket_.get_executor(), asio::steady_timer::time_point::max()),
+      done_(socket_.get_executor(), asio::steady_timer::time_point::max()),
       started_(std::chrono::steady_clock::now()) {}
 
-Connection::~Connection() = default;
+Connection::~Connection() {
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+}
 
 void Connection::shutdown() {
   stopping_ = true;
-  wake_.cancel();
   std::error_code ec;
   if (in_transmission_) {
-    socket_.cancel(ec);  // stop reading; in-flight requests still finish
+    ::shutdown(fd_, SHUT_RD);  // readers see EOF; requests being executed finish
   } else {
     socket_.close(ec);
   }
 }
 
-asio::awaitable<bool> Connection::read_exact(void* dst, size_t n) {
+asio::awaitable<bool> Connection::async_read_exact(void* dst, size_t n) {
   auto* out = static_cast<uint8_t*>(dst);
   size_t have = std::min(n, rend_ - rpos_);
   if (have) std::memcpy(out, rbuf_.get() + rpos_, have);
@@ -69,7 +72,7 @@ asio::awaitable<bool> Connection::read_exact(void* dst, size_t n) {
   out += have;
   n -= have;
   if (n == 0) co_return true;
-  if (n >= kReadBufferSize / 2) {  // large payloads go straight to their buffer
+  if (n >= kReadBufferSize / 2) {
     auto [ec, got] = co_await asio::async_read(socket_, asio::buffer(out, n), use_nothrow);
     co_return !ec;
   }
@@ -85,31 +88,6 @@ asio::awaitable<bool> Connection::read_exact(void* dst, size_t n) {
   co_return true;
 }
 
-asio::awaitable<bool> Connection::discard(uint64_t n) {
-  std::vector<uint8_t> sink(std::min<uint64_t>(n, 1 << 20));
-  while (n > 0) {
-    size_t k = static_cast<size_t>(std::min<uint64_t>(n, sink.size()));
-    if (!co_await read_exact(sink.data(), k)) co_return false;
-    n -= k;
-  }
-  co_return true;
-}
-
-asio::awaitable<void> Connection::wait_until(auto pred) {
-  while (!pred()) {
-    reader_waiting_.store(true);
-    if (pred()) break;
-    co_await wake_.async_wait(use_nothrow);
-  }
-  reader_waiting_.store(false);
-}
-
-void Connection::wake_reader() {
-  if (reader_waiting_.exchange(false)) {
-    asio::post(socket_.get_executor(), [self = shared_from_this()] { self->wake_.cancel(); });
-  }
-}
-
 asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
   co_await self->serve();
 }
@@ -118,9 +96,20 @@ asio::awaitable<void> Connection::serve() {
   spdlog::debug("conn {}: connected from {}", id_, peer_);
   if (co_await handshake()) {
     in_transmission_ = true;
-    co_await transmission();
-    // Drain: every accepted request gets its reply before the socket closes.
-    co_await wait_until([this] { return inflight_.load() == 0; });
+    uint32_t n = std::max<uint32_t>(1, limits_.workers);
+    running_ = n;
+    auto self = shared_from_this();
+    for (uint32_t i = 0; i < n; ++i) {
+      threads_.emplace_back([this, self] {
+        worker_loop();
+        if (running_.fetch_sub(1) == 1) {
+          asio::post(socket_.get_executor(), [self] { self->done_.cancel(); });
+        }
+      });
+    }
+    while (running_.load() > 0) co_await done_.async_wait(use_nothrow);
+    for (auto& t : threads_) t.join();
+    threads_.clear();
     if (!export_->caps.read_only && n_writes_.load() > 0) export_->device->flush();
   }
   std::error_code ec;
@@ -154,7 +143,7 @@ asio::awaitable<bool> Connection::handshake() {
   auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(greeting), use_nothrow);
   if (ec) co_return false;
   uint8_t flags_buf[4];
-  if (!co_await read_exact(flags_buf, 4)) co_return false;
+  if (!co_await async_read_exact(flags_buf, 4)) co_return false;
   std::string why;
   if (!handshake_.accept_client_flags(load_be32(flags_buf), &why)) {
     spdlog::warn("conn {}: {}", id_, why);
@@ -162,7 +151,7 @@ asio::awaitable<bool> Connection::handshake() {
   }
   for (;;) {
     uint8_t hdr[nbd::kOptionHeaderSize];
-    if (!co_await read_exact(hdr, sizeof hdr)) co_return false;
+    if (!co_await async_read_exact(hdr, sizeof hdr)) co_return false;
     auto opt = nbd::decode_option_header(std::span<const uint8_t, nbd::kOptionHeaderSize>(hdr));
     if (opt.magic != nbd::kOptMagic) {
       spdlog::warn("conn {}: bad option magic {:#x}", id_, opt.magic);
@@ -173,7 +162,7 @@ asio::awaitable<bool> Connection::handshake() {
       co_return false;
     }
     std::vector<uint8_t> data(opt.length);
-    if (!co_await read_exact(data.data(), data.size())) co_return false;
+    if (!co_await async_read_exact(data.data(), data.size())) co_return false;
     auto step = handshake_.on_option(opt.option, data);
     if (!step.note.empty()) spdlog::debug("conn {}: {}", id_, step.note);
     if (!step.reply.empty()) {
@@ -236,26 +225,89 @@ uint32_t Connection::validate(const nbd::Request& r) const {
   }
 }
 
-asio::awaitable<void> Connection::transmission() {
+bool Connection::recv_exact(void* dst, size_t n) {
+  auto* out = static_cast<uint8_t*>(dst);
+  for (;;) {
+    size_t have = std::min(n, rend_ - rpos_);
+    if (have) std::memcpy(out, rbuf_.get() + rpos_, have);
+    rpos_ += have;
+    out += have;
+    n -= have;
+    if (n == 0) return true;
+    // Large remainders go straight to their buffer; small ones refill ours.
+    bool direct = n >= kReadBufferSize / 2;
+    if (!direct) rpos_ = rend_ = 0;
+    ssize_t got = direct ? ::recv(fd_, out, n, 0)
+                         : ::recv(fd_, rbuf_.get(), kReadBufferSize, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        pollfd p{fd_, POLLIN, 0};
+        if (::poll(&p, 1, -1) >= 0 || errno == EINTR) continue;
+      }
+      return false;
+    }
+    if (got == 0) return false;
+    if (direct) {
+      out += got;
+      n -= static_cast<size_t>(got);
+      if (n == 0) return true;
+    } else {
+      rend_ = static_cast<size_t>(got);
+    }
+  }
+}
+
+bool Connection::recv_discard(uint64_t n) {
+  std::vector<uint8_t> sink(std::min<uint64_t>(n, 1 << 20));
+  while (n > 0) {
+    size_t k = static_cast<size_t>(std::min<uint64_t>(n, sink.size()));
+    if (!recv_exact(sink.data(), k)) return false;
+    n -= k;
+  }
+  return true;
+}
+
+void Connection::acquire_bytes(uint64_t n) {
+  std::unique_lock lock(bytes_mu_);
+  // A request larger than the budget still runs, alone.
+  bytes_cv_.wait(lock, [&] {
+    return inflight_bytes_ == 0 || inflight_bytes_ + n <= limits_.max_inflight_bytes;
+  });
+  inflight_bytes_ += n;
+}
+
+void Connection::release_bytes(uint64_t n) {
+  if (n == 0) return;
+  {
+    std::lock_guard lock(bytes_mu_);
+    inflight_bytes_ -= n;
+  }
+  bytes_cv_.notify_all();
+}
+
+// Reads and validates the next request that needs executing; replies to
+// refused ones itself. False: stop reading (EOF, DISC, protocol error).
+bool Connection::next_request(Request& req) {
   using namespace nbd;
-  while (!stopping_) {
-    co_await wait_until([this] {
-      return stopping_ || (inflight_.load() < limits_.max_inflight_requests &&
-                           inflight_bytes_.load() < limits_.max_inflight_bytes);
-    });
-    if (stopping_) break;
+  for (;;) {
+    if (read_closed_ || stopping_) return false;
     uint8_t hdr[kRequestSize];
-    if (!co_await read_exact(hdr, sizeof hdr)) break;  // EOF, error or shutdown
-    auto req = std::make_unique<Request>();
-    req->hdr = decode_request(std::span<const uint8_t, kRequestSize>(hdr));
-    const nbd::Request& h = req->hdr;
+    if (!recv_exact(hdr, sizeof hdr)) {
+      read_closed_ = true;
+      return false;
+    }
+    req.hdr = decode_request(std::span<const uint8_t, kRequestSize>(hdr));
+    const nbd::Request& h = req.hdr;
     if (h.magic != kRequestMagic) {
       spdlog::warn("conn {}: bad request magic {:#x}, closing", id_, h.magic);
-      break;
+      read_closed_ = true;
+      return false;
     }
     if (h.type == kCmdDisc) {
       spdlog::debug("conn {}: client disconnect", id_);
-      break;
+      read_closed_ = true;
+      return false;
     }
     uint32_t err = validate(h);
     if (err) {
@@ -265,35 +317,43 @@ asio::awaitable<void> Connection::transmission() {
       if (h.type == kCmdWrite) {
         if (h.length > kMaxDiscard) {
           reply_error(h.cookie, err, "write payload too large");
-          break;
+          read_closed_ = true;
+          return false;
         }
-        if (!co_await discard(h.length)) break;
+        if (!recv_discard(h.length)) {
+          read_closed_ = true;
+          return false;
+        }
       }
       reply_error(h.cookie, err, "request refused");
       continue;
     }
-    uint64_t bytes = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
+    req.accounted = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
+    acquire_bytes(req.accounted);
     if (h.type == kCmdWrite) {
-      req->payload = std::make_unique_for_overwrite<std::byte[]>(h.length);
-      if (!co_await read_exact(req->payload.get(), h.length)) {
+      req.payload = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+      if (!recv_exact(req.payload.get(), h.length)) {
         spdlog::warn("conn {}: disconnected in the middle of a write payload", id_);
-        break;
+        release_bytes(req.accounted);
+        read_closed_ = true;
+        return false;
       }
     }
-    req->accounted = bytes;
-    inflight_.fetch_add(1);
-    inflight_bytes_.fetch_add(bytes);
-    asio::post(server_.workers(), [self = shared_from_this(), r = std::move(req)]() mutable {
-      self->execute(*r);
-      self->finish(r->accounted);
-    });
+    return true;
   }
 }
 
-void Connection::finish(uint64_t bytes) {
-  inflight_bytes_.fetch_sub(bytes);
-  inflight_.fetch_sub(1);
-  wake_reader();
+void Connection::worker_loop() {
+  Request req;
+  for (;;) {
+    {
+      std::lock_guard lock(read_mu_);
+      if (!next_request(req)) break;
+    }
+    execute(req);
+    release_bytes(req.accounted);
+    req.payload.reset();
+  }
 }
 
 void Connection::execute(Request& r) {

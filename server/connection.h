@@ -1,21 +1,27 @@
 // One client connection: the handshake, then the transmission phase.
 //
-// Threads: the connection's coroutine runs on the network io_context (one
-// thread); it reads and validates requests and hands each valid one to the
-// block I/O worker pool. A worker executes the request on the export's
-// BlockDevice and sends the reply itself, under the connection's write mutex,
-// with one gather write (sendmsg) per reply. Replies therefore go out as
-// requests complete, out of order, as NBD allows.
+// Threads: the handshake is a coroutine on the network io_context. The
+// transmission phase runs on limits.workers threads of the connection's own
+// (the model nbdkit uses): a thread takes the read mutex, reads one request
+// through a shared 64 KiB buffer (so one recv often yields many requests),
+// releases the mutex, executes the request on the export's BlockDevice and
+// sends the reply under the write mutex with one gather write (sendmsg).
+// Replies go out as requests complete, out of order, as NBD allows, and no
+// request is handed from thread to thread.
 //
-// Bounds: at most limits.max_inflight_requests requests and
-// limits.max_inflight_bytes payload/read bytes in flight per connection; the
-// reader stops reading until workers make room.
+// Bounds: at most limits.workers requests execute at once per connection
+// (the rest wait in the socket) and at most limits.max_inflight_bytes of
+// payload and read buffers are held; a reader waits for room while holding
+// the read mutex, which stops reading.
 #pragma once
 
 #include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <thread>
+#include <vector>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -51,10 +57,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   asio::awaitable<void> serve();
   asio::awaitable<bool> handshake();
-  asio::awaitable<void> transmission();
-  asio::awaitable<bool> read_exact(void* dst, size_t n);
-  asio::awaitable<bool> discard(uint64_t n);
-  asio::awaitable<void> wait_until(auto pred);
+  asio::awaitable<bool> async_read_exact(void* dst, size_t n);
+
+  // Transmission threads.
+  void worker_loop();
+  bool next_request(Request& r);  // REQUIRES: read_mu_ held
+  bool recv_exact(void* dst, size_t n);  // REQUIRES: read_mu_ held
+  bool recv_discard(uint64_t n);         // REQUIRES: read_mu_ held
+  void acquire_bytes(uint64_t n);
+  void release_bytes(uint64_t n);
 
   uint32_t validate(const nbd::Request& r) const;
   void execute(Request& r);
@@ -63,8 +74,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void reply_error(uint64_t cookie, uint32_t error, std::string_view message = {});
   void reply_ok(uint64_t cookie);
   bool send(std::span<iovec> iov);
-  void finish(uint64_t bytes);
-  void wake_reader();
 
   Server& server_;
   Socket socket_;
@@ -76,16 +85,21 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Export* export_ = nullptr;
   uint16_t tx_flags_ = 0;
 
-  // Buffered reader (network thread only).
+  // Buffered reader: the handshake coroutine, then the thread holding read_mu_.
+  std::mutex read_mu_;
   std::unique_ptr<uint8_t[]> rbuf_;
   size_t rpos_ = 0, rend_ = 0;
+  bool read_closed_ = false;  // REQUIRES: read_mu_; EOF, DISC, error or shutdown
 
-  // In-flight accounting, shared with workers.
-  std::atomic<uint32_t> inflight_{0};
-  std::atomic<uint64_t> inflight_bytes_{0};
-  std::atomic<bool> reader_waiting_{false};
-  asio::steady_timer wake_;
-  bool stopping_ = false;
+  // Bytes held by requests in flight (payloads and read buffers).
+  std::mutex bytes_mu_;
+  std::condition_variable bytes_cv_;
+  uint64_t inflight_bytes_ = 0;  // REQUIRES: bytes_mu_
+
+  std::vector<std::thread> threads_;
+  std::atomic<uint32_t> running_{0};
+  asio::steady_timer done_;  // cancelled when the last thread exits
+  std::atomic<bool> stopping_{false};
   bool in_transmission_ = false;
 
   // Replies (workers).

@@ -146,7 +146,7 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--max-connections", sa.max_connections, "Connection limit");
   serve_cmd->add_option("--handshake-timeout-ms", sa.handshake_timeout_ms,
                         "Drop clients that do not finish the handshake in time");
-  serve_cmd->add_option("--workers", sa.workers, "Block I/O worker threads");
+  serve_cmd->add_option("--workers", sa.workers, "I/O threads per connection (default 16)");
 
   ToolOptions topt;
   std::string tool_format = "auto";

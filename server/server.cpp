@@ -17,13 +17,11 @@ namespace strata {
 
 Server::Server(Config config)
     : config_(std::move(config)),
-      workers_(config_.limits.workers),
       signals_(io_, SIGINT, SIGTERM) {
   exports_ = std::make_unique<ExportRegistry>(config_.exports);
 }
 
 Server::~Server() {
-  workers_.join();
   for (const auto& p : unix_paths_) ::unlink(p.c_str());
 }
 
@@ -140,7 +138,6 @@ int Server::run() {
   for (auto& a : tcp_) asio::co_spawn(io_, accept_loop(*a, "tcp"), asio::detached);
   for (auto& a : unix_) asio::co_spawn(io_, accept_loop(*a, "unix"), asio::detached);
   io_.run();
-  workers_.join();
   int status = 0;
   for (auto& e : exports_->exports()) {
     if (e->caps.read_only) continue;

@@ -1,5 +1,5 @@
-// The server: listeners (TCP v4/v6, unix sockets) on one network io_context,
-// a pool of block I/O workers, the export registry, the connection limit and
+// The server: listeners (TCP v4/v6, unix sockets) and handshakes on one
+// network io_context, the export registry, the connection limit and
 // graceful shutdown on SIGTERM/SIGINT (stop accepting, finish in-flight
 // requests, flush every export, exit 0).
 #pragma once
@@ -36,7 +36,6 @@ class Server {
   const Config& config() const { return config_; }
   ExportRegistry& exports() { return *exports_; }
   asio::io_context& io() { return io_; }
-  asio::thread_pool& workers() { return workers_; }
   // Human-readable URIs of the listeners, for the start-up message.
   std::vector<std::string> uris() const;
 
@@ -50,7 +49,6 @@ class Server {
 
   Config config_;
   asio::io_context io_{1};
-  asio::thread_pool workers_;
   std::unique_ptr<ExportRegistry> exports_;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
   std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_;

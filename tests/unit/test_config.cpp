@@ -27,7 +27,7 @@ TEST_CASE("a full config parses into typed fields") {
     "exports": [{"name": "a", "path": "/img/a.qcow2", "format": "qcow2", "read_only": true,
                  "description": "disk a", "allowed_dirs": ["/img"], "cache_size": "4M"},
                 {"name": "b", "path": "/img/b.raw"}],
-    "limits": {"max_connections": 8, "workers": 4, "max_inflight_requests": 32},
+    "limits": {"max_connections": 8, "workers": 4, "max_inflight_bytes": "128M"},
     "log_level": "debug"})");
   REQUIRE(c.listeners.size() == 2);
   CHECK(c.listeners[0].address == "::");
@@ -41,6 +41,7 @@ TEST_CASE("a full config parses into typed fields") {
   CHECK(c.exports[1].format == Format::automatic);
   CHECK(c.limits.max_connections == 8);
   CHECK(c.limits.workers == 4);
+  CHECK(c.limits.max_inflight_bytes == 128u << 20);
   CHECK(c.log_level == "debug");
 }
 
@@ -48,7 +49,7 @@ TEST_CASE("defaults: one TCP listener on 10809") {
   auto c = parse_config_text(R"({"exports": [{"name": "x", "path": "/x.raw"}]})");
   REQUIRE(c.listeners.size() == 1);
   CHECK(c.listeners[0].port == 10809);
-  CHECK(c.limits.max_inflight_requests >= 64);
+  CHECK(c.limits.workers == 16);
 }
 
 TEST_CASE("errors name the key and the problem") {
