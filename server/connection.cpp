@@ -1,5 +1,6 @@
 #include "server/connection.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 
@@ -96,6 +97,13 @@ asio::awaitable<void> Connection::serve() {
   spdlog::debug("conn {}: connected from {}", id_, peer_);
   if (co_await handshake()) {
     in_transmission_ = true;
+    // From here on the socket is used with plain blocking calls by the
+    // connection's threads; a client that stops reading replies for
+    // kSendTimeoutMs is dropped.
+    int fl = ::fcntl(fd_, F_GETFL);
+    if (fl >= 0) ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK);
+    timeval tv{kSendTimeoutMs / 1000, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     uint32_t n = std::max<uint32_t>(1, limits_.workers);
     running_ = n;
     auto self = shared_from_this();
@@ -564,11 +572,12 @@ bool Connection::send(std::span<iovec> iov) {
     ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        pollfd p{fd_, POLLOUT, 0};
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && !in_transmission_) {
+        pollfd p{fd_, POLLOUT, 0};  // handshake phase: the socket is non-blocking
         int pr = ::poll(&p, 1, kSendTimeoutMs);
-        if (pr > 0) continue;
-        if (pr < 0 && errno == EINTR) continue;
+        if (pr > 0 || (pr < 0 && errno == EINTR)) continue;
+      }
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
         spdlog::warn("conn {}: client stopped reading replies, dropping it", id_);
       } else if (errno != EPIPE && errno != ECONNRESET) {
         spdlog::warn("conn {}: send failed: {}", id_, std::strerror(errno));
