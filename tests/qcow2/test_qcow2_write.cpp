@@ -5,6 +5,8 @@
 #include <mutex>
 #include <thread>
 
+#include "formats/create.h"
+#include "formats/errors.h"
 #include "qcow2_helpers.h"
 
 using namespace qtest;
@@ -251,4 +253,64 @@ TEST_CASE("qcow2 write edge cases: fast zero, read-only backing, corrupt bit") {
   std::vector<std::byte> b(512);
   CHECK(dev->write(0, b, false) == EPERM);
   CHECK(dev->read(65536, b) == 0);
+}
+
+TEST_CASE("qcow2 create: images qemu-img accepts, writable by both") {
+  TempDir d;
+  Chdir cd(d.path);
+  sh("qemu-img create -q -f raw base.raw 8M");
+  sh("qemu-io -f raw -c 'write -P 0x3c 0 8M' base.raw");
+  struct V {
+    std::map<std::string, std::string> o;
+    bool backing;
+  };
+  std::vector<V> vs = {
+      {{}, false},
+      {{{"compat", "0.10"}}, false},
+      {{{"cluster_size", "512"}, {"refcount_bits", "1"}}, false},
+      {{{"cluster_size", "2M"}, {"extended_l2", "on"}, {"compression_type", "zstd"}}, false},
+      {{{"refcount_bits", "64"}, {"lazy_refcounts", "on"}}, true},
+      {{{"data_file", "new.raw"}}, false},
+      {{{"data_file", "newr.raw"}, {"data_file_raw", "on"}, {"extended_l2", "on"}}, false},
+  };
+  for (const auto& v : vs) {
+    strata::CreateOptions c;
+    c.format = strata::Format::qcow2;
+    c.path = d / "n.qcow2";
+    c.options = v.o;
+    if (v.backing) {
+      c.backing = "base.raw";
+      c.backing_format = strata::Format::raw;
+    } else {
+      c.size = 12 << 20;
+    }
+    strata::create_image(c);
+    std::string desc;
+    for (auto& [k, val] : v.o) desc += k + "=" + val + " ";
+    INFO("create " << desc);
+    CHECK(sh_status("qemu-img check n.qcow2") == 0);
+    auto j = nlohmann::json::parse(capture("qemu-img info --output=json n.qcow2"));
+    CHECK(j["virtual-size"] == (v.backing ? 8 << 20 : 12 << 20));
+    {
+      auto dev = open_rw(c.path);
+      std::vector<std::byte> b(100000, std::byte{0x6d});
+      REQUIRE(dev->write(70000, b, false) == 0);
+    }
+    sh("qemu-io -f qcow2 -c 'read -P 0x6d 70000 100000' -c 'write -P 0x6e 1M 64k' n.qcow2");
+    CHECK(sh_status("qemu-img check n.qcow2") == 0);
+    auto dev = open_ro(c.path);
+    std::vector<std::byte> b(65536);
+    REQUIRE(dev->read(1 << 20, b) == 0);
+    CHECK(b[0] == std::byte{0x6e});
+    if (v.backing) {
+      REQUIRE(dev->read(4 << 20, b) == 0);
+      CHECK(b[0] == std::byte{0x3c});
+    }
+  }
+  strata::CreateOptions bad;
+  bad.format = strata::Format::qcow2;
+  bad.path = d / "bad.qcow2";
+  bad.size = 1 << 20;
+  bad.options = {{"cluster_size", "3000"}};
+  CHECK_THROWS_WITH_AS(strata::create_image(bad), doctest::Contains("cluster_size"), strata::ImageError);
 }
