@@ -208,6 +208,14 @@ void append_chunk_error(Bytes& out, uint64_t cookie, uint32_t error, std::string
   Writer(out).u32(error).u16(static_cast<uint16_t>(message.size())).bytes(message);
 }
 
+void append_chunk_error_offset(Bytes& out, uint64_t cookie, uint32_t error,
+                               std::string_view message, uint64_t offset) {
+  if (message.size() > 4096) message = message.substr(0, 4096);
+  append_header(out, kReplyFlagDone, kChunkErrorOffset, cookie,
+                static_cast<uint32_t>(14 + message.size()));
+  Writer(out).u32(error).u16(static_cast<uint16_t>(message.size())).bytes(message).u64(offset);
+}
+
 void append_chunk_hole(Bytes& out, uint64_t cookie, uint64_t offset, uint32_t length, bool done) {
   append_header(out, done_flag(done), kChunkOffsetHole, cookie, 12);
   Writer(out).u64(offset).u32(length);

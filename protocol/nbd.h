@@ -225,6 +225,9 @@ void encode_chunk_header(uint8_t* out, uint16_t flags, uint16_t type, uint64_t c
 // Whole structured chunks appended to out.
 void append_chunk_error(Bytes& out, uint64_t cookie, uint32_t error, std::string_view message,
                         bool done = true);
+// ERROR_OFFSET: the error applies to the byte at `offset` of a read.
+void append_chunk_error_offset(Bytes& out, uint64_t cookie, uint32_t error,
+                               std::string_view message, uint64_t offset);
 void append_chunk_hole(Bytes& out, uint64_t cookie, uint64_t offset, uint32_t length, bool done);
 // OFFSET_DATA header (20 + 8 bytes); the data follows separately.
 void append_chunk_data_header(Bytes& out, uint64_t cookie, uint64_t offset, uint32_t data_length,

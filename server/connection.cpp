@@ -317,7 +317,7 @@ bool Connection::next_request(Request& req) {
       read_closed_ = true;
       return false;
     }
-    uint32_t err = validate(h);
+    uint32_t err = stopping_ ? kESHUTDOWN : validate(h);
     if (err) {
       ++n_errors_;
       spdlog::debug("conn {}: request type={} offset={} length={} flags={:#x} refused: error {}",
@@ -443,7 +443,7 @@ void Connection::execute_read(Request& r) {
       } else {
         if (int e = dev.read(h.offset + pos, {buf.get() + pos, len})) {
           ++n_errors_;
-          reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+          read_error(h.cookie, e, h.offset + pos);
           return;
         }
         append_chunk_data_header(headers, h.cookie, h.offset + pos, len, last);
@@ -463,10 +463,8 @@ void Connection::execute_read(Request& r) {
   }
 
   if (int e = dev.read(h.offset, {buf.get(), h.length})) {
-    spdlog::warn("conn {}: read offset={} length={} failed: {}", id_, h.offset, h.length,
-                 std::strerror(e));
     ++n_errors_;
-    reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+    read_error(h.cookie, e, h.offset);
     return;
   }
   uint8_t hdr[kStructuredReplySize + 8];
@@ -531,6 +529,19 @@ void Connection::execute_block_status(Request& r) {
   }
   iovec iov{out.data(), out.size()};
   send({&iov, 1});
+}
+
+void Connection::read_error(uint64_t cookie, int host_errno, uint64_t offset) {
+  spdlog::warn("conn {}: read at offset {} failed: {}", id_, offset, std::strerror(host_errno));
+  if (handshake_.structured_replies()) {
+    nbd::Bytes out;
+    nbd::append_chunk_error_offset(out, cookie, nbd::errno_to_nbd(host_errno),
+                                   std::strerror(host_errno), offset);
+    iovec iov{out.data(), out.size()};
+    send({&iov, 1});
+  } else {
+    reply_error(cookie, nbd::errno_to_nbd(host_errno));
+  }
 }
 
 void Connection::reply_error(uint64_t cookie, uint32_t error, std::string_view message) {

@@ -72,6 +72,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void execute_read(Request& r);
   void execute_block_status(Request& r);
   void reply_error(uint64_t cookie, uint32_t error, std::string_view message = {});
+  // A failed read: ERROR_OFFSET naming the first failing byte when structured.
+  void read_error(uint64_t cookie, int host_errno, uint64_t offset);
   void reply_ok(uint64_t cookie);
   bool send(std::span<iovec> iov);
 

@@ -119,6 +119,10 @@ TEST_CASE("simple and structured reply headers") {
   append_chunk_block_status(bs, 3, kMetaIdBaseAllocation, d, true);
   CHECK(bs == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 20, 0, 0,
                    0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0}));
+  Bytes eo;
+  append_chunk_error_offset(eo, 9, kEIO, "", 0x1234);
+  CHECK(eo == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 14, 0,
+                   0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34}));
   Bytes dh;
   append_chunk_data_header(dh, 1, 0x10, 4, false);
   CHECK(dh == hex({0x66, 0x8e, 0x33, 0xef, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0,
