@@ -309,8 +309,8 @@ int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std:
   Bitmap bm;
   if (int r = get_bitmap(block, entry, bm)) return r;
   const uint64_t data = uint64_t{entry} * kSector + bitmap_bytes_;
-  const bool need_merge = (head_partial && !bit(bm->data(), s0)) ||
-                          (tail_partial && !bit(bm->data(), s1 - 1));
+  const bool need_merge =
+      (head_partial && !bit(bm->data(), s0)) || (tail_partial && !bit(bm->data(), s1 - 1));
   if (need_merge) {
     // A partial sector not yet in this layer: copy the rest of it up from below.
     std::vector<std::byte> sectors;
@@ -331,8 +331,8 @@ int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std:
   set_bits(nbm->data(), s0, s1);
   const uint64_t first = (s0 / 8) / kSector * kSector;
   const uint64_t last = ((s1 - 1) / 8) / kSector * kSector + kSector;
-  if (int r = write_bytes(*file_, uint64_t{entry} * kSector + first, nbm->data() + first,
-                          last - first))
+  if (int r =
+          write_bytes(*file_, uint64_t{entry} * kSector + first, nbm->data() + first, last - first))
     return r;
   put_bitmap(block, std::move(nbm));
   return 0;
@@ -511,8 +511,8 @@ std::vector<Child> VhdDevice::children() const {
 
 std::string VhdDevice::stats() const {
   return "vhd bitmap cache: " + std::to_string(bitmap_hits_.load()) + " hits, " +
-         std::to_string(bitmap_misses_.load()) + " misses; " +
-         std::to_string(allocations_.load()) + " blocks allocated";
+         std::to_string(bitmap_misses_.load()) + " misses; " + std::to_string(allocations_.load()) +
+         " blocks allocated";
 }
 
 }  // namespace strata::vhd

@@ -35,9 +35,9 @@
 namespace strata::vhd {
 
 struct ParentInfo {
-  std::string name;           // header parent unicode name (decoded)
-  std::string resolved_path;  // canonical path actually opened
-  std::string resolved_by;    // locator (W2ru, W2ku, MacX) or "parent name"
+  std::string name;                   // header parent unicode name (decoded)
+  std::string resolved_path;          // canonical path actually opened
+  std::string resolved_by;            // locator (W2ru, W2ku, MacX) or "parent name"
   std::vector<std::string> locators;  // "W2ru: .\\parent.vhd" etc.
 };
 
@@ -81,8 +81,7 @@ class VhdDevice final : public BlockDevice {
   int read_block(uint64_t block, uint64_t off_in_block, std::span<std::byte> buf);
   int write_block(uint64_t block, uint64_t off_in_block, std::span<const std::byte> buf,
                   bool& synced);
-  int allocate_block(uint64_t block, uint64_t s0, uint64_t s1,
-                     std::span<const std::byte> sectors);
+  int allocate_block(uint64_t block, uint64_t s0, uint64_t s1, std::span<const std::byte> sectors);
   int write_bat_entry(uint64_t block);
   int fixed_extents(uint64_t offset, uint64_t length, std::vector<Extent>& out);
   int extents_below(uint64_t offset, uint64_t length, std::vector<Extent>& out);

@@ -1,9 +1,8 @@
 // `strata info` and `strata check` for VHD: what one layer is made of, and a
 // structural check (footers, header, BAT, overlaps, leaked space).
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cstring>
+#include <nlohmann/json.hpp>
 
 #include "formats/vhd/vhd.h"
 
@@ -15,9 +14,8 @@ void VhdDevice::describe(nlohmann::json& out) const {
   out["original-size"] = footer_.original_size;
   out["unique-id"] = uuid_string(footer_.unique_id);
   out["creator"] = creator_string(footer_.creator_app);
-  out["geometry"] = {{"cylinders", footer_.cylinders},
-                     {"heads", footer_.heads},
-                     {"sectors", footer_.sectors}};
+  out["geometry"] = {
+      {"cylinders", footer_.cylinders}, {"heads", footer_.heads}, {"sectors", footer_.sectors}};
   out["read-only"] = !file_->writable();
   if (!opened_notes_.empty()) out["notes"] = opened_notes_;
   if (!dynamic()) return;
@@ -34,7 +32,7 @@ void VhdDevice::describe(nlohmann::json& out) const {
     out["parent-name"] = parent_info_.name;
     out["parent-timestamp"] = header_.parent_timestamp;
     out["parent-locators"] = parent_info_.locators;
-    out["backing-filename"] = parent_info_.resolved_path;
+    out["parent-filename"] = parent_info_.resolved_path;
     out["parent-resolved-by"] = parent_info_.resolved_by;
   }
 }
@@ -137,10 +135,11 @@ void VhdDevice::check(CheckReport& report) {
       report.errors.push_back(p + ": parent unique id does not match");
     }
   }
-  report.notes.push_back(p + ": " + std::to_string(std::count_if(
-                                        bat.begin(), bat.end(),
-                                        [](uint32_t e) { return e != kUnallocated; })) +
-                         " of " + std::to_string(bat.size()) + " blocks allocated");
+  report.notes.push_back(
+      p + ": " +
+      std::to_string(
+          std::count_if(bat.begin(), bat.end(), [](uint32_t e) { return e != kUnallocated; })) +
+      " of " + std::to_string(bat.size()) + " blocks allocated");
 }
 
 }  // namespace strata::vhd

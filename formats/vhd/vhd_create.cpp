@@ -46,7 +46,8 @@ std::string percent_encode(const std::string& s) {
 }
 
 void check_io(const CreateOptions& o, int r, const char* what) {
-  if (r) throw_image_error(o.path, std::string("cannot write the ") + what + ": " + std::strerror(r));
+  if (r)
+    throw_image_error(o.path, std::string("cannot write the ") + what + ": " + std::strerror(r));
 }
 
 uint32_t now_vhd() {
@@ -105,7 +106,8 @@ void create(const CreateOptions& opts) {
   } else if (type == "differencing") {
     disk_type = kTypeDifferencing;
   } else {
-    throw_image_error(opts.path, "option type=" + type + ": expected fixed, dynamic or differencing");
+    throw_image_error(opts.path,
+                      "option type=" + type + ": expected fixed, dynamic or differencing");
   }
   if (opts.backing && disk_type != kTypeDifferencing) {
     throw_image_error(opts.path, "a parent (-b) needs type=differencing");

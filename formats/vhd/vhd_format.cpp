@@ -41,8 +41,8 @@ std::string parse_footer(const uint8_t* b, Footer& f) {
   uint32_t want = checksum(b, 512, 64);
   if (want != f.checksum) {
     char msg[96];
-    std::snprintf(msg, sizeof msg, "checksum 0x%08x does not match the computed 0x%08x",
-                  f.checksum, want);
+    std::snprintf(msg, sizeof msg, "checksum 0x%08x does not match the computed 0x%08x", f.checksum,
+                  want);
     return msg;
   }
   if ((f.version >> 16) != 1) {
@@ -100,8 +100,8 @@ std::string parse_header(const uint8_t* b, DynHeader& h) {
   uint32_t want = checksum(b, 1024, 36);
   if (want != h.checksum) {
     char msg[96];
-    std::snprintf(msg, sizeof msg, "checksum 0x%08x does not match the computed 0x%08x",
-                  h.checksum, want);
+    std::snprintf(msg, sizeof msg, "checksum 0x%08x does not match the computed 0x%08x", h.checksum,
+                  want);
     return msg;
   }
   if ((h.version >> 16) != 1) return "header version is not 1.x";
@@ -304,6 +304,18 @@ std::optional<uint64_t> locator_space_bytes(uint32_t data_space) {
   if (data_space < 512) return uint64_t{data_space} * 512;
   if (data_space % 512 != 0) return std::nullopt;
   return data_space;
+}
+
+uint32_t canonical_platform(uint32_t code) {
+  switch (code) {
+    case 0x57324B55:  // "W2KU"
+      return kPlatW2ku;
+    case 0x57325255:  // "W2RU"
+      return kPlatW2ru;
+    case 0x4D414358:  // "MACX"
+      return kPlatMacX;
+  }
+  return code;
 }
 
 std::string platform_name(uint32_t code) {

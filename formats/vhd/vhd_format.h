@@ -32,6 +32,10 @@ constexpr uint32_t kPlatW2ru = 0x57327275;  // "W2ru": relative path, UTF-16LE
 constexpr uint32_t kPlatW2ku = 0x57326B75;  // "W2ku": absolute path, UTF-16LE
 constexpr uint32_t kPlatMacX = 0x4D616358;  // "MacX": file:// URL, UTF-8
 
+// The spec's codes are mixed case; some writers store them upper case
+// ("W2KU", "W2RU", "MACX"). Returns the spec code, or the input unchanged.
+uint32_t canonical_platform(uint32_t code);
+
 using Uuid = std::array<uint8_t, 16>;
 
 struct Footer {

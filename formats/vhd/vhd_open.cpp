@@ -51,7 +51,8 @@ void Opener::read_footer() {
   int64_t s = file_->size();
   if (s < 0) fail("cannot read the file size");
   fsize_ = static_cast<uint64_t>(s);
-  if (fsize_ < 512) fail("file is " + std::to_string(fsize_) + " bytes, too small for a VHD footer");
+  if (fsize_ < 512)
+    fail("file is " + std::to_string(fsize_) + " bytes, too small for a VHD footer");
   std::array<uint8_t, 512> buf{};
   if (read_bytes(*file_, fsize_ - 512, buf.data(), 512)) fail("cannot read the footer");
   std::string tail_err = parse_footer(buf.data(), footer_);
@@ -63,8 +64,10 @@ void Opener::read_footer() {
       if (read_bytes(*file_, 0, head.data(), 512) == 0 && parse_footer(head.data(), h).empty()) {
         if (h.disk_type != footer_.disk_type || h.current_size != footer_.current_size ||
             h.unique_id != footer_.unique_id) {
-          spdlog::warn("{}: footer copy at offset 0 disagrees with the trailing footer; "
-                       "using the trailing one", path_);
+          spdlog::warn(
+              "{}: footer copy at offset 0 disagrees with the trailing footer; "
+              "using the trailing one",
+              path_);
         }
       }
     }
@@ -120,9 +123,8 @@ std::shared_ptr<BlockDevice> Opener::open() {
   if (footer_.disk_type == kTypeFixed) {
     uint64_t data_bytes = fsize_ - (notes_.empty() ? 512 : 511);
     if (size > data_bytes) {
-      fail("footer: current_size " + std::to_string(size) + " needs " +
-           std::to_string(size + 512) + " bytes but the file has " + std::to_string(fsize_) +
-           ": the image is truncated");
+      fail("footer: current_size " + std::to_string(size) + " needs " + std::to_string(size + 512) +
+           " bytes but the file has " + std::to_string(fsize_) + ": the image is truncated");
     }
     return std::make_shared<VhdDevice>(std::move(file_), footer_, size);
   }
@@ -179,8 +181,8 @@ void Opener::read_dynamic(VhdDevice& d) {
   }
   d.block_size_ = bs;
   d.sectors_per_block_ = bs / kSector;
-  d.bitmap_bytes_ = static_cast<uint32_t>((d.sectors_per_block_ / 8 + kSector - 1) / kSector *
-                                          kSector);
+  d.bitmap_bytes_ =
+      static_cast<uint32_t>((d.sectors_per_block_ / 8 + kSector - 1) / kSector * kSector);
   d.bitmap_cache_max_ = std::max<size_t>(64, (8u << 20) / d.bitmap_bytes_);
 
   std::vector<uint8_t> raw(bat_bytes);
@@ -262,8 +264,8 @@ void Opener::read_dynamic(VhdDevice& d) {
            std::to_string(blocks[k].first / kSector) + ")");
     }
   }
-  uint64_t footer_pos = from_head_copy_ ? std::max(data_end, fsize_ >= 512 ? fsize_ - 512 : 0)
-                                        : fsize_ - 512;
+  uint64_t footer_pos =
+      from_head_copy_ ? std::max(data_end, fsize_ >= 512 ? fsize_ - 512 : 0) : fsize_ - 512;
   if (from_head_copy_ && data_end > fsize_ - 512) footer_pos = data_end;
   footer_pos = (footer_pos + kSector - 1) / kSector * kSector;
   if (from_head_copy_) {
@@ -273,12 +275,10 @@ void Opener::read_dynamic(VhdDevice& d) {
       if (write_bytes(f, footer_pos, fb.data(), 512) || f.sync()) {
         fail("cannot repair the trailing footer");
       }
-      spdlog::warn("{}: trailing footer was damaged; repaired it from the copy at offset 0",
-                   path_);
+      spdlog::warn("{}: trailing footer was damaged; repaired it from the copy at offset 0", path_);
       d.opened_notes_ += "trailing footer repaired from the copy at offset 0; ";
     } else {
-      spdlog::warn("{}: trailing footer is damaged; using the copy at offset 0 (read-only)",
-                   path_);
+      spdlog::warn("{}: trailing footer is damaged; using the copy at offset 0 (read-only)", path_);
       d.opened_notes_ += "trailing footer damaged, using the copy at offset 0; ";
     }
   }
@@ -296,7 +296,8 @@ void Opener::read_locators(VhdDevice& d, uint64_t eof) {
     if (l.platform == 0) continue;
     auto space = locator_space_bytes(l.data_space);
     std::string label = "locator " + std::to_string(i) + " (" + platform_name(l.platform) + ")";
-    if (l.platform != kPlatW2ru && l.platform != kPlatW2ku && l.platform != kPlatMacX) {
+    const uint32_t code = canonical_platform(l.platform);
+    if (code != kPlatW2ru && code != kPlatW2ku && code != kPlatMacX) {
       if (space && l.data_offset <= eof && *space <= eof - l.data_offset && *space > 0) {
         d.metadata_ranges_.push_back({l.data_offset, l.data_offset + *space});
       }
@@ -324,7 +325,7 @@ void Opener::open_parent(VhdDevice& d) {
   for (uint32_t want : {kPlatW2ru, kPlatW2ku, kPlatMacX}) {
     for (int i = 0; i < 8; ++i) {
       const Locator& l = h.locators[i];
-      if (l.platform != want) continue;
+      if (canonical_platform(l.platform) != want) continue;
       auto space = locator_space_bytes(l.data_space);
       if (!space || l.data_length > *space || l.data_length > 4096 || l.data_offset > fsize_ ||
           l.data_length > fsize_ - l.data_offset) {
@@ -372,9 +373,8 @@ void Opener::open_parent(VhdDevice& d) {
     if (pv->footer().unique_id != h.parent_id) {
       ctx_.seen = seen;
       errors.push_back(c.label + " '" + c.path + "': parent unique id " +
-                       uuid_string(pv->footer().unique_id) +
-                       " does not match the parent id " + uuid_string(h.parent_id) +
-                       " in the dynamic header (parent id mismatch)");
+                       uuid_string(pv->footer().unique_id) + " does not match the parent id " +
+                       uuid_string(h.parent_id) + " in the dynamic header (parent id mismatch)");
       continue;
     }
     struct stat st {};

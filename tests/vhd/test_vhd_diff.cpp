@@ -38,11 +38,11 @@ TEST_CASE("depth-3 chain over a fixed base with mixed block sizes reads the expe
   {
     auto d = open(mid);
     CHECK(d->size() == model.size());
-    put(*d, model, 2 * MiB + 100, 50, 3);          // partial sectors, new block
-    put(*d, model, 5 * MiB - 7, 1000, 4);          // across a block boundary
-    put(*d, model, 1 * MiB, 64 * 1024, 5);         // aligned
-    put(*d, model, 2 * MiB + 700, 3, 6);           // partial, allocated block, clear bit
-    put(*d, model, 2 * MiB + 120, 10, 7);          // inside a sector already in the child
+    put(*d, model, 2 * MiB + 100, 50, 3);   // partial sectors, new block
+    put(*d, model, 5 * MiB - 7, 1000, 4);   // across a block boundary
+    put(*d, model, 1 * MiB, 64 * 1024, 5);  // aligned
+    put(*d, model, 2 * MiB + 700, 3, 6);    // partial, allocated block, clear bit
+    put(*d, model, 2 * MiB + 120, 10, 7);   // inside a sector already in the child
   }
   create(top, "", {{"block_size", "512K"}}, std::string("mid.vhd"));
   Bytes base_before = file_bytes(base), mid_before = file_bytes(mid);
@@ -85,7 +85,7 @@ TEST_CASE("depth-3 chain over a fixed base with mixed block sizes reads the expe
   open(top, true)->describe(j);
   CHECK(j["subformat"] == "differencing");
   CHECK(j["block-size"] == 512 * 1024);
-  CHECK(j["backing-filename"] == fs::canonical(mid).string());
+  CHECK(j["parent-filename"] == fs::canonical(mid).string());
   strata::CheckReport rep;
   open(top, true)->check(rep);
   CHECK(rep.errors.empty());
@@ -107,7 +107,8 @@ TEST_CASE("each locator kind finds a parent in another directory") {
         model.assign(d->size(), 0);
         put(*d, model, 12345, 3 * MiB, 11);
       }
-      create(child, "", {{"locators", locs}, {"data_space", space}}, std::string("../p q/base image.vhd"));
+      create(child, "", {{"locators", locs}, {"data_space", space}},
+             std::string("../p q/base image.vhd"));
       // Confined to the child's own directory: refused.
       expect_refused(child, "outside the allowed directories");
       auto d = open(child, false, {t.path});
@@ -159,7 +160,9 @@ TEST_CASE("locator payloads decode to host paths") {
   CHECK_FALSE(strata::vhd::locator_space_bytes(1000).has_value());
   // Lone surrogates decode leniently.
   uint8_t lone[] = {0xD8, 0x00, 0x00, 'a', 0, 0};
-  CHECK(strata::vhd::utf16_to_utf8(lone, sizeof lone, true) == "\xEF\xBF\xBD" "a");
+  CHECK(strata::vhd::utf16_to_utf8(lone, sizeof lone, true) ==
+        "\xEF\xBF\xBD"
+        "a");
 }
 
 TEST_CASE("zeroing a differencing disk over a parent hole allocates nothing") {
@@ -219,4 +222,26 @@ TEST_CASE("a child larger than its parent reads zeros past the parent") {
   CHECK(read_all(*d) == model);
   put(*d, model, MiB - 10, 20, 5);
   CHECK(read_all(*d) == model);
+}
+
+TEST_CASE("upper-case locator codes are understood") {
+  TempDir t;
+  fs::create_directories(t / "p");
+  std::string base = t / "p/base.vhd", child = t / "child.vhd";
+  create(base, "2M");
+  {
+    auto d = open(base);
+    REQUIRE(write(*d, 512, Bytes(512, 0x33)) == 0);
+  }
+  create(child, "", {{"locators", "w2ru"}}, std::string("p/base.vhd"));
+  // "W2RU" instead of "W2ru"; the parent name alone cannot find p/base.vhd.
+  patch(child, 512 + 576, {'W', '2', 'R', 'U'});
+  fix_checksums(child, false, true);
+  auto d = open(child, true);
+  Bytes b = read_all(*d);
+  CHECK(b[512] == 0x33);
+  CHECK(b[0] == 0);
+  nlohmann::json j;
+  d->describe(j);
+  CHECK(j["parent-resolved-by"] == "W2ru");
 }

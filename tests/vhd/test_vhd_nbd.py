@@ -201,6 +201,50 @@ def test_allocation_depth_through_chain():
         run([STRATA, "check", top])
 
 
+def block_depths(uri, offsets):
+    h = nbd.NBD()
+    h.add_meta_context("qemu:allocation-depth")
+    h.connect_uri(uri)
+    out = []
+    for off in offsets:
+        got = {}
+
+        def cb(meta, start, entries, err):
+            if meta == "qemu:allocation-depth":
+                got.setdefault("d", entries[1])
+            return 0
+
+        h.block_status(512, off, cb)
+        out.append(got["d"])
+    h.shutdown()
+    return out
+
+
+def test_allocation_depth_under_qcow2_overlay():
+    with workdir() as d:
+        base = os.path.join(d, "b.vhd")
+        child = os.path.join(d, "c.vhd")
+        ov = os.path.join(d, "ov.qcow2")
+        run([STRATA, "create", "-f", "vhd", "-o", "force_size=on", base, "8M"])
+        run(["qemu-io", "-f", "vpc", "-c", "write -P 1 0 1M", base])
+        run([STRATA, "create", "-f", "vhd", "-b", "b.vhd", child])
+        with serve(child) as s:
+            h = nbd_handle(s.uri)
+            h.pwrite(b"\x03" * 4096, 2 * MiB)
+            h.shutdown()
+        run(["qemu-img", "create", "-f", "qcow2", "-b", "c.vhd", "-F", "vpc", ov])
+        run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 4M 64k", ov])
+        with Server(ov, "--format", "qcow2") as s:
+            assert block_depths(s.uri, [4 * MiB, 2 * MiB, 0, 6 * MiB]) == [1, 2, 3, 0]
+            h = nbd_handle(s.uri)
+            data = h.pread(8 * MiB, 0)
+            h.shutdown()
+        assert data[:MiB] == b"\x01" * MiB
+        assert data[2 * MiB:2 * MiB + 4096] == b"\x03" * 4096
+        assert data[4 * MiB:4 * MiB + 65536] == b"\x02" * 65536
+        assert data.count(0) == 8 * MiB - MiB - 4096 - 65536
+
+
 def run_workload(h, model, seed, nops, inflight=64):
     """Random non-overlapping writes (unaligned, sector-partial), zeroes, trims and
     flushes with up to `inflight` commands in flight; updates `model`."""
@@ -293,4 +337,5 @@ def test_refusals_name_the_file():
 if __name__ == "__main__":
     main([test_qemu_images_served_byte_identical, test_writes_read_back_in_qemu_and_pyvhdi,
           test_chain_4k_writes_agree_with_pyvhdi, test_allocation_depth_through_chain,
+          test_allocation_depth_under_qcow2_overlay,
           test_random_workload_64_in_flight, test_refusals_name_the_file])

@@ -33,15 +33,15 @@ TEST_CASE("qemu-img dynamic VHD reads byte-identical to qemu-img convert") {
   CHECK(read_all(*d) == ref);
   // Unaligned read across a block boundary.
   Bytes part(3000);
-  REQUIRE(d->read(2 * 1024 * 1024 - 1234, {reinterpret_cast<std::byte*>(part.data()),
-                                             part.size()}) == 0);
+  REQUIRE(d->read(2 * 1024 * 1024 - 1234,
+                  {reinterpret_cast<std::byte*>(part.data()), part.size()}) == 0);
   CHECK(std::equal(part.begin(), part.end(), ref.begin() + 2 * 1024 * 1024 - 1234));
 }
 
 TEST_CASE("qemu-img fixed and force_size VHDs read byte-identical") {
   TempDir t;
-  for (std::string sub : {"subformat=fixed", "subformat=dynamic,force_size=on",
-                          "subformat=fixed,force_size=on"}) {
+  for (std::string sub :
+       {"subformat=fixed", "subformat=dynamic,force_size=on", "subformat=fixed,force_size=on"}) {
     std::string img = t / "x.vhd";
     REQUIRE(sh("qemu-img create -f vpc -o " + sub + " " + img + " 9M") == 0);
     qemu_write(img, "-c 'write -P 0x5a 1M 64k' -c 'write -P 0x6b 8M 512'");
@@ -83,14 +83,17 @@ TEST_CASE("writes through Strata read back in qemu-img (dynamic, fixed, qemu-mad
   struct Case {
     std::string name, make;
   };
-  std::vector<Case> cases = {
-      {"ours-dynamic", ""}, {"ours-fixed", ""}, {"ours-dyn-512k", ""}, {"qemu-dynamic", "dynamic"},
-      {"qemu-fixed", "fixed"}};
+  std::vector<Case> cases = {{"ours-dynamic", ""},
+                             {"ours-fixed", ""},
+                             {"ours-dyn-512k", ""},
+                             {"qemu-dynamic", "dynamic"},
+                             {"qemu-fixed", "fixed"}};
   for (const auto& c : cases) {
     INFO(c.name);
     std::string img = t / (c.name + ".vhd");
     if (c.make.empty()) {
-      std::map<std::string, std::string> o = {{"type", c.name == "ours-fixed" ? "fixed" : "dynamic"}};
+      std::map<std::string, std::string> o = {
+          {"type", c.name == "ours-fixed" ? "fixed" : "dynamic"}};
       if (c.name == "ours-dyn-512k") o["block_size"] = "512K";
       create(img, "12M", o);
     } else {
