@@ -17,11 +17,12 @@ SIZE = 64 << 20
 SLOT = 16 << 10
 
 
-def one_run(img, rnd, used, durable, it):
+def one_run(img, rnd, ever_used, durable, it):
+    used = set()
     srv = Server(img, "--format", "qcow2").start()
     h = nbd.NBD()
     h.connect_uri(srv.uri)
-    killer = threading.Timer(rnd.uniform(0.2, 1.5), srv.kill)
+    killer = threading.Timer(rnd.uniform(0.2, 1.0), srv.kill)
     killer.start()
     inflight = {}     # cookie -> (kind, slot, off, data)
     acked = []        # (slot, off, data) acknowledged, not yet covered by a flush
@@ -40,6 +41,8 @@ def one_run(img, rnd, used, durable, it):
                     continue
                 slot = free[0]
                 used.add(slot)
+                ever_used.add(slot)
+                durable.pop(slot, None)  # the slot's contents are undefined until the next flush
                 off = slot * SLOT + rnd.randrange(SLOT // 2)
                 ln = 1 + rnd.randrange(SLOT - (off - slot * SLOT))
                 if r < 0.75:
@@ -52,10 +55,11 @@ def one_run(img, rnd, used, durable, it):
                 else:
                     c = h.aio_trim(ln, off)
                     inflight[c] = ("t", slot, off, None)
-            h.poll(-1)
-            for c in list(inflight):
-                if not h.aio_command_completed(c):
-                    continue
+            finished = [c for c in list(inflight) if h.aio_command_completed(c)]
+            if not finished:
+                h.poll(-1)
+                continue
+            for c in finished:
                 kind, slot, off, data = inflight.pop(c)
                 if kind == "w":
                     acked.append((slot, off, data))

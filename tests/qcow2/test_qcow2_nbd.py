@@ -152,9 +152,12 @@ def random_workload(uri, expected, seed, nops=1500, span=None, inflight=64):
                 c = h.aio_flush()
                 busy[c] = (0, 0, "f", None)
             issued += 1
-        h.poll(-1)
-        for c in list(busy):
-            if h.aio_command_completed(c):
+        finished = [c for c in list(busy) if h.aio_command_completed(c)]
+        if not finished:
+            h.poll(-1)
+            continue
+        for c in finished:
+            if True:
                 off, ln, kind, data = busy.pop(c)
                 done += 1
                 if kind == "w":
