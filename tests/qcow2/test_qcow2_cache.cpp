@@ -83,7 +83,7 @@ TEST_CASE("qcow2 cache counters and parallel access") {
   TempDir d;
   std::string img = d / "p.qcow2";
   sh("qemu-img create -q -f qcow2 " + img + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x21 0 32M' " + img);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x21 0 32M' " + img);
   auto dev = open_rw(img);
   std::vector<std::thread> ths;
   std::atomic<int> bad{0};

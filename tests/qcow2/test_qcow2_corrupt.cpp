@@ -41,7 +41,7 @@ TEST_CASE("qcow2 corrupt headers are refused naming the file and the field") {
   TempDir d;
   std::string good = d / "good.qcow2";
   sh("qemu-img create -q -f qcow2 " + good + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 1 0 1M' " + good);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 1M' " + good);
   struct Case {
     const char* what;
     uint64_t off;
@@ -117,7 +117,7 @@ TEST_CASE("qcow2 corrupt tables: EIO for the bad region, the rest is served") {
   TempDir d;
   std::string img = d / "t.qcow2";
   sh("qemu-img create -q -f qcow2 " + img + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 1 0 128k' -c 'write -P 2 32M 64k' " + img);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 128k' -c 'write -P 2 32M 64k' " + img);
   auto m = qemu_map(img);
   // L1 at 0x30000; the first L2 table follows the data written first.
   auto raw = file_bytes(img);
@@ -143,7 +143,7 @@ TEST_CASE("qcow2 corrupt tables: EIO for the bad region, the rest is served") {
   }
   // Entry pointing at the header (metadata overlap): writes refused.
   sh("qemu-img create -q -f qcow2 " + img + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 1 0 128k' " + img);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 128k' " + img);
   raw = file_bytes(img);
   l2 = l1e(0);
   poke(img, l2, be64(0x8000000000000000ull | 0x30000));  // guest 0 -> the L1 table
@@ -159,7 +159,7 @@ TEST_CASE("qcow2 fuzzed headers and tables never crash") {
   TempDir d;
   std::string good = d / "good.qcow2";
   sh("qemu-img create -q -f qcow2 -o cluster_size=4k " + good + " 4M");
-  sh("qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -c -P 3 1M 64k' -c 'write -z 2M 8k' " + good);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 64k' -c 'write -c -P 3 1M 64k' -c 'write -z 2M 8k' " + good);
   const auto orig = file_bytes(good);
   std::mt19937_64 rng(99);
   int opened = 0, refused = 0;

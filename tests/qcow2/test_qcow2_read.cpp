@@ -8,7 +8,7 @@ namespace {
 
 // Writes a mix of patterns, zeros and compressed clusters with qemu-io.
 void populate(const std::string& img, uint64_t cluster, bool compressed = true, bool zeros = true) {
-  std::string c = "qemu-io -f qcow2";
+  std::string c = "qemu-io -t unsafe -f qcow2";
   c += " -c 'write -P 0x11 0 " + std::to_string(cluster) + "'";
   c += " -c 'write -P 0x22 " + std::to_string(cluster * 3 + 512) + " 1536'";
   c += " -c 'write -P 0x33 1M 200k'";
@@ -50,7 +50,7 @@ TEST_CASE("qcow2 compressed images: zlib, zstd, v2") {
   TempDir d;
   std::string src = d / "src.raw";
   sh("qemu-img create -q -f raw " + src + " 8M");
-  sh("qemu-io -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 3M 100k' -c 'write -P 0x63 7M 1000' " + src);
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 3M 100k' -c 'write -P 0x63 7M 1000' " + src);
   // Some incompressible data too (stored as a normal cluster).
   sh("head -c 300000 /dev/urandom | dd of=" + src + " bs=1 seek=4500000 conv=notrunc status=none");
   for (std::string opt : {"", "-o compression_type=zstd", "-o compat=0.10"}) {
@@ -67,10 +67,10 @@ TEST_CASE("qcow2 extended L2: subclusters over a backing file") {
   TempDir d;
   std::string base = d / "base.qcow2", ov = d / "ov.qcow2";
   sh("qemu-img create -q -f qcow2 " + base + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x77 0 4M' " + base);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x77 0 4M' " + base);
   for (std::string cs : {"64k", "2M"}) {
     sh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o extended_l2=on,cluster_size=" + cs + " " + ov);
-    sh("qemu-io -f qcow2 -c 'write -P 0x12 4k 2k' -c 'write -z 16k 4k' -c 'write -P 0x13 1M 100k' "
+    sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x12 4k 2k' -c 'write -z 16k 4k' -c 'write -P 0x13 1M 100k' "
        "-c 'write -z 2M 1M' -c 'write -P 0x14 3M 512' " + ov);
     expect_same_as_qemu(ov, d / "out.raw");
     auto dev = open_ro(ov);
@@ -87,11 +87,11 @@ TEST_CASE("qcow2 backing chains: depth, zero clusters over data, sizes") {
   TempDir d;
   std::string base = d / "base.raw", mid = d / "mid.qcow2", top = d / "top.qcow2";
   sh("qemu-img create -q -f raw " + base + " 32M");
-  sh("qemu-io -f raw -c 'write -P 0xa1 0 8M' -c 'write -P 0xa2 20M 1M' " + base);
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0xa1 0 8M' -c 'write -P 0xa2 20M 1M' " + base);
   sh("qemu-img create -q -f qcow2 -b base.raw -F raw " + mid + " 48M");  // larger than its backing
-  sh("qemu-io -f qcow2 -c 'write -P 0xb1 1M 1M' -c 'write -z 4M 1M' -c 'write -P 0xb2 40M 64k' " + mid);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xb1 1M 1M' -c 'write -z 4M 1M' -c 'write -P 0xb2 40M 64k' " + mid);
   sh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 " + top + " 40M");  // smaller than its backing
-  sh("qemu-io -f qcow2 -c 'write -P 0xc1 1536k 64k' -c 'write -z 0 64k' -c 'write -P 0xc2 39M 1000' " + top);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xc1 1536k 64k' -c 'write -z 0 64k' -c 'write -P 0xc2 39M 1000' " + top);
   expect_same_as_qemu(top, d / "out.raw");
   auto dev = open_ro(top);
   CHECK(dev->size() == 40ull << 20);
@@ -121,7 +121,7 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   Chdir cd(d.path);
   std::string img = d / "d.qcow2", raw = d / "d.raw";
   sh("cd " + d.path + " && qemu-img create -q -f qcow2 -o data_file=d.raw d.qcow2 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x31 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x32 7M 4k' " + img);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x31 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x32 7M 4k' " + img);
   expect_same_as_qemu(img, d / "out.raw");
   {
     auto dev = open_ro(img);
@@ -129,7 +129,7 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   }
   std::string imgr = d / "dr.qcow2", rawr = d / "dr.raw";
   sh("cd " + d.path + " && qemu-img create -q -f qcow2 -o data_file=dr.raw,data_file_raw=on dr.qcow2 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x41 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x42 7M 4k' " + imgr);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x41 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x42 7M 4k' " + imgr);
   expect_same_as_qemu(imgr, d / "out.raw");
   {
     auto dev = open_ro(imgr);
@@ -139,7 +139,7 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   // QEMU 7.2 reads zeros (empty subcluster bitmaps, FORMATS.md B10).
   std::string imgx = d / "drx.qcow2", rawx = d / "drx.raw";
   sh("cd " + d.path + " && qemu-img create -q -f qcow2 -o data_file=drx.raw,data_file_raw=on,extended_l2=on drx.qcow2 64M");
-  sh("qemu-io -f raw -c 'write -P 0x5a 2M 64k' " + rawx);
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0x5a 2M 64k' " + rawx);
   {
     auto dev = open_ro(imgx);
     CHECK(first_diff(read_all(*dev), file_bytes(rawx)) == -1);
@@ -147,7 +147,7 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   // Data file overridden by configuration.
   std::string other = d / "other.raw";
   sh("cp " + raw + " " + other);
-  sh("qemu-io -f raw -c 'write -P 0x99 0 4k' " + other);
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0x99 0 4k' " + other);
   strata::OpenOptions o;
   o.data_file = other;
   auto dev = open_ro(img, o);
@@ -165,15 +165,15 @@ TEST_CASE("qcow2 dirty lazy-refcount image, odd size, snapshot, refcount_bits=1,
 
   std::string odd = d / "odd.qcow2";
   sh("qemu-img create -q -f qcow2 " + odd + " 10000001");
-  sh("qemu-io -f qcow2 -c 'write -P 0x45 9999360 512' " + odd);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x45 9999360 512' " + odd);
   expect_same_as_qemu(odd, d / "out.raw");
   CHECK(open_ro(odd)->size() == 10000384);  // qemu-img create rounds up to 512
 
   std::string snap = d / "snap.qcow2";
   sh("qemu-img create -q -f qcow2 -o compat=0.10 " + snap + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x46 0 1M' " + snap);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x46 0 1M' " + snap);
   sh("qemu-img snapshot -c s1 " + snap);
-  sh("qemu-io -f qcow2 -c 'write -P 0x47 512k 1M' " + snap);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x47 512k 1M' " + snap);
   expect_same_as_qemu(snap, d / "out.raw");
 
   std::string r1 = d / "r1.qcow2";
@@ -183,7 +183,7 @@ TEST_CASE("qcow2 dirty lazy-refcount image, odd size, snapshot, refcount_bits=1,
 
   std::string pm = d / "pm.qcow2";
   sh("qemu-img create -q -f qcow2 -o preallocation=metadata " + pm + " 64M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x48 3M 5k' " + pm);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x48 3M 5k' " + pm);
   expect_same_as_qemu(pm, d / "out.raw");
 }
 

@@ -128,7 +128,7 @@ void run_workload(const std::string& img, const std::string& dir, const Workload
 }
 
 std::string prep(const std::string& img) {
-  return "qemu-io -f qcow2 -c 'write -P 0x5e 0 3M' -c 'write -c -P 0x6c 6M 2M' -c 'write -z 5M 1M' '" + img + "'";
+  return "qemu-io -t unsafe -f qcow2 -c 'write -P 0x5e 0 3M' -c 'write -c -P 0x6c 6M 2M' -c 'write -z 5M 1M' '" + img + "'";
 }
 
 }  // namespace
@@ -156,9 +156,9 @@ TEST_CASE("qcow2 random workload over backing files (raw, qcow2, extended L2)") 
   TempDir d;
   std::string base = d / "base.raw", mid = d / "mid.qcow2", top = d / "top.qcow2";
   sh("qemu-img create -q -f raw " + base + " 24M");
-  sh("qemu-io -f raw -c 'write -P 0xa1 0 20M' " + base);
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0xa1 0 20M' " + base);
   sh("qemu-img create -q -f qcow2 -b base.raw -F raw " + mid + " 32M");
-  sh("qemu-io -f qcow2 -c 'write -P 0xb1 1M 2M' -c 'write -z 6M 1M' -c 'write -c -P 0xb2 8M 128k' " + mid);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xb1 1M 2M' -c 'write -z 6M 1M' -c 'write -c -P 0xb2 8M 128k' " + mid);
   auto base_before = file_bytes(base);
   auto mid_before = file_bytes(mid);
   for (std::string opts : {"", "compat=0.10", "extended_l2=on", "extended_l2=on,cluster_size=2M", "cluster_size=4k"}) {
@@ -193,14 +193,14 @@ TEST_CASE("qcow2 random workload: external data file, with and without data_file
   TempDir d;
   Chdir cd(d.path);
   sh("qemu-img create -q -f qcow2 -o data_file=d.raw d.qcow2 32M");
-  sh("qemu-io -f qcow2 -c 'write -P 0x31 0 3M' -c 'write -z 5M 1M' d.qcow2");
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x31 0 3M' -c 'write -z 5M 1M' d.qcow2");
   Workload w;
   w.seed = 31;
   run_workload(d / "d.qcow2", d.path, w);
 
   for (std::string opts : {"", ",extended_l2=on"}) {
     sh("qemu-img create -q -f qcow2 -o data_file=dr.raw,data_file_raw=on" + opts + " dr.qcow2 32M");
-    sh("qemu-io -f qcow2 -c 'write -P 0x41 0 3M' -c 'write -z 5M 1M' dr.qcow2");
+    sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x41 0 3M' -c 'write -z 5M 1M' dr.qcow2");
     w.seed = 32 + opts.size();
     run_workload(d / "dr.qcow2", d.path, w);
     // The raw file alone is the virtual disk.
@@ -245,7 +245,7 @@ TEST_CASE("qcow2 write edge cases: fast zero, read-only backing, corrupt bit") {
     CHECK(dev->write_zeroes(0, 65536, f) == 0);
     CHECK(dev->write_zeroes(65536, 100, f) == ENOTSUP);
   }
-  sh("qemu-io -f qcow2 -c 'read -P 0 0 64k' -c 'read -P 1 64k 64k' " + v3);
+  sh("qemu-io -t unsafe -f qcow2 -c 'read -P 0 0 64k' -c 'read -P 1 64k 64k' " + v3);
   // Corrupt bit: served read-only.
   sh("printf '\\0\\0\\0\\0\\0\\0\\0\\2' | dd of=" + v3 + " bs=1 seek=72 conv=notrunc status=none");
   auto dev = open_rw(v3);
@@ -259,7 +259,7 @@ TEST_CASE("qcow2 create: images qemu-img accepts, writable by both") {
   TempDir d;
   Chdir cd(d.path);
   sh("qemu-img create -q -f raw base.raw 8M");
-  sh("qemu-io -f raw -c 'write -P 0x3c 0 8M' base.raw");
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0x3c 0 8M' base.raw");
   struct V {
     std::map<std::string, std::string> o;
     bool backing;
@@ -296,7 +296,7 @@ TEST_CASE("qcow2 create: images qemu-img accepts, writable by both") {
       std::vector<std::byte> b(100000, std::byte{0x6d});
       REQUIRE(dev->write(70000, b, false) == 0);
     }
-    sh("qemu-io -f qcow2 -c 'read -P 0x6d 70000 100000' -c 'write -P 0x6e 1M 64k' n.qcow2");
+    sh("qemu-io -t unsafe -f qcow2 -c 'read -P 0x6d 70000 100000' -c 'write -P 0x6e 1M 64k' n.qcow2");
     CHECK(sh_status("qemu-img check n.qcow2") == 0);
     auto dev = open_ro(c.path);
     std::vector<std::byte> b(65536);
