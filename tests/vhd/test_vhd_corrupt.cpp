@@ -191,3 +191,52 @@ TEST_CASE("broken differencing chains are refused") {
     expect_refused(a, "no parent locator");
   }
 }
+
+TEST_CASE("randomly mutated images are refused or served, never crash") {
+  TempDir t;
+  std::string base = t / "base.vhd", child = t / "child.vhd", fuzz = t / "fuzz.vhd";
+  create(base, "4M", {{"force_size", "on"}, {"block_size", "1M"}});
+  {
+    auto d = open(base);
+    REQUIRE(write(*d, 0, pattern(8192, 1)) == 0);
+    REQUIRE(write(*d, 3 << 20, pattern(4096, 2)) == 0);
+  }
+  create(child, "", {{"block_size", "512K"}}, std::string("base.vhd"));
+  {
+    auto d = open(child);
+    REQUIRE(write(*d, 1000, pattern(3000, 3)) == 0);
+  }
+  std::mt19937 rng(2024);
+  int opened = 0, refused = 0;
+  for (int i = 0; i < 200; ++i) {
+    Bytes b = file_bytes(i % 2 ? child : base);
+    const int flips = 1 + static_cast<int>(rng() % 4);
+    for (int k = 0; k < flips; ++k) {
+      // Mostly metadata: footers, header, BAT, locators, bitmaps.
+      uint64_t where = rng() % 3 == 0 ? b.size() - 512 + rng() % 512 : rng() % 4096;
+      if (rng() % 4 == 0) where = rng() % b.size();
+      b[where] = static_cast<uint8_t>(rng());
+    }
+    write_file(fuzz, b);
+    if (rng() % 2) fix_checksums(fuzz, true, true);
+    try {
+      strata::OpenOptions o = opts(true);
+      o.format = strata::Format::vhd;
+      auto d = strata::open_image(fuzz, o);
+      ++opened;
+      if (d->size() <= (8u << 20)) {
+        Bytes all(d->size());
+        (void)d->read(0, {reinterpret_cast<std::byte*>(all.data()), all.size()});
+        std::vector<strata::Extent> ex;
+        (void)d->extents(0, d->size(), ex);
+      }
+      strata::CheckReport rep;
+      d->check(rep);
+    } catch (const strata::ImageError& e) {
+      ++refused;
+      CHECK(std::string(e.what()).find("fuzz.vhd") != std::string::npos);
+    }
+  }
+  MESSAGE("opened ", opened, ", refused ", refused);
+  CHECK(refused > 0);
+}

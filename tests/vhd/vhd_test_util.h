@@ -62,7 +62,9 @@ inline std::string sh_out(const std::string& cmd) {
 
 inline Bytes file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  return Bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Bytes b(fs::file_size(path));
+  in.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  return b;
 }
 
 inline void write_file(const std::string& path, const Bytes& b) {
