@@ -1,6 +1,8 @@
 // Fixed and dynamic VHDs against qemu-img/qemu-io as the oracle: images made by
 // qemu-img read byte-identical to `qemu-img convert -f vpc -O raw`; images made
 // or written by Strata read back correctly in qemu-img.
+#include <nlohmann/json.hpp>
+
 #include "vhd_test_util.h"
 
 using namespace vhdtest;
@@ -202,4 +204,47 @@ TEST_CASE("virtual size: current size, CHS, QEMU's rule and an override") {
   o.vhd_size_mode = "bogus";
   o.vhd_size_override.reset();
   CHECK_THROWS_AS(strata::open_image(img, o), strata::ImageError);
+}
+
+TEST_CASE("a blktap batmap after the BAT is never allocated over") {
+  TempDir t;
+  std::string img = t / "tap.vhd";
+  create(img, "4M", {{"force_size", "on"}});
+  // [footer 0][header 512][BAT 1536..2048][tdbatmap header 2048][map 2560][footer 3072]
+  Bytes b = file_bytes(img);
+  REQUIRE(b.size() == 2560);
+  Bytes foot(b.end() - 512, b.end());
+  b.resize(2048);
+  Bytes hdr(512, 0), map(512, 0);
+  std::memcpy(hdr.data(), "tdbatmap", 8);
+  strata::store_be64(hdr.data() + 8, 2560);
+  strata::store_be32(hdr.data() + 16, 1);
+  strata::store_be32(hdr.data() + 20, 0x00010002);
+  map[0] = 0x00;
+  b.insert(b.end(), hdr.begin(), hdr.end());
+  b.insert(b.end(), map.begin(), map.end());
+  b.insert(b.end(), foot.begin(), foot.end());
+  write_file(img, b);
+  {
+    auto d = open(img);
+    nlohmann::json j;
+    d->describe(j);
+    CHECK(j["batmap"] == true);
+    REQUIRE(write(*d, 100, Bytes(5000, 0x44)) == 0);
+    REQUIRE(write(*d, 3u << 20, Bytes(512, 0x45)) == 0);
+  }
+  Bytes after = file_bytes(img);
+  CHECK(std::equal(hdr.begin(), hdr.end(), after.begin() + 2048));
+  CHECK(std::equal(map.begin(), map.end(), after.begin() + 2560));
+  uint32_t e0 = strata::load_be32(after.data() + 1536);
+  CHECK(uint64_t{e0} * 512 >= 3072);
+  Bytes expect(open(img, true)->size(), 0);
+  std::fill(expect.begin() + 100, expect.begin() + 5100, 0x44);
+  std::fill(expect.begin() + (3 << 20), expect.begin() + (3 << 20) + 512, 0x45);
+  write_file(t / "expect.raw", expect);
+  CHECK(sh("qemu-img compare -f vpc -F raw " + img + " " + (t / "expect.raw")) == 0);
+  strata::CheckReport rep;
+  open(img, true)->check(rep);
+  CHECK(rep.errors.empty());
+  CHECK(rep.leaks.empty());
 }
