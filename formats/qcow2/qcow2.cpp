@@ -477,7 +477,7 @@ void Qcow2Device::describe(nlohmann::json& out) const {
 
 std::string Qcow2Device::stats_locked_free() const {
   return l2_cache_->stats() + "; " + rb_cache_->stats() + "; compressed cluster reads " +
-         std::to_string(compressed_reads_) + ", copy-on-write allocations " + std::to_string(cow_allocations_) +
+         std::to_string(compressed_reads_) + ", cluster allocations " + std::to_string(cow_allocations_) +
          ", metadata writebacks " + std::to_string(writebacks_);
 }
 

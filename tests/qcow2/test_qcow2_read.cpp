@@ -134,6 +134,7 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   {
     auto dev = open_ro(imgr);
     CHECK(first_diff(read_all(*dev), file_bytes(rawr)) == -1);
+    expect_map_consistent(imgr, *dev);
   }
   // data_file_raw with extended L2: the raw file is authoritative even where
   // QEMU 7.2 reads zeros (empty subcluster bitmaps, FORMATS.md B10).
@@ -162,11 +163,13 @@ TEST_CASE("qcow2 dirty lazy-refcount image, odd size, snapshot, refcount_bits=1,
   sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on " + lazy + " 64M");
   sh_status("qemu-io -f qcow2 -c 'write -P 0x44 0 128k' -c 'sigraise 9' " + lazy);
   expect_same_as_qemu(lazy, d / "out.raw");
+  expect_map_consistent(lazy, *open_ro(lazy));
 
   std::string odd = d / "odd.qcow2";
   sh("qemu-img create -q -f qcow2 " + odd + " 10000001");
   sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x45 9999360 512' " + odd);
   expect_same_as_qemu(odd, d / "out.raw");
+  expect_map_consistent(odd, *open_ro(odd));
   CHECK(open_ro(odd)->size() == 10000384);  // qemu-img create rounds up to 512
 
   std::string snap = d / "snap.qcow2";
@@ -175,16 +178,19 @@ TEST_CASE("qcow2 dirty lazy-refcount image, odd size, snapshot, refcount_bits=1,
   sh("qemu-img snapshot -c s1 " + snap);
   sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x47 512k 1M' " + snap);
   expect_same_as_qemu(snap, d / "out.raw");
+  expect_map_consistent(snap, *open_ro(snap));
 
   std::string r1 = d / "r1.qcow2";
   sh("qemu-img create -q -f qcow2 -o refcount_bits=1 " + r1 + " 64M");
   populate(r1, 65536);
   expect_same_as_qemu(r1, d / "out.raw");
+  expect_map_consistent(r1, *open_ro(r1));
 
   std::string pm = d / "pm.qcow2";
   sh("qemu-img create -q -f qcow2 -o preallocation=metadata " + pm + " 64M");
   sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x48 3M 5k' " + pm);
   expect_same_as_qemu(pm, d / "out.raw");
+  expect_map_consistent(pm, *open_ro(pm));
 }
 
 TEST_CASE("qcow2 info and check on a clean image") {
