@@ -3,6 +3,8 @@
 // vhd_check.cpp, creation in vhd_create.cpp.
 #include "formats/vhd/vhd.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -124,15 +126,24 @@ int VhdDevice::get_bitmap(uint64_t block, uint32_t entry, Bitmap& out) {
   out = bm;
   lru_.push_front(block);
   bitmaps_.emplace(block, std::make_pair(out, lru_.begin()));
-  while (bitmaps_.size() > bitmap_cache_max_) {
-    bitmaps_.erase(lru_.back());
-    lru_.pop_back();
-  }
+  evict_bitmaps();
   return 0;
 }
 
-void VhdDevice::put_bitmap(uint64_t block, Bitmap bm) {
+void VhdDevice::evict_bitmaps() {
+  // Dirty bitmaps (bits not yet on disk) stay until flush() writes them.
+  auto it = lru_.end();
+  while (bitmaps_.size() > bitmap_cache_max_ && it != lru_.begin()) {
+    --it;
+    if (dirty_bitmaps_.count(*it)) continue;
+    bitmaps_.erase(*it);
+    it = lru_.erase(it);
+  }
+}
+
+void VhdDevice::put_bitmap(uint64_t block, Bitmap bm, bool dirty) {
   std::lock_guard lock(meta_mutex_);
+  if (dirty) dirty_bitmaps_.insert(block);
   auto it = bitmaps_.find(block);
   if (it != bitmaps_.end()) {
     it->second.first = std::move(bm);
@@ -141,10 +152,7 @@ void VhdDevice::put_bitmap(uint64_t block, Bitmap bm) {
   }
   lru_.push_front(block);
   bitmaps_.emplace(block, std::make_pair(std::move(bm), lru_.begin()));
-  while (bitmaps_.size() > bitmap_cache_max_) {
-    bitmaps_.erase(lru_.back());
-    lru_.pop_back();
-  }
+  evict_bitmaps();
 }
 
 // ---- reads ------------------------------------------------------------------
@@ -270,8 +278,7 @@ int VhdDevice::allocate_block(uint64_t block, uint64_t s0, uint64_t s1,
   return write_bat_entry(block);
 }
 
-int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std::byte> buf,
-                           bool& synced) {
+int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std::byte> buf) {
   std::lock_guard block_lock(block_locks_[block % block_locks_.size()]);
   const uint64_t base = block * block_size_;
   const uint64_t end = off_in + buf.size();
@@ -302,7 +309,6 @@ int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std:
       return read_below(base + s * kSector, dst);
     };
     if (int r = aligned(from_below, sectors)) return r;
-    synced = true;
     return allocate_block(block, s0, s1, sectors);
   }
 
@@ -324,17 +330,11 @@ int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std:
     if (int r = file_->write_at(data + off_in, buf)) return r;
   }
   if (all_set(bm->data(), s0, s1)) return 0;
-  // Bits only after their data is durable.
-  if (int r = file_->sync()) return r;
-  synced = true;
+  // The new bits take effect in memory now; on disk they are written by the
+  // next flush(), after the data is durable (never a bit before its data).
   auto nbm = std::make_shared<std::vector<uint8_t>>(*bm);
   set_bits(nbm->data(), s0, s1);
-  const uint64_t first = (s0 / 8) / kSector * kSector;
-  const uint64_t last = ((s1 - 1) / 8) / kSector * kSector + kSector;
-  if (int r =
-          write_bytes(*file_, uint64_t{entry} * kSector + first, nbm->data() + first, last - first))
-    return r;
-  put_bitmap(block, std::move(nbm));
+  put_bitmap(block, std::move(nbm), true);
   return 0;
 }
 
@@ -345,16 +345,15 @@ int VhdDevice::write(uint64_t offset, std::span<const std::byte> buf, bool fua) 
     return fua ? file_->sync() : 0;
   }
   size_t done = 0;
-  bool synced = false;
   while (done < buf.size()) {
     uint64_t pos = offset + done;
     uint64_t block = pos / block_size_;
     uint64_t off_in = pos % block_size_;
     size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, block_size_ - off_in));
-    if (int r = write_block(block, off_in, buf.subspan(done, n), synced)) return r;
+    if (int r = write_block(block, off_in, buf.subspan(done, n))) return r;
     done += n;
   }
-  return fua ? file_->sync() : 0;
+  return fua ? flush() : 0;
 }
 
 int VhdDevice::below_is_zero(uint64_t offset, uint64_t length, bool& zero) {
@@ -381,7 +380,6 @@ int VhdDevice::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) {
     if (r) return r;
     return flags.fua ? file_->sync() : 0;
   }
-  bool synced = false;
   uint64_t done = 0;
   while (done < length) {
     uint64_t pos = offset + done;
@@ -399,12 +397,12 @@ int VhdDevice::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) {
     }
     for (uint64_t k = 0; !skip && k < n;) {
       size_t m = static_cast<size_t>(std::min<uint64_t>(n - k, zeros.size()));
-      if (int r = write_block(block, off_in + k, {zeros.data(), m}, synced)) return r;
+      if (int r = write_block(block, off_in + k, {zeros.data(), m})) return r;
       k += m;
     }
     done += n;
   }
-  return flags.fua ? file_->sync() : 0;
+  return flags.fua ? flush() : 0;
 }
 
 int VhdDevice::trim(uint64_t, uint64_t, bool fua) {
@@ -412,7 +410,50 @@ int VhdDevice::trim(uint64_t, uint64_t, bool fua) {
   return fua && file_->writable() ? file_->sync() : 0;
 }
 
-int VhdDevice::flush() { return file_->sync(); }
+int VhdDevice::flush() {
+  if (!file_->writable()) return 0;
+  std::lock_guard flush_lock(flush_mutex_);
+  // Take the dirty bitmaps first: the data behind every bit in them was
+  // written before the bit was set, so the sync below makes it durable
+  // before the bitmaps go to disk. Bits set later wait for the next flush.
+  struct Pending {
+    uint64_t block;
+    uint32_t entry;
+    Bitmap bitmap;
+  };
+  std::vector<Pending> dirty;
+  {
+    std::lock_guard lock(meta_mutex_);
+    for (uint64_t block : dirty_bitmaps_) {
+      auto it = bitmaps_.find(block);
+      if (it != bitmaps_.end()) dirty.push_back({block, bat_[block], it->second.first});
+    }
+    dirty_bitmaps_.clear();
+  }
+  int r = file_->sync();
+  for (size_t i = 0; r == 0 && i < dirty.size(); ++i) {
+    r = write_bytes(*file_, uint64_t{dirty[i].entry} * kSector, dirty[i].bitmap->data(),
+                    bitmap_bytes_);
+  }
+  if (r == 0 && !dirty.empty()) r = file_->sync();
+  if (r != 0 && !dirty.empty()) {
+    // Not known to be on disk: keep them dirty for the next attempt.
+    std::lock_guard lock(meta_mutex_);
+    for (const auto& p : dirty) dirty_bitmaps_.insert(p.block);
+  }
+  return r;
+}
+
+VhdDevice::~VhdDevice() {
+  bool pending;
+  {
+    std::lock_guard lock(meta_mutex_);
+    pending = !dirty_bitmaps_.empty();
+  }
+  if (pending && flush() != 0) {
+    spdlog::error("{}: could not write sector bitmaps on close", path());
+  }
+}
 
 // ---- block status -----------------------------------------------------------
 

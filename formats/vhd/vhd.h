@@ -8,8 +8,10 @@
 //  - The last 512 bytes of a writable image are a valid footer at every instant:
 //    a new block first extends the file with a footer past its end, then its
 //    bitmap and data overwrite the previous footer.
-//  - A BAT entry is written only after the block's data is durable; a bitmap bit
-//    is set only after its sector's data is durable.
+//  - A BAT entry is written only after the block's data is durable. Bits of an
+//    allocated block are set in the cached bitmap when the write completes and
+//    reach the disk at the next flush(), after a sync of the data (or with the
+//    block, for a new one): a bit on disk never precedes its data.
 //  - The BAT lives in memory (bat_, guarded by meta_mutex_); sector bitmaps are
 //    cached in a bounded cache (also under meta_mutex_). meta_mutex_ is never held
 //    across I/O on the read path.
@@ -24,6 +26,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -45,6 +48,7 @@ class VhdDevice final : public BlockDevice {
  public:
   // Built by open_vhd() (vhd_open.cpp) after validation.
   VhdDevice(std::unique_ptr<File> file, const Footer& footer, uint64_t size);
+  ~VhdDevice() override;  // writes pending sector bitmaps
 
   std::string_view format() const override { return "vhd"; }
   const std::string& path() const override { return file_->path(); }
@@ -79,8 +83,7 @@ class VhdDevice final : public BlockDevice {
   // differencing image (zeros past the parent's size), zeros otherwise.
   int read_below(uint64_t offset, std::span<std::byte> buf);
   int read_block(uint64_t block, uint64_t off_in_block, std::span<std::byte> buf);
-  int write_block(uint64_t block, uint64_t off_in_block, std::span<const std::byte> buf,
-                  bool& synced);
+  int write_block(uint64_t block, uint64_t off_in_block, std::span<const std::byte> buf);
   int allocate_block(uint64_t block, uint64_t s0, uint64_t s1, std::span<const std::byte> sectors);
   int write_bat_entry(uint64_t block);
   int fixed_extents(uint64_t offset, uint64_t length, std::vector<Extent>& out);
@@ -93,7 +96,9 @@ class VhdDevice final : public BlockDevice {
   uint64_t unallocated_run(uint64_t block, uint64_t max_blocks) const;
   // The sector bitmap of an allocated block (from cache or disk).
   int get_bitmap(uint64_t block, uint32_t entry, Bitmap& out);
-  void put_bitmap(uint64_t block, Bitmap bm);
+  // dirty: the bits are not on disk yet (flush() writes them).
+  void put_bitmap(uint64_t block, Bitmap bm, bool dirty = false);
+  void evict_bitmaps();  // REQUIRES: meta_mutex_ held
   void footer_bytes(uint8_t* buf) const;
 
   std::unique_ptr<File> file_;
@@ -125,6 +130,9 @@ class VhdDevice final : public BlockDevice {
   size_t bitmap_cache_max_ = 4096;
   std::list<uint64_t> lru_;
   std::unordered_map<uint64_t, std::pair<Bitmap, std::list<uint64_t>::iterator>> bitmaps_;
+  // Blocks whose cached bitmap has bits not yet written to disk; pinned in the cache.
+  std::set<uint64_t> dirty_bitmaps_;
+  std::mutex flush_mutex_;
   mutable std::atomic<uint64_t> bitmap_hits_{0}, bitmap_misses_{0}, allocations_{0};
 };
 
