@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -45,13 +46,19 @@ struct Chdir {
   ~Chdir() { fs::current_path(old); }
 };
 
+inline std::string log_path() { return "/tmp/strata-qcow2-last-" + std::to_string(getpid()) + ".log"; }
+
+inline struct LogCleanup {
+  ~LogCleanup() { std::remove(log_path().c_str()); }
+} log_cleanup;
+
 inline int sh_status(const std::string& cmd) {
-  int st = std::system((cmd + " >/tmp/strata-qcow2-last.log 2>&1").c_str());
+  int st = std::system((cmd + " >" + log_path() + " 2>&1").c_str());
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 inline std::string last_log() {
-  std::ifstream f("/tmp/strata-qcow2-last.log");
+  std::ifstream f(log_path());
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
