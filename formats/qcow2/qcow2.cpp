@@ -179,6 +179,10 @@ void Qcow2Device::set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t
 
 int Qcow2Device::load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh) {
   if (CachedTable* t = cache.find(offset)) {
+    if (fresh) {  // a newly allocated cluster: never trust older contents
+      std::fill(t->data.begin(), t->data.end(), 0);
+      t->dirty = true;
+    }
     out = t;
     return 0;
   }

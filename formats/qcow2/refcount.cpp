@@ -271,6 +271,9 @@ int Qcow2Device::apply_frees_locked() {
     }
     if (int r = set_refcount_locked(c, rc - 1)) return r;
     if (rc == 1) {
+      // A freed L2 table (copied away from a snapshot) must not linger in the
+      // cache: the cluster may come back as data or as another table.
+      l2_cache_->erase(c << cluster_bits_);
       free_hint_ = std::min(free_hint_, c);
       int r = file_->punch_hole(c << cluster_bits_, cs_);
       (void)r;  // advisory

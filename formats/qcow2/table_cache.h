@@ -30,6 +30,8 @@ class TableCache {
   // Least recently used entry when the cache is full (the owner writes it back
   // if dirty, then erases it); nullptr when there is room.
   CachedTable* victim();
+  // Membership test without touching the counters or the LRU order.
+  bool contains(uint64_t offset) const { return map_.count(offset) != 0; }
   CachedTable* insert(uint64_t offset, std::vector<uint8_t> data, bool dirty);
   void erase(uint64_t offset);
 

@@ -29,12 +29,20 @@ void Qcow2Device::unlock_cluster(uint64_t gc) {
   cv_.notify_all();
 }
 
+// REQUIRES mu_.
 bool Qcow2Device::overlaps_metadata(uint64_t host, uint64_t len) const {
   if (external_) return false;
   auto hit = [&](uint64_t off, uint64_t n) { return n && host < off + n && off < host + len; };
-  return hit(0, cs_) || hit(h_.l1_table_offset, uint64_t{h_.l1_size} * 8) ||
-         hit(reftable_offset_, reftable_clusters_ * cs_) ||
-         (h_.nb_snapshots && hit(h_.snapshots_offset, snapshot_table_bytes_));
+  if (hit(0, cs_) || hit(h_.l1_table_offset, uint64_t{h_.l1_size} * 8) ||
+      hit(reftable_offset_, reftable_clusters_ * cs_) ||
+      (h_.nb_snapshots && hit(h_.snapshots_offset, snapshot_table_bytes_))) {
+    return true;
+  }
+  // Cached L2 tables and refcount blocks (QEMU's "cached" overlap check).
+  for (uint64_t c = host & ~(cs_ - 1); c < host + len; c += cs_) {
+    if (l2_cache_->contains(c) || rb_cache_->contains(c)) return true;
+  }
+  return false;
 }
 
 int Qcow2Device::clear_autoclear_once() {
