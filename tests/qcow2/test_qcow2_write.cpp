@@ -341,3 +341,20 @@ TEST_CASE("qcow2 persistent bitmaps: autoclear bit cleared before the first writ
   CHECK(rep.clean());
   CHECK(rep.leaks.empty());
 }
+
+TEST_CASE("qcow2 random workload with a tiny metadata cache (dirty evictions)") {
+  TempDir d;
+  strata::OpenOptions o;
+  o.metadata_cache_bytes = 1;  // clamps to the minimum: 2 L2 tables, 4 refcount blocks
+  for (std::string opts : {"cluster_size=4k", "cluster_size=16k,extended_l2=on", "cluster_size=512,refcount_bits=8"}) {
+    INFO("options: " << opts);
+    std::string img = d / "tiny.qcow2";
+    sh("qemu-img create -q -f qcow2 -o " + opts + " " + img + " 32M");
+    sh(prep(img));
+    sh("qemu-img snapshot -c s1 " + img);
+    Workload w;
+    w.seed = 51 + opts.size();
+    w.ops = 100;
+    run_workload(img, d.path, w, o);
+  }
+}
