@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -26,6 +27,8 @@ constexpr uint32_t kSparseReadThreshold = 64 * 1024;
 constexpr uint64_t kMaxDiscard = 2ull * kMaxRequestBytes;
 // A client that does not read its replies for this long is dropped.
 constexpr int kSendTimeoutMs = 120 * 1000;
+// Requests one thread takes from the read buffer at a time.
+constexpr size_t kBatch = 4;
 
 constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
@@ -295,8 +298,10 @@ void Connection::release_bytes(uint64_t n) {
 }
 
 // Reads and validates the next request that needs executing; replies to
-// refused ones itself. False: stop reading (EOF, DISC, protocol error).
-bool Connection::next_request(Request& req) {
+// refused ones itself. False: stop reading (EOF, DISC, protocol error: then
+// read_closed_ is set), or, with may_block false, no further request is
+// complete in the buffer.
+bool Connection::next_request(Request& req, bool may_block) {
   using namespace nbd;
   for (;;) {
     if (read_closed_ || stopping_) return false;
@@ -334,6 +339,7 @@ bool Connection::next_request(Request& req) {
         }
       }
       reply_error(h.cookie, err, "request refused");
+      if (!may_block && !buffered_request_ready()) return false;
       continue;
     }
     req.accounted = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
@@ -351,16 +357,32 @@ bool Connection::next_request(Request& req) {
   }
 }
 
+bool Connection::buffered_request_ready() const {
+  if (rend_ - rpos_ < nbd::kRequestSize) return false;
+  const uint8_t* p = rbuf_.get() + rpos_;
+  if (load_be16(p + 6) != nbd::kCmdWrite) return true;
+  return rend_ - rpos_ >= nbd::kRequestSize + load_be32(p + 24);
+}
+
 void Connection::worker_loop() {
-  Request req;
+  // A thread takes one request, plus any further ones already complete in the
+  // read buffer (up to kBatch): these cost no system call to read, and running
+  // them here saves waking another thread for each.
+  std::array<Request, kBatch> batch;
   for (;;) {
+    size_t n = 0;
     {
       std::lock_guard lock(read_mu_);
-      if (!next_request(req)) break;
+      while (n < kBatch && (n == 0 || buffered_request_ready()) && next_request(batch[n], n == 0)) {
+        ++n;
+      }
     }
-    execute(req);
-    release_bytes(req.accounted);
-    req.payload.reset();
+    if (n == 0) break;
+    for (size_t i = 0; i < n; ++i) {
+      execute(batch[i]);
+      release_bytes(batch[i].accounted);
+      batch[i].payload.reset();
+    }
   }
 }
 

@@ -61,7 +61,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Transmission threads.
   void worker_loop();
-  bool next_request(Request& r);  // REQUIRES: read_mu_ held
+  bool next_request(Request& r, bool may_block);  // REQUIRES: read_mu_ held
+  bool buffered_request_ready() const;  // REQUIRES: read_mu_ held
   bool recv_exact(void* dst, size_t n);  // REQUIRES: read_mu_ held
   bool recv_discard(uint64_t n);         // REQUIRES: read_mu_ held
   void acquire_bytes(uint64_t n);
