@@ -605,12 +605,7 @@ bool Connection::send(std::span<iovec> iov) {
     ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if ((errno == EAGAIN || errno == EWOULDBLOCK) && !in_transmission_) {
-        pollfd p{fd_, POLLOUT, 0};  // handshake phase: the socket is non-blocking
-        int pr = ::poll(&p, 1, kSendTimeoutMs);
-        if (pr > 0 || (pr < 0 && errno == EINTR)) continue;
-      }
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {  // SO_SNDTIMEO expired
         spdlog::warn("conn {}: client stopped reading replies, dropping it", id_);
       } else if (errno != EPIPE && errno != ECONNRESET) {
         spdlog::warn("conn {}: send failed: {}", id_, std::strerror(errno));
