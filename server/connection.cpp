@@ -27,8 +27,10 @@ constexpr uint32_t kSparseReadThreshold = 64 * 1024;
 constexpr uint64_t kMaxDiscard = 2ull * kMaxRequestBytes;
 // A client that does not read its replies for this long is dropped.
 constexpr int kSendTimeoutMs = 120 * 1000;
-// Requests one thread takes from the read buffer at a time.
-constexpr size_t kBatch = 4;
+// Requests one thread takes from the read buffer at a time, and the payload
+// bytes after which it takes no more: their replies go out in one write.
+constexpr size_t kBatch = 16;
+constexpr uint64_t kBatchBytes = 256 * 1024;
 
 constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
@@ -38,6 +40,28 @@ struct Connection::Request {
   nbd::Request hdr;
   std::unique_ptr<std::byte[]> payload;  // WRITE data
   uint64_t accounted = 0;                // bytes counted in inflight_bytes_
+};
+
+// The replies of one batch, sent together with one gather write. The iovecs
+// point into `headers` and `data`, whose heap buffers do not move.
+struct Connection::Replies {
+  std::vector<iovec> iov;
+  std::vector<nbd::Bytes> headers;
+  std::vector<std::unique_ptr<std::byte[]>> data;
+  uint64_t read_bytes = 0;  // payload bytes of successful reads, counted once sent
+
+  void add_header(nbd::Bytes h) {
+    headers.push_back(std::move(h));
+    iov.push_back({headers.back().data(), headers.back().size()});
+  }
+  void add_data(std::byte* p, size_t n) { iov.push_back({p, n}); }
+  bool empty() const { return iov.empty(); }
+  void clear() {
+    iov.clear();
+    headers.clear();
+    data.clear();
+    read_bytes = 0;
+  }
 };
 
 Connection::Connection(Server& server, Socket socket, uint64_t id, std::string peer)
@@ -102,7 +126,12 @@ asio::awaitable<void> Connection::serve() {
     in_transmission_ = true;
     // From here on the socket is used with plain blocking calls by the
     // connection's threads; a client that stops reading replies for
-    // kSendTimeoutMs is dropped.
+    // kSendTimeoutMs is dropped. Asio lets go of it, so that its reactor is
+    // not woken for every request that arrives.
+    std::error_code rec;
+    int fd = socket_.release(rec);
+    if (!rec) fd_ = fd;
+    else spdlog::warn("conn {}: cannot take the socket from the reactor: {}", id_, rec.message());
     int fl = ::fcntl(fd_, F_GETFL);
     if (fl >= 0) ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK);
     timeval tv{kSendTimeoutMs / 1000, 0};
@@ -124,8 +153,13 @@ asio::awaitable<void> Connection::serve() {
     if (!export_->caps.read_only && n_writes_.load() > 0) export_->device->flush();
   }
   std::error_code ec;
-  socket_.shutdown(asio::socket_base::shutdown_both, ec);
-  socket_.close(ec);
+  if (in_transmission_ && !socket_.is_open()) {
+    ::shutdown(fd_, SHUT_RDWR);
+    ::close(fd_);
+  } else {
+    socket_.shutdown(asio::socket_base::shutdown_both, ec);
+    socket_.close(ec);
+  }
   auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   spdlog::info(
       "conn {}: closed peer={} export='{}' reads={} writes={} other={} errors={} "
@@ -288,6 +322,13 @@ void Connection::acquire_bytes(uint64_t n) {
   inflight_bytes_ += n;
 }
 
+bool Connection::try_acquire_bytes(uint64_t n) {
+  std::lock_guard lock(bytes_mu_);
+  if (inflight_bytes_ != 0 && inflight_bytes_ + n > limits_.max_inflight_bytes) return false;
+  inflight_bytes_ += n;
+  return true;
+}
+
 void Connection::release_bytes(uint64_t n) {
   if (n == 0) return;
   {
@@ -297,11 +338,11 @@ void Connection::release_bytes(uint64_t n) {
   bytes_cv_.notify_all();
 }
 
-// Reads and validates the next request that needs executing; replies to
-// refused ones itself. False: stop reading (EOF, DISC, protocol error: then
-// read_closed_ is set), or, with may_block false, no further request is
-// complete in the buffer.
-bool Connection::next_request(Request& req, bool may_block) {
+// Reads and validates the next request that needs executing; queues the
+// replies to refused ones in `out`. False: stop reading (EOF, DISC, protocol
+// error: then read_closed_ is set), or, with may_block false, no further
+// request is complete in the buffer.
+bool Connection::next_request(Request& req, Replies& out, bool may_block) {
   using namespace nbd;
   for (;;) {
     if (read_closed_ || stopping_) return false;
@@ -329,7 +370,7 @@ bool Connection::next_request(Request& req, bool may_block) {
                     id_, h.type, h.offset, h.length, h.flags, err);
       if (h.type == kCmdWrite) {
         if (h.length > kMaxDiscard) {
-          reply_error(h.cookie, err, "write payload too large");
+          reply_error(out, h.cookie, err, "write payload too large");
           read_closed_ = true;
           return false;
         }
@@ -338,12 +379,21 @@ bool Connection::next_request(Request& req, bool may_block) {
           return false;
         }
       }
-      reply_error(h.cookie, err, "request refused");
-      if (!may_block && !buffered_request_ready()) return false;
+      reply_error(out, h.cookie, err, "request refused");
+      if (!buffered_request_ready()) {
+        if (!may_block) return false;
+        send(out);  // before waiting for the next request
+      }
       continue;
     }
     req.accounted = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
-    acquire_bytes(req.accounted);
+    if (may_block) {
+      acquire_bytes(req.accounted);
+    } else if (!try_acquire_bytes(req.accounted)) {
+      // No room: leave the request, whole in the buffer, for the next batch.
+      rpos_ -= kRequestSize;
+      return false;
+    }
     if (h.type == kCmdWrite) {
       req.payload = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
       if (!recv_exact(req.payload.get(), h.length)) {
@@ -357,6 +407,10 @@ bool Connection::next_request(Request& req, bool may_block) {
   }
 }
 
+uint32_t Connection::buffered_request_length() const {
+  return load_be32(rbuf_.get() + rpos_ + 24);
+}
+
 bool Connection::buffered_request_ready() const {
   if (rend_ - rpos_ < nbd::kRequestSize) return false;
   const uint8_t* p = rbuf_.get() + rpos_;
@@ -365,28 +419,43 @@ bool Connection::buffered_request_ready() const {
 }
 
 void Connection::worker_loop() {
-  // A thread takes one request, plus any further ones already complete in the
-  // read buffer (up to kBatch): these cost no system call to read, and running
-  // them here saves waking another thread for each.
+  // A thread takes one request, plus further ones already complete in the
+  // read buffer (up to kBatch requests or kBatchBytes of payload): these cost
+  // no system call to read, running them here saves waking another thread for
+  // each, and their replies leave together in one write.
   std::array<Request, kBatch> batch;
+  Replies out;
+  out.iov.reserve(2 * kBatch);
+  out.headers.reserve(kBatch);
+  out.data.reserve(kBatch);
   for (;;) {
     size_t n = 0;
     {
       std::lock_guard lock(read_mu_);
-      while (n < kBatch && (n == 0 || buffered_request_ready()) && next_request(batch[n], n == 0)) {
+      uint64_t bytes = 0;
+      while (n < kBatch &&
+             (n == 0 || (buffered_request_ready() &&
+                         bytes + buffered_request_length() <= kBatchBytes)) &&
+             next_request(batch[n], out, n == 0)) {
+        bytes += batch[n].hdr.length;
         ++n;
       }
     }
-    if (n == 0) break;
     for (size_t i = 0; i < n; ++i) {
-      execute(batch[i]);
-      release_bytes(batch[i].accounted);
+      // A flush can take long: the replies ready so far do not wait for it.
+      if (batch[i].hdr.type == nbd::kCmdFlush) send(out);
+      execute(batch[i], out);
       batch[i].payload.reset();
     }
+    send(out);
+    uint64_t held = 0;
+    for (size_t i = 0; i < n; ++i) held += batch[i].accounted;
+    release_bytes(held);
+    if (n == 0) break;
   }
 }
 
-void Connection::execute(Request& r) {
+void Connection::execute(Request& r, Replies& out) {
   using namespace nbd;
   const auto& h = r.hdr;
   BlockDevice& dev = *export_->device;
@@ -394,7 +463,7 @@ void Connection::execute(Request& r) {
   switch (h.type) {
     case kCmdRead:
       ++n_reads_;
-      return execute_read(r);
+      return execute_read(r, out);
     case kCmdWrite:
       ++n_writes_;
       e = dev.write(h.offset, {r.payload.get(), h.length}, h.flags & kCmdFlagFua);
@@ -421,7 +490,7 @@ void Connection::execute(Request& r) {
       break;
     case kCmdBlockStatus:
       ++n_other_;
-      return execute_block_status(r);
+      return execute_block_status(r, out);
   }
   if (e) {
     if (!(h.type == kCmdWriteZeroes && e == ENOTSUP)) {
@@ -429,17 +498,18 @@ void Connection::execute(Request& r) {
                    h.length, std::strerror(e));
     }
     ++n_errors_;
-    reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+    reply_error(out, h.cookie, errno_to_nbd(e), std::strerror(e));
   } else {
-    reply_ok(h.cookie);
+    reply_ok(out, h.cookie);
   }
 }
 
-void Connection::execute_read(Request& r) {
+void Connection::execute_read(Request& r, Replies& out) {
   using namespace nbd;
   const auto& h = r.hdr;
   BlockDevice& dev = *export_->device;
-  auto buf = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+  auto owned = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+  std::byte* buf = owned.get();
   const bool structured = handshake_.structured_replies();
 
   // Sparse-aware structured read: holes become OFFSET_HOLE chunks.
@@ -447,9 +517,8 @@ void Connection::execute_read(Request& r) {
   if (structured && !(h.flags & kCmdFlagDf) && h.length >= kSparseReadThreshold &&
       export_->caps.has_extents && dev.extents(h.offset, h.length, ext) == 0 &&
       std::any_of(ext.begin(), ext.end(), [](const Extent& x) { return x.zero; })) {
-    Bytes headers;
     struct Piece {
-      size_t hdr_off, hdr_len;
+      Bytes header;
       uint64_t pos;
       uint32_t len;
       bool data;
@@ -459,55 +528,54 @@ void Connection::execute_read(Request& r) {
     for (size_t i = 0; i < ext.size() && pos < h.length; ++i) {
       uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(ext[i].length, h.length - pos));
       bool last = pos + len >= h.length;
-      size_t off = headers.size();
+      Bytes header;
       if (ext[i].zero) {
-        append_chunk_hole(headers, h.cookie, h.offset + pos, len, last);
+        append_chunk_hole(header, h.cookie, h.offset + pos, len, last);
       } else {
-        if (int e = dev.read(h.offset + pos, {buf.get() + pos, len})) {
+        if (int e = dev.read(h.offset + pos, {buf + pos, len})) {
           ++n_errors_;
-          read_error(h.cookie, e, h.offset + pos);
+          read_error(out, h.cookie, e, h.offset + pos);
           return;
         }
-        append_chunk_data_header(headers, h.cookie, h.offset + pos, len, last);
+        append_chunk_data_header(header, h.cookie, h.offset + pos, len, last);
       }
-      pieces.push_back({off, headers.size() - off, pos, len, !ext[i].zero});
+      pieces.push_back({std::move(header), pos, len, !ext[i].zero});
       pos += len;
     }
     if (pos == h.length) {
-      std::vector<iovec> iov;
-      for (const auto& p : pieces) {
-        iov.push_back({headers.data() + p.hdr_off, p.hdr_len});
-        if (p.data) iov.push_back({buf.get() + p.pos, p.len});
+      for (auto& p : pieces) {
+        out.add_header(std::move(p.header));
+        if (p.data) out.add_data(buf + p.pos, p.len);
       }
-      if (send(iov)) bytes_read_ += h.length;
+      out.data.push_back(std::move(owned));
+      out.read_bytes += h.length;
       return;
     }
   }
 
-  if (int e = dev.read(h.offset, {buf.get(), h.length})) {
+  if (int e = dev.read(h.offset, {buf, h.length})) {
     ++n_errors_;
-    read_error(h.cookie, e, h.offset);
+    read_error(out, h.cookie, e, h.offset);
     return;
   }
-  uint8_t hdr[kStructuredReplySize + 8];
-  size_t hdr_len;
-  if (structured) {
-    if (h.length == 0) {
-      reply_ok(h.cookie);
-      return;
-    }
-    encode_chunk_header(hdr, kReplyFlagDone, kChunkOffsetData, h.cookie, h.length + 8);
-    store_be64(hdr + kStructuredReplySize, h.offset);
-    hdr_len = kStructuredReplySize + 8;
-  } else {
-    encode_simple_reply(hdr, 0, h.cookie);
-    hdr_len = kSimpleReplySize;
+  if (structured && h.length == 0) {
+    reply_ok(out, h.cookie);
+    return;
   }
-  iovec iov[2] = {{hdr, hdr_len}, {buf.get(), h.length}};
-  if (send(iov)) bytes_read_ += h.length;
+  Bytes header;
+  if (structured) {
+    append_chunk_data_header(header, h.cookie, h.offset, h.length, true);
+  } else {
+    header.resize(kSimpleReplySize);
+    encode_simple_reply(header.data(), 0, h.cookie);
+  }
+  out.add_header(std::move(header));
+  out.add_data(buf, h.length);
+  out.data.push_back(std::move(owned));
+  out.read_bytes += h.length;
 }
 
-void Connection::execute_block_status(Request& r) {
+void Connection::execute_block_status(Request& r, Replies& out) {
   using namespace nbd;
   const auto& h = r.hdr;
   std::vector<Extent> ext;
@@ -515,7 +583,7 @@ void Connection::execute_block_status(Request& r) {
   if (e == 0 && ext.empty()) e = EIO;
   if (e) {
     ++n_errors_;
-    reply_error(h.cookie, errno_to_nbd(e), std::strerror(e));
+    reply_error(out, h.cookie, errno_to_nbd(e), std::strerror(e));
     return;
   }
   const bool one = h.flags & kCmdFlagReqOne;
@@ -536,62 +604,61 @@ void Connection::execute_block_status(Request& r) {
     }
     return d;
   };
-  Bytes out;
+  Bytes reply;
   const bool base = handshake_.meta_base_allocation();
   const bool depth = handshake_.meta_allocation_depth();
   if (base) {
     auto d = describe([](const Extent& x) {
       return (x.hole ? kStateHole : 0u) | (x.zero ? kStateZero : 0u);
     });
-    append_chunk_block_status(out, h.cookie, kMetaIdBaseAllocation, d, !depth);
+    append_chunk_block_status(reply, h.cookie, kMetaIdBaseAllocation, d, !depth);
   }
   if (depth) {
     auto d = describe([](const Extent& x) { return x.depth; });
-    append_chunk_block_status(out, h.cookie, kMetaIdAllocationDepth, d, true);
+    append_chunk_block_status(reply, h.cookie, kMetaIdAllocationDepth, d, true);
   }
-  iovec iov{out.data(), out.size()};
-  send({&iov, 1});
+  out.add_header(std::move(reply));
 }
 
-void Connection::read_error(uint64_t cookie, int host_errno, uint64_t offset) {
+void Connection::read_error(Replies& out, uint64_t cookie, int host_errno, uint64_t offset) {
   spdlog::warn("conn {}: read at offset {} failed: {}", id_, offset, std::strerror(host_errno));
   if (handshake_.structured_replies()) {
-    nbd::Bytes out;
-    nbd::append_chunk_error_offset(out, cookie, nbd::errno_to_nbd(host_errno),
+    nbd::Bytes reply;
+    nbd::append_chunk_error_offset(reply, cookie, nbd::errno_to_nbd(host_errno),
                                    std::strerror(host_errno), offset);
-    iovec iov{out.data(), out.size()};
-    send({&iov, 1});
+    out.add_header(std::move(reply));
   } else {
-    reply_error(cookie, nbd::errno_to_nbd(host_errno));
+    reply_error(out, cookie, nbd::errno_to_nbd(host_errno));
   }
 }
 
-void Connection::reply_error(uint64_t cookie, uint32_t error, std::string_view message) {
+void Connection::reply_error(Replies& out, uint64_t cookie, uint32_t error,
+                             std::string_view message) {
+  nbd::Bytes reply;
   if (handshake_.structured_replies()) {
-    nbd::Bytes out;
-    nbd::append_chunk_error(out, cookie, error, message);
-    iovec iov{out.data(), out.size()};
-    send({&iov, 1});
+    nbd::append_chunk_error(reply, cookie, error, message);
   } else {
-    uint8_t hdr[nbd::kSimpleReplySize];
-    nbd::encode_simple_reply(hdr, error, cookie);
-    iovec iov{hdr, sizeof hdr};
-    send({&iov, 1});
+    reply.resize(nbd::kSimpleReplySize);
+    nbd::encode_simple_reply(reply.data(), error, cookie);
   }
+  out.add_header(std::move(reply));
 }
 
-void Connection::reply_ok(uint64_t cookie) {
-  uint8_t hdr[nbd::kStructuredReplySize];
-  size_t len;
+void Connection::reply_ok(Replies& out, uint64_t cookie) {
+  nbd::Bytes reply;
   if (handshake_.structured_replies()) {
-    nbd::encode_chunk_header(hdr, nbd::kReplyFlagDone, nbd::kChunkNone, cookie, 0);
-    len = nbd::kStructuredReplySize;
+    nbd::append_chunk_none(reply, cookie);
   } else {
-    nbd::encode_simple_reply(hdr, 0, cookie);
-    len = nbd::kSimpleReplySize;
+    reply.resize(nbd::kSimpleReplySize);
+    nbd::encode_simple_reply(reply.data(), 0, cookie);
   }
-  iovec iov{hdr, len};
-  send({&iov, 1});
+  out.add_header(std::move(reply));
+}
+
+void Connection::send(Replies& out) {
+  if (out.empty()) return;
+  if (send(out.iov)) bytes_read_ += out.read_bytes;
+  out.clear();
 }
 
 bool Connection::send(std::span<iovec> iov) {

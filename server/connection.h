@@ -1,15 +1,17 @@
 // One client connection: the handshake, then the transmission phase.
 //
-// Threads: the handshake is a coroutine on the network io_context. The
-// transmission phase runs on limits.workers threads of the connection's own
-// (the model nbdkit uses): a thread takes the read mutex, reads one request
-// through a shared 64 KiB buffer (so one recv often yields many requests),
-// releases the mutex, executes the request on the export's BlockDevice and
-// sends the reply under the write mutex with one gather write (sendmsg).
-// Replies go out as requests complete, out of order, as NBD allows, and no
-// request is handed from thread to thread.
+// Threads: the handshake is a coroutine on the network io_context. Then the
+// socket leaves Asio's reactor (so the io thread is not woken by traffic it
+// does not serve) and the transmission phase runs on limits.workers threads
+// of the connection's own (the model nbdkit uses): a thread takes the read
+// mutex, reads a request through a shared 64 KiB buffer (so one recv often
+// yields many requests) plus any further requests already complete in that
+// buffer, releases the mutex, executes them on the export's BlockDevice and
+// sends their replies together under the write mutex with one gather write
+// (sendmsg). Replies go out as batches complete, out of order, as NBD
+// allows, and no request is handed from thread to thread.
 //
-// Bounds: at most limits.workers requests execute at once per connection
+// Bounds: at most limits.workers batches execute at once per connection
 // (the rest wait in the socket) and at most limits.max_inflight_bytes of
 // payload and read buffers are held; a reader waits for room while holding
 // the read mutex, which stops reading.
@@ -54,6 +56,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
  private:
   struct Request;
+  struct Replies;
 
   asio::awaitable<void> serve();
   asio::awaitable<bool> handshake();
@@ -61,21 +64,27 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Transmission threads.
   void worker_loop();
-  bool next_request(Request& r, bool may_block);  // REQUIRES: read_mu_ held
+  bool next_request(Request& r, Replies& out, bool may_block);  // REQUIRES: read_mu_ held
   bool buffered_request_ready() const;  // REQUIRES: read_mu_ held
+  // The length field of the next buffered request. REQUIRES: read_mu_ held and
+  // buffered_request_ready().
+  uint32_t buffered_request_length() const;
   bool recv_exact(void* dst, size_t n);  // REQUIRES: read_mu_ held
   bool recv_discard(uint64_t n);         // REQUIRES: read_mu_ held
   void acquire_bytes(uint64_t n);
+  bool try_acquire_bytes(uint64_t n);
   void release_bytes(uint64_t n);
 
   uint32_t validate(const nbd::Request& r) const;
-  void execute(Request& r);
-  void execute_read(Request& r);
-  void execute_block_status(Request& r);
-  void reply_error(uint64_t cookie, uint32_t error, std::string_view message = {});
+  // Execution queues each reply in `out`; send(out) writes them all at once.
+  void execute(Request& r, Replies& out);
+  void execute_read(Request& r, Replies& out);
+  void execute_block_status(Request& r, Replies& out);
+  void reply_error(Replies& out, uint64_t cookie, uint32_t error, std::string_view message = {});
   // A failed read: ERROR_OFFSET naming the first failing byte when structured.
-  void read_error(uint64_t cookie, int host_errno, uint64_t offset);
-  void reply_ok(uint64_t cookie);
+  void read_error(Replies& out, uint64_t cookie, int host_errno, uint64_t offset);
+  void reply_ok(Replies& out, uint64_t cookie);
+  void send(Replies& out);
   bool send(std::span<iovec> iov);
 
   Server& server_;
