@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -93,6 +94,10 @@ class PosixFile final : public File {
 
   dev_t device() const override { return dev_; }
   ino_t inode() const override { return ino_; }
+  int lock() override {
+    if (::flock(fd_, (writable_ ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return 0;
+    return errno;
+  }
 
  private:
   int fallocate_errno(int mode, uint64_t offset, uint64_t length) {
@@ -139,6 +144,17 @@ std::unique_ptr<File> open_file(const std::string& path, bool writable) {
     throw_image_error(path, "not a regular file or block device");
   }
   return std::make_unique<PosixFile>(path, fd, writable, st.st_dev, st.st_ino);
+}
+
+void lock_image(File& file) {
+  int e = file.lock();
+  if (e != EWOULDBLOCK) return;  // locked, or no locks here (ENOLCK, EINVAL)
+  throw_image_error(file.path(),
+                    file.writable()
+                        ? "in use: another export or process has this image open "
+                          "(it holds a lock on it), so it cannot be opened read-write"
+                        : "in use: another export or process has this image open "
+                          "read-write (it holds a lock on it)");
 }
 
 std::unique_ptr<File> create_file(const std::string& path) {

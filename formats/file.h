@@ -46,10 +46,21 @@ class File {
   // Device and inode, to detect loops in backing chains.
   virtual dev_t device() const = 0;
   virtual ino_t inode() const = 0;
+  // Takes an advisory lock (flock) for the rest of this File's life without
+  // waiting: exclusive when writable, shared otherwise. EWOULDBLOCK when
+  // another open of the file holds a conflicting lock.
+  virtual int lock() { return 0; }
 };
 
 // Opens a host file. Throws ImageError naming the path when it cannot.
 std::unique_ptr<File> open_file(const std::string& path, bool writable);
+
+// Locks an image file for an export (File::lock): a file written through one
+// open is then never opened by another export or Strata process, and a file
+// read as a parent or backing layer is never written by one. Throws
+// ImageError naming the path on a conflict; where the file system has no
+// locks, goes on without.
+void lock_image(File& file);
 
 // Creates (or truncates) a file for a new image, read-write.
 std::unique_ptr<File> create_file(const std::string& path);

@@ -73,6 +73,7 @@ std::shared_ptr<BlockDevice> open_with_format(ChainContext& ctx, const std::stri
   if (!ctx.seen.insert(key).second) {
     throw_image_error(path, "loop in the backing chain: this file is already part of it");
   }
+  if (ctx.options.lock) lock_image(*file);
   if (format == Format::automatic) format = probe_format(*file);
   switch (format) {
     case Format::raw:

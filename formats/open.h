@@ -46,6 +46,9 @@ struct OpenOptions {
   std::string vhd_size_mode = "current";
   // VHD: explicit virtual size override in bytes.
   std::optional<uint64_t> vhd_size_override;
+  // Lock every file of the chain (lock_image); off only for read-only tools
+  // that look at an image in use (like qemu-img -U).
+  bool lock = true;
 };
 
 // State carried down one chain while it is being opened.

@@ -159,6 +159,9 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"raw", "qcow2", "vhd", "vpc", "auto"}));
     c->add_option("--output", output, "human or json")->check(CLI::IsMember({"human", "json"}));
     c->add_option("--allowed-dir", topt.allowed_dirs, "Confine child images to this directory");
+    c->add_flag("-U,--force-share", topt.force_share,
+                "Open the image even while a server has it open read-write (results may be "
+                "inconsistent)");
     return c;
   };
   auto* info_cmd = add_tool("info", "Show an image and its whole chain");

@@ -23,6 +23,7 @@ OpenOptions tool_open_options(const ToolOptions& t) {
   o.read_only = true;
   o.allowed_dirs = t.allowed_dirs.empty() ? std::vector<std::string>{"/"} : t.allowed_dirs;
   o.allow_raw_backing_probe = t.allow_raw_backing;
+  o.lock = !t.force_share;
   return o;
 }
 

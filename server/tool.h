@@ -17,6 +17,7 @@ struct ToolOptions {
   bool json_output = false;
   std::vector<std::string> allowed_dirs;
   bool allow_raw_backing = true;
+  bool force_share = false;  // open images in use by others (no lock), like qemu-img -U
 };
 
 int tool_info(const std::string& path, const ToolOptions& t);

@@ -5,7 +5,7 @@ B=${NBD_BENCH:-../shared/bench/nbd-bench}
 I=${BENCH_IMAGES:-$HOME/bench-images}
 STRATA=${STRATA:-build-release/strata}
 S="$STRATA serve {image} --format {format} --export {export} --port {port} --bind 127.0.0.1 --log-level warn"
-common="--runtime 5 --repeat 2 --quiet-wait 5 --noise-budget 120"
+common="--runtime 5 --repeat ${BENCH_REPEAT:-3} --quiet-wait 5 --noise-budget 120"
 # VHD reads: dynamic vs qemu-nbd, a 3-deep chain vs the same data flat, vs raw.
 $B $common --out ${BENCH_OUT:-results}/vhd-read --workloads seq-read,rand-read,multi-conn \
   --server "strata=$S" --image strata=$I/vpc-dynamic.vhd \

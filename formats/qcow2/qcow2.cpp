@@ -92,6 +92,7 @@ void Qcow2Device::open_children(ChainContext& ctx) {
     if (!ctx.seen.insert(key).second) {
       throw_image_error(path(), "data file '" + name + "' is already part of this chain");
     }
+    if (ctx.options.lock) lock_image(*data_file_owned_);
     data_ = data_file_owned_.get();
   } else {
     data_ = file_.get();

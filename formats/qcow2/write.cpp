@@ -333,7 +333,13 @@ int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags)
 
 int Qcow2Device::trim(uint64_t offset, uint64_t length, bool fua) {
   if (read_only_) return EPERM;
-  if (raw_) return 0;  // the raw file must stay the disk
+  if (raw_) {
+    // The raw file must stay the disk: give its space back (the range reads as
+    // zeros there and through the qcow2 alike) and leave the metadata alone.
+    int r = data_->punch_hole(offset, length);
+    if (r && r != ENOTSUP && r != EOPNOTSUPP) return r;
+    return fua ? flush() : 0;
+  }
   if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + length;
   for (uint64_t pos = offset; pos < end;) {

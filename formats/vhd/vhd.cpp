@@ -72,9 +72,8 @@ Capabilities VhdDevice::capabilities() const {
   c.read_only = !file_->writable();
   c.can_flush = true;
   c.can_fua = true;
-  // VHD cannot give blocks back online, and a trim must never let a parent show
-  // through: trim is a no-op, so say so.
-  c.can_trim = false;
+  // Trim punches the data of allocated blocks out of the file (see trim()).
+  c.can_trim = true;
   c.can_zero = true;
   c.can_fast_zero = false;
   c.can_multi_conn = true;
@@ -405,9 +404,32 @@ int VhdDevice::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) {
   return flags.fua ? flush() : 0;
 }
 
-int VhdDevice::trim(uint64_t, uint64_t, bool fua) {
-  // Advisory and unsupported (see capabilities()): nothing is deallocated.
-  return fua && file_->writable() ? file_->sync() : 0;
+int VhdDevice::trim(uint64_t offset, uint64_t length, bool fua) {
+  if (!file_->writable()) return EPERM;
+  // A trim gives host space back without touching metadata: the range's data
+  // in allocated blocks is punched out of the file and reads as zeros. The
+  // BAT and the sector bitmaps stay as they are, so a parent never shows
+  // through where the child had data, blocks are never freed (VHD has no
+  // online way to) and the file keeps its footer. Unallocated blocks hold
+  // nothing to give back.
+  int r = 0;
+  if (!dynamic()) {
+    r = file_->punch_hole(offset, length);
+  } else {
+    for (uint64_t pos = offset, end = offset + length; pos < end && r == 0;) {
+      uint64_t block = pos / block_size_;
+      uint64_t off_in = pos % block_size_;
+      uint64_t n = std::min<uint64_t>(end - pos, block_size_ - off_in);
+      uint32_t entry = bat_entry(block);
+      if (entry != kUnallocated) {
+        r = file_->punch_hole(uint64_t{entry} * kSector + bitmap_bytes_ + off_in, n);
+      }
+      pos += n;
+    }
+  }
+  if (r == ENOTSUP || r == EOPNOTSUPP) r = 0;  // trim is advisory: nothing given back
+  if (r) return r;
+  return fua ? flush() : 0;
 }
 
 int VhdDevice::flush() {

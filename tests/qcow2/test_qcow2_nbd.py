@@ -227,6 +227,32 @@ def test_random_workload_data_file_raw():
         assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_data_file_raw_trim_gives_space_back():
+    with workdir() as d:
+        img = os.path.join(d, "dr.qcow2")
+        raw = os.path.join(d, "dr.raw")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=dr.raw,data_file_raw=on",
+             img, "8M"], cwd=d)
+        with Server(img, "--format", "qcow2") as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri)
+            assert h.can_trim()
+            h.pwrite(b"\x33" * (4 << 20), 0)
+            h.flush()
+            before = os.stat(raw).st_blocks
+            h.trim(2 << 20, 1 << 20, nbd.CMD_FLAG_FUA)
+            after = os.stat(raw).st_blocks
+            got = h.pread(4 << 20, 0)
+            h.shutdown()
+        assert (before - after) * 512 >= 2 << 20, (before, after)
+        want = b"\x33" * (1 << 20) + bytes(2 << 20) + b"\x33" * (1 << 20)
+        assert got == want
+        assert file_bytes(raw)[:4 << 20] == want, "the raw file is not the disk"
+        p = run(["qemu-img", "check", img], check=False, cwd=d)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
 if __name__ == "__main__":
     main([test_variants_read_and_map, test_allocation_depth_mixed_chain,
-          test_random_workload_64_in_flight, test_random_workload_data_file_raw])
+          test_random_workload_64_in_flight, test_random_workload_data_file_raw,
+          test_data_file_raw_trim_gives_space_back])

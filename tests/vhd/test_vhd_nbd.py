@@ -7,6 +7,7 @@ spec) and expected buffers computed here.
 import hashlib
 import os
 import random
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -245,15 +246,18 @@ def test_allocation_depth_under_qcow2_overlay():
         assert data.count(0) == 8 * MiB - MiB - 4096 - 65536
 
 
-def run_workload(h, model, seed, nops, inflight=64):
+def run_workload(h, model, seed, nops, inflight=64, trimmed=None):
     """Random non-overlapping writes (unaligned, sector-partial), zeroes, trims and
-    flushes with up to `inflight` commands in flight; updates `model`."""
+    flushes with up to `inflight` commands in flight; updates `model` and marks
+    trimmed bytes in `trimmed` (a trimmed byte reads as zero or as before)."""
     rng = random.Random(seed)
     size = len(model)
+    if trimmed is None:
+        trimmed = bytearray(size)
     busy = {}
     keep = {}
     issued = 0
-    can_trim = h.can_trim()
+    assert h.can_trim()
     while issued < nops or busy:
         for c in list(busy):
             if h.aio_command_completed(c):
@@ -276,15 +280,35 @@ def run_workload(h, model, seed, nops, inflight=64):
                 c = h.aio_pwrite(buf, off)
                 keep[c] = buf
                 model[off:off + n] = data
-            elif r < 0.93 or not can_trim:
+                trimmed[off:off + n] = bytes(n)
+            elif r < 0.9:
                 c = h.aio_zero(n, off)
                 model[off:off + n] = bytes(n)
+                trimmed[off:off + n] = bytes(n)
             else:
-                c = h.aio_trim(n, off)  # VHD trims never discard data (can_trim off)
+                c = h.aio_trim(n, off)
+                trimmed[off:off + n] = b"\x01" * n
             busy[c] = (off, off + n)
             issued += 1
         elif h.aio_in_flight() > 0:
             h.poll(-1)
+    return trimmed
+
+
+def settle_trims(model, trimmed, got):
+    """Checks `got` (the disk read back) against `model`: equal everywhere except
+    in trimmed bytes, which must read as zero or as their last written value
+    (never stale or foreign data). Then takes the trimmed bytes from `got`, so
+    that offline readers are held to exactly what NBD returned."""
+    assert len(got) == len(model)
+    for m in re.finditer(rb"\x01+", trimmed):
+        a, b = m.span()
+        for i in range(a, b):
+            if got[i] != model[i]:
+                assert got[i] == 0, f"trimmed byte {i} reads {got[i]}, not 0 or {model[i]}"
+        model[a:b] = got[a:b]
+    assert bytes(model) == got, "untrimmed data differs"
+    return sum(1 for _ in re.finditer(rb"\x01+", trimmed))
 
 
 def test_random_workload_64_in_flight():
@@ -293,9 +317,9 @@ def test_random_workload_64_in_flight():
         hashes = (sha(base), sha(mid))
         with serve(top, "--allowed-dir", d) as s:
             h = nbd_handle(s.uri)
-            run_workload(h, model, seed=1234, nops=1500)
+            trimmed = run_workload(h, model, seed=1234, nops=1500)
             h.flush()
-            assert read_all(h) == bytes(model)
+            assert settle_trims(model, trimmed, read_all(h)) > 10
             h.shutdown()
         assert (sha(base), sha(mid)) == hashes, "a parent was written"
         assert chain_reader(base, mid, top).read_all() == bytes(model)
@@ -306,14 +330,47 @@ def test_random_workload_64_in_flight():
         with serve(dyn) as s:
             h = nbd_handle(s.uri)
             model = bytearray(h.get_size())
-            run_workload(h, model, seed=99, nops=1000)
+            trimmed = run_workload(h, model, seed=99, nops=1000)
             h.flush()
+            settle_trims(model, trimmed, read_all(h))
             h.shutdown()
         exp = os.path.join(d, "exp.raw")
         with open(exp, "wb") as f:
             f.write(model)
         run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", dyn, exp])
         run([STRATA, "check", dyn])
+
+
+def test_trim_gives_space_back_and_never_shows_the_parent():
+    with workdir() as d:
+        base = os.path.join(d, "base.vhd")
+        child = os.path.join(d, "child.vhd")
+        run([STRATA, "create", "-f", "vhd", base, "8M"])
+        run(["qemu-io", "-f", "vpc", "-c", "write -P 0x11 0 8M", base])
+        run([STRATA, "create", "-f", "vhd", "-b", "base.vhd", child], cwd=d)
+        parent_hash = sha(base)
+        with serve(child) as s:
+            h = nbd_handle(s.uri)
+            assert h.can_trim()
+            # 2 MiB blocks: block 0 all child data, block 1 child data in its
+            # first half (bits set) and the parent in its second (bits clear).
+            h.pwrite(b"\x22" * (3 * MiB), 0)
+            h.flush()
+            before = os.stat(child).st_blocks
+            h.trim(2 * MiB, 0)
+            h.trim(6 * MiB, 2 * MiB, nbd.CMD_FLAG_FUA)  # blocks 2-3 are unallocated
+            after = os.stat(child).st_blocks
+            data = h.pread(8 * MiB, 0)
+            h.shutdown()
+        assert (before - after) * 512 >= 3 * MiB, (before, after)
+        # Where the child had data it now reads zeros, never the parent; where
+        # it had none the parent still shows.
+        assert data[:3 * MiB] == bytes(3 * MiB)
+        assert data[3 * MiB:] == b"\x11" * (5 * MiB)
+        assert sha(base) == parent_hash, "the parent was written"
+        run([STRATA, "check", child])
+        offline = vhdread.Vhd(child, parent=vhdread.Vhd(base)).read_all()
+        assert offline[:8 * MiB] == data  # the size has CHS rounding past 8 MiB
 
 
 def test_refusals_name_the_file():
@@ -338,4 +395,5 @@ if __name__ == "__main__":
     main([test_qemu_images_served_byte_identical, test_writes_read_back_in_qemu_and_pyvhdi,
           test_chain_4k_writes_agree_with_pyvhdi, test_allocation_depth_through_chain,
           test_allocation_depth_under_qcow2_overlay,
-          test_random_workload_64_in_flight, test_refusals_name_the_file])
+          test_random_workload_64_in_flight,
+          test_trim_gives_space_back_and_never_shows_the_parent, test_refusals_name_the_file])
