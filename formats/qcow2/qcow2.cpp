@@ -187,6 +187,16 @@ int Qcow2Device::load_table(TableCache& cache, uint64_t offset, CachedTable*& ou
     out = t;
     return 0;
   }
+  if (int r = make_room_locked(cache)) return r;
+  std::vector<uint8_t> d(cs_);
+  if (!fresh) {
+    if (int r = file_->read_at(offset, {reinterpret_cast<std::byte*>(d.data()), d.size()})) return r;
+  }
+  out = cache.insert(offset, std::move(d), fresh);
+  return 0;
+}
+
+int Qcow2Device::make_room_locked(TableCache& cache) {
   if (CachedTable* v = cache.victim()) {
     if (v->dirty) {
       int r = &cache == l2_cache_.get() ? writeback_locked() : write_refblock(*v);
@@ -194,11 +204,6 @@ int Qcow2Device::load_table(TableCache& cache, uint64_t offset, CachedTable*& ou
     }
     cache.erase(v->offset);
   }
-  std::vector<uint8_t> d(cs_);
-  if (!fresh) {
-    if (int r = file_->read_at(offset, {reinterpret_cast<std::byte*>(d.data()), d.size()})) return r;
-  }
-  out = cache.insert(offset, std::move(d), fresh);
   return 0;
 }
 
@@ -230,8 +235,36 @@ void push_run(std::vector<Run>& out, const Run& r) {
 
 }  // namespace
 
+int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
+                     uint64_t& covered) {
+  for (int attempt = 0;; ++attempt) {
+    out.clear();
+    uint64_t missing = 0, epoch = 0;
+    {
+      std::lock_guard lk(mu_);
+      // A table lost twice to concurrent metadata changes is read under the lock.
+      if (int r = map_locked(off, len, out, max_l2, covered, attempt < 2 ? &missing : nullptr)) {
+        return r;
+      }
+      if (covered > 0 || missing == 0) return 0;
+      epoch = l2_epoch_;
+    }
+    std::vector<uint8_t> table(cs_);
+    if (int r = file_->read_at(missing, {reinterpret_cast<std::byte*>(table.data()), table.size()})) {
+      return r;
+    }
+    std::lock_guard lk(mu_);
+    if (l2_epoch_ != epoch || l2_cache_->contains(missing)) continue;
+    ++l2_cache_->misses;
+    if (int r = make_room_locked(*l2_cache_)) return r;
+    // The writeback a dirty victim needs may have changed tables on disk.
+    if (l2_epoch_ != epoch) continue;
+    l2_cache_->insert(missing, std::move(table), false);
+  }
+}
+
 int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
-                            uint64_t& covered) {
+                            uint64_t& covered, uint64_t* missing) {
   const uint64_t end = off + len;
   const uint64_t table_span = l2_entries_ * cs_;
   const uint64_t sc_size = cs_ / 32;
@@ -266,6 +299,10 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
       continue;
     }
     if (tables >= max_l2) break;
+    if (missing && !l2_cache_->contains(l2off)) {
+      *missing = l2off;
+      break;
+    }
     ++tables;
     CachedTable* t = nullptr;
     if (int r = load_table(*l2_cache_, l2off, t, false)) return r;
@@ -386,10 +423,7 @@ int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
   while (done < buf.size()) {
     runs.clear();
     uint64_t covered = 0;
-    {
-      std::lock_guard lk(mu_);
-      if (int r = map_locked(offset + done, buf.size() - done, runs, 64, covered)) return r;
-    }
+    if (int r = map(offset + done, buf.size() - done, runs, 64, covered)) return r;
     if (covered == 0) return EIO;
     if (int r = read_runs(runs, offset + done, buf.subspan(done, covered))) return r;
     done += covered;
@@ -402,10 +436,7 @@ int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
 int Qcow2Device::extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) {
   std::vector<Run> runs;
   uint64_t covered = 0;
-  {
-    std::lock_guard lk(mu_);
-    if (int r = map_locked(offset, length, runs, 16, covered)) return r;
-  }
+  if (int r = map(offset, length, runs, 16, covered)) return r;
   if (covered == 0) return EIO;
   const Extent data{.length = 0, .hole = false, .zero = false, .depth = 1};
   const Extent zero_here{.length = 0, .hole = true, .zero = true, .depth = 1};

@@ -6,7 +6,9 @@
 // Concurrency: one metadata mutex (mu_) guards the L1 table, the refcount
 // table, both table caches and the allocator. It is held for table lookups and
 // metadata writeback, never across guest data I/O: reads and in-place writes
-// of allocated clusters run in parallel. A write that must change an L2 entry
+// of allocated clusters run in parallel. Reads and block status also read a
+// missing L2 table without it (l2_epoch_ keeps a table that changed meanwhile
+// out of the cache); writes load tables under it. A write that must change an L2 entry
 // marks its guest cluster in inflight_ so only that cluster is serialized.
 //
 // Crash safety (DESIGN.md): metadata is cached write-back and written by
@@ -84,8 +86,15 @@ class Qcow2Device final : public BlockDevice {
   // ---- mapping (qcow2.cpp). REQUIRES mu_ for *_locked.
   // Appends runs for [off, off+len) touching at most max_l2 L2 tables; sets
   // `covered` to the bytes mapped.
-  int map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
+  // With `missing`, stops at the first L2 table not in the cache and names it
+  // there (instead of reading it under the lock).
+  int map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
+                 uint64_t& covered, uint64_t* missing = nullptr);
+  // map_locked for reads and block status: takes mu_ itself and reads missing
+  // L2 tables without holding it.
+  int map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
   int load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh);
+  int make_room_locked(TableCache& cache);  // evicts (writing back) when full
   int get_l2_locked(uint64_t l1_index, CachedTable*& out);  // nullptr if unallocated
   bool host_cluster_valid(uint64_t host) const;
   uint64_t entry_at(const CachedTable& t, uint64_t i) const;
@@ -149,6 +158,9 @@ class Qcow2Device final : public BlockDevice {
 
   std::vector<uint64_t> l1_;
   std::set<uint64_t> l1_dirty_;
+  // Bumped whenever an L2 table on disk or an L1 entry changes: a table read
+  // without mu_ is only cached if no bump happened since its L1 entry was seen.
+  uint64_t l2_epoch_ = 0;
   std::vector<uint64_t> reftable_;
   std::set<uint64_t> reftable_dirty_;
   uint64_t reftable_offset_ = 0;

@@ -236,6 +236,7 @@ int Qcow2Device::writeback_locked() {
   }
   // 3. L2 tables.
   if (l2_dirty) {
+    ++l2_epoch_;
     l2_cache_->for_each([&](CachedTable& t) {
       if (t.dirty && !err) {
         err = file_->write_at(t.offset, {reinterpret_cast<const std::byte*>(t.data.data()), t.data.size()});
@@ -274,6 +275,7 @@ int Qcow2Device::apply_frees_locked() {
       // A freed L2 table (copied away from a snapshot) must not linger in the
       // cache: the cluster may come back as data or as another table.
       l2_cache_->erase(c << cluster_bits_);
+      ++l2_epoch_;
       free_hint_ = std::min(free_hint_, c);
       int r = file_->punch_hole(c << cluster_bits_, cs_);
       (void)r;  // advisory

@@ -114,6 +114,7 @@ int Qcow2Device::get_l2_for_write_locked(uint64_t l1i, CachedTable*& out) {
   out->dirty = true;
   l1_[l1i] = host | kCopied;
   l1_dirty_.insert(l1i);
+  ++l2_epoch_;
   return 0;
 }
 
