@@ -1,11 +1,14 @@
 #!/bin/bash
 # Benchmark runs for docs/BENCHMARKS.md (strata release build at $STRATA).
+# Usage: run-formats.sh [all|vhd|qcow2]
 set -u
+which=${1:-all}
 B=${NBD_BENCH:-../shared/bench/nbd-bench}
 I=${BENCH_IMAGES:-$HOME/bench-images}
 STRATA=${STRATA:-build-release/strata}
 S="$STRATA serve {image} --format {format} --export {export} --port {port} --bind 127.0.0.1 --log-level warn"
 common="--runtime 5 --repeat ${BENCH_REPEAT:-3} --quiet-wait 5 --noise-budget 120"
+if [ "$which" = all ] || [ "$which" = vhd ]; then
 # VHD reads: dynamic vs qemu-nbd, a 3-deep chain vs the same data flat, vs raw.
 $B $common --out ${BENCH_OUT:-results}/vhd-read --workloads seq-read,rand-read,multi-conn \
   --server "strata=$S" --image strata=$I/vpc-dynamic.vhd \
@@ -23,6 +26,8 @@ $B $common --out ${BENCH_OUT:-results}/vhd-alloc --workloads seq-write,rand-writ
   --server "strata=$S" --image strata=$I/empty.vhd \
   --server qemu-nbd --image qemu-nbd=$I/empty.vhd \
   --server qemu-nbd-uring --image qemu-nbd-uring=$I/empty.vhd
+fi
+if [ "$which" = all ] || [ "$which" = qcow2 ]; then
 # qcow2 reads: full, data_file_raw, overlay; vs strata on raw.
 $B $common --out ${BENCH_OUT:-results}/qcow2-read --workloads seq-read,rand-read,multi-conn \
   --server "strata-full=$S" --image strata-full=$I/qcow2-full.qcow2 \
@@ -40,4 +45,4 @@ $B $common --out ${BENCH_OUT:-results}/qcow2-alloc --workloads rand-write,seq-wr
   --server "strata=$S" --image strata=$I/empty.qcow2 \
   --server qemu-nbd --image qemu-nbd=$I/empty.qcow2 \
   --server qemu-nbd-uring --image qemu-nbd-uring=$I/empty.qcow2
-
+fi

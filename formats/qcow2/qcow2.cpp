@@ -237,6 +237,12 @@ void push_run(std::vector<Run>& out, const Run& r) {
 
 int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
                      uint64_t& covered) {
+  {
+    std::shared_lock lk(mu_);
+    uint64_t missing = 0;
+    if (int r = map_locked(off, len, out, max_l2, covered, &missing, true)) return r;
+    if (covered > 0 || missing == 0) return 0;
+  }
   for (int attempt = 0;; ++attempt) {
     out.clear();
     uint64_t missing = 0, epoch = 0;
@@ -264,7 +270,7 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
 }
 
 int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
-                            uint64_t& covered, uint64_t* missing) {
+                            uint64_t& covered, uint64_t* missing, bool shared) {
   const uint64_t end = off + len;
   const uint64_t table_span = l2_entries_ * cs_;
   const uint64_t sc_size = cs_ / 32;
@@ -304,8 +310,14 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
       break;
     }
     ++tables;
-    CachedTable* t = nullptr;
-    if (int r = load_table(*l2_cache_, l2off, t, false)) return r;
+    const CachedTable* t = nullptr;
+    if (shared) {
+      t = l2_cache_->peek(l2off);
+    } else {
+      CachedTable* loaded = nullptr;
+      if (int r = load_table(*l2_cache_, l2off, loaded, false)) return r;
+      t = loaded;
+    }
     while (pos < span_end) {
       uint64_t gc = pos >> cluster_bits_;
       uint64_t cstart = gc << cluster_bits_;

@@ -3,12 +3,14 @@
 // files (with and without data_file_raw), internal snapshots (active layer
 // served, shared clusters copied before a write).
 //
-// Concurrency: one metadata mutex (mu_) guards the L1 table, the refcount
+// Concurrency: one metadata lock (mu_) guards the L1 table, the refcount
 // table, both table caches and the allocator. It is held for table lookups and
 // metadata writeback, never across guest data I/O: reads and in-place writes
-// of allocated clusters run in parallel. Reads and block status also read a
-// missing L2 table without it (l2_epoch_ keeps a table that changed meanwhile
-// out of the cache); writes load tables under it. A write that must change an L2 entry
+// of allocated clusters run in parallel. Reads and block status map under
+// the lock held shared when their L2 tables are cached (hits then do not
+// refresh the LRU order), and read a missing table without the lock
+// (l2_epoch_ keeps a table that changed meanwhile out of the cache). Every
+// change takes the lock exclusively; writes load tables under it. A write that must change an L2 entry
 // marks its guest cluster in inflight_ so only that cluster is serialized.
 //
 // Crash safety (DESIGN.md): metadata is cached write-back and written by
@@ -23,6 +25,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <set>
 #include <unordered_set>
 #include <vector>
@@ -87,9 +90,10 @@ class Qcow2Device final : public BlockDevice {
   // Appends runs for [off, off+len) touching at most max_l2 L2 tables; sets
   // `covered` to the bytes mapped.
   // With `missing`, stops at the first L2 table not in the cache and names it
-  // there (instead of reading it under the lock).
+  // there (instead of reading it under the lock). `shared`: mu_ is held
+  // shared, so tables are only peeked at (REQUIRES missing).
   int map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
-                 uint64_t& covered, uint64_t* missing = nullptr);
+                 uint64_t& covered, uint64_t* missing = nullptr, bool shared = false);
   // map_locked for reads and block status: takes mu_ itself and reads missing
   // L2 tables without holding it.
   int map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
@@ -108,7 +112,7 @@ class Qcow2Device final : public BlockDevice {
   int write_cluster(uint64_t guest, std::span<const std::byte> data);
   int zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim);
   int get_l2_for_write_locked(uint64_t l1_index, CachedTable*& out);
-  void lock_cluster(std::unique_lock<std::mutex>& lk, uint64_t gc);
+  void lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc);
   void unlock_cluster(uint64_t gc);
   bool overlaps_metadata(uint64_t host, uint64_t len) const;
   int free_entry_locked(uint64_t entry);  // queue the clusters an L2 entry held
@@ -152,8 +156,8 @@ class Qcow2Device final : public BlockDevice {
   bool corrupt_ = false;
   std::string notes_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
+  mutable std::shared_mutex mu_;
+  std::condition_variable_any cv_;
   std::unordered_set<uint64_t> inflight_;
 
   std::vector<uint64_t> l1_;

@@ -41,7 +41,7 @@ bool TableCache::any_dirty() const {
 
 std::string TableCache::stats() const {
   return name_ + " cache: " + std::to_string(lru_.size()) + "/" + std::to_string(capacity_) +
-         " tables, hits " + std::to_string(hits) + ", misses " + std::to_string(misses) +
+         " tables, hits " + std::to_string(hits + shared_hits.load()) + ", misses " + std::to_string(misses) +
          ", evictions " + std::to_string(evictions);
 }
 

@@ -2,10 +2,11 @@
 // refcount blocks) keyed by host offset, with hit/miss/eviction counters.
 //
 // It is not locked itself: the owning Qcow2Device calls it with its metadata
-// mutex held. Entries live in a std::list so their addresses stay valid until
+// mutex held (exclusively, except for peek()). Entries live in a std::list so their addresses stay valid until
 // they are erased; the owner writes dirty entries back before erasing them.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <list>
 #include <string>
@@ -32,6 +33,14 @@ class TableCache {
   CachedTable* victim();
   // Membership test without touching the counters or the LRU order.
   bool contains(uint64_t offset) const { return map_.count(offset) != 0; }
+  // Lookup for readers that hold the owner's lock shared: no LRU move, and
+  // the hit goes to the atomic shared_hits.
+  const CachedTable* peek(uint64_t offset) const {
+    auto it = map_.find(offset);
+    if (it == map_.end()) return nullptr;
+    shared_hits.fetch_add(1, std::memory_order_relaxed);
+    return &*it->second;
+  }
   CachedTable* insert(uint64_t offset, std::vector<uint8_t> data, bool dirty);
   void erase(uint64_t offset);
 
@@ -46,6 +55,7 @@ class TableCache {
   std::string stats() const;
 
   uint64_t hits = 0, misses = 0, evictions = 0;
+  mutable std::atomic<uint64_t> shared_hits{0};
 
  private:
   std::string name_;

@@ -19,7 +19,7 @@ const std::vector<std::byte>& zero_buffer() {
 
 }  // namespace
 
-void Qcow2Device::lock_cluster(std::unique_lock<std::mutex>& lk, uint64_t gc) {
+void Qcow2Device::lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc) {
   cv_.wait(lk, [&] { return inflight_.count(gc) == 0; });
   inflight_.insert(gc);
 }
@@ -209,7 +209,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   lock_cluster(lk, gc);
   struct Release {
     Qcow2Device* d;
-    std::unique_lock<std::mutex>& lk;
+    std::unique_lock<std::shared_mutex>& lk;
     ~Release() {
       if (!lk.owns_lock()) lk.lock();
       d->unlock_cluster(d_gc);
