@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -31,6 +32,9 @@ constexpr int kSendTimeoutMs = 120 * 1000;
 // bytes after which it takes no more: their replies go out in one write.
 constexpr size_t kBatch = 16;
 constexpr uint64_t kBatchBytes = 256 * 1024;
+// After a batch that slept, this many batches hand the read side over to
+// another thread before they execute.
+constexpr uint32_t kBlockingMemory = 64;
 
 constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
@@ -418,34 +422,69 @@ bool Connection::buffered_request_ready() const {
   return rend_ - rpos_ >= nbd::kRequestSize + load_be32(p + 24);
 }
 
+namespace {
+
+// Voluntary context switches of the calling thread so far: a thread that
+// slept in the kernel (waiting for the disk, a lock) made one.
+uint64_t voluntary_switches() {
+  rusage ru{};
+  ::getrusage(RUSAGE_THREAD, &ru);
+  return static_cast<uint64_t>(ru.ru_nvcsw);
+}
+
+// A batch that may wait for the disk however fast the last ones were.
+bool may_block_long(const nbd::Request& h) {
+  return !(h.type == nbd::kCmdRead || h.type == nbd::kCmdWrite ||
+           h.type == nbd::kCmdBlockStatus) ||
+         (h.flags & nbd::kCmdFlagFua);
+}
+
+}  // namespace
+
 void Connection::worker_loop() {
   // A thread takes one request, plus further ones already complete in the
   // read buffer (up to kBatch requests or kBatchBytes of payload): these cost
   // no system call to read, running them here saves waking another thread for
   // each, and their replies leave together in one write.
+  //
+  // While batches execute without sleeping (the data is in the page cache),
+  // the thread keeps the read side and goes on reading after it replied:
+  // another thread waiting in recv would gain nothing but a wake-up per
+  // request, and requests that arrive meanwhile make the next batch larger.
+  // A batch that slept (disk I/O, a lock) hands the read side over before
+  // executing, for the next kBlockingMemory batches, so a slow request never
+  // holds up the ones behind it.
   std::array<Request, kBatch> batch;
   Replies out;
   out.iov.reserve(2 * kBatch);
   out.headers.reserve(kBatch);
   out.data.reserve(kBatch);
+  std::unique_lock lock(read_mu_, std::defer_lock);
   for (;;) {
     size_t n = 0;
-    {
-      std::lock_guard lock(read_mu_);
-      uint64_t bytes = 0;
-      while (n < kBatch &&
-             (n == 0 || (buffered_request_ready() &&
-                         bytes + buffered_request_length() <= kBatchBytes)) &&
-             next_request(batch[n], out, n == 0)) {
-        bytes += batch[n].hdr.length;
-        ++n;
-      }
+    if (!lock.owns_lock()) lock.lock();
+    uint64_t bytes = 0;
+    bool keep = blocking_batches_.load(std::memory_order_relaxed) == 0;
+    while (n < kBatch &&
+           (n == 0 || (buffered_request_ready() &&
+                       bytes + buffered_request_length() <= kBatchBytes)) &&
+           next_request(batch[n], out, n == 0)) {
+      bytes += batch[n].hdr.length;
+      if (may_block_long(batch[n].hdr)) keep = false;
+      ++n;
     }
+    if (n == 0 || !keep) lock.unlock();
+    uint64_t switches = voluntary_switches();
     for (size_t i = 0; i < n; ++i) {
       // A flush can take long: the replies ready so far do not wait for it.
       if (batch[i].hdr.type == nbd::kCmdFlush) send(out);
       execute(batch[i], out);
       batch[i].payload.reset();
+    }
+    if (voluntary_switches() != switches) {
+      blocking_batches_.store(kBlockingMemory, std::memory_order_relaxed);
+    } else if (uint32_t b = blocking_batches_.load(std::memory_order_relaxed); b > 0) {
+      blocking_batches_.store(b - 1, std::memory_order_relaxed);
     }
     send(out);
     uint64_t held = 0;

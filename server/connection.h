@@ -9,7 +9,9 @@
 // buffer, releases the mutex, executes them on the export's BlockDevice and
 // sends their replies together under the write mutex with one gather write
 // (sendmsg). Replies go out as batches complete, out of order, as NBD
-// allows, and no request is handed from thread to thread.
+// allows, and no request is handed from thread to thread. While batches run
+// without sleeping, the thread keeps the read mutex through execution and
+// reads on (see worker_loop).
 //
 // Bounds: at most limits.workers batches execute at once per connection
 // (the rest wait in the socket) and at most limits.max_inflight_bytes of
@@ -112,6 +114,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::atomic<uint32_t> running_{0};
   asio::steady_timer done_;  // cancelled when the last thread exits
   std::atomic<bool> stopping_{false};
+  // Batches still to hand the read side over before executing: set when a
+  // batch slept, counted down by batches that did not.
+  std::atomic<uint32_t> blocking_batches_{0};
   bool in_transmission_ = false;
 
   // Replies (workers).
