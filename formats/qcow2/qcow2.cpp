@@ -305,19 +305,19 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
       continue;
     }
     if (tables >= max_l2) break;
-    if (missing && !l2_cache_->contains(l2off)) {
-      *missing = l2off;
-      break;
-    }
-    ++tables;
     const CachedTable* t = nullptr;
     if (shared) {
       t = l2_cache_->peek(l2off);
-    } else {
+    } else if (!missing || l2_cache_->contains(l2off)) {
       CachedTable* loaded = nullptr;
       if (int r = load_table(*l2_cache_, l2off, loaded, false)) return r;
       t = loaded;
     }
+    if (!t) {
+      *missing = l2off;
+      break;
+    }
+    ++tables;
     while (pos < span_end) {
       uint64_t gc = pos >> cluster_bits_;
       uint64_t cstart = gc << cluster_bits_;

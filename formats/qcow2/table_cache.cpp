@@ -32,6 +32,18 @@ void TableCache::erase(uint64_t offset) {
   ++evictions;
 }
 
+void TableCache::count_shared_hit() const {
+  static std::atomic<size_t> next_slot{0};
+  thread_local const size_t slot = next_slot.fetch_add(1, std::memory_order_relaxed) % kHitSlots;
+  shared_hits_[slot].n.fetch_add(1, std::memory_order_relaxed);
+}
+
+uint64_t TableCache::shared_hits() const {
+  uint64_t n = 0;
+  for (const auto& s : shared_hits_) n += s.n.load(std::memory_order_relaxed);
+  return n;
+}
+
 bool TableCache::any_dirty() const {
   for (const auto& e : lru_) {
     if (e.dirty) return true;
@@ -41,7 +53,7 @@ bool TableCache::any_dirty() const {
 
 std::string TableCache::stats() const {
   return name_ + " cache: " + std::to_string(lru_.size()) + "/" + std::to_string(capacity_) +
-         " tables, hits " + std::to_string(hits + shared_hits.load()) + ", misses " + std::to_string(misses) +
+         " tables, hits " + std::to_string(hits + shared_hits()) + ", misses " + std::to_string(misses) +
          ", evictions " + std::to_string(evictions);
 }
 

@@ -6,6 +6,7 @@
 // they are erased; the owner writes dirty entries back before erasing them.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <list>
@@ -38,7 +39,7 @@ class TableCache {
   const CachedTable* peek(uint64_t offset) const {
     auto it = map_.find(offset);
     if (it == map_.end()) return nullptr;
-    shared_hits.fetch_add(1, std::memory_order_relaxed);
+    count_shared_hit();
     return &*it->second;
   }
   CachedTable* insert(uint64_t offset, std::vector<uint8_t> data, bool dirty);
@@ -55,9 +56,20 @@ class TableCache {
   std::string stats() const;
 
   uint64_t hits = 0, misses = 0, evictions = 0;
-  mutable std::atomic<uint64_t> shared_hits{0};
+  uint64_t shared_hits() const;
+
 
  private:
+  // Hits under the shared lock, counted in one of a few cache-line-sized
+  // slots picked per thread: one shared counter would bounce between CPUs on
+  // every read.
+  struct alignas(64) HitSlot {
+    std::atomic<uint64_t> n{0};
+  };
+  static constexpr size_t kHitSlots = 8;
+  void count_shared_hit() const;
+  mutable std::array<HitSlot, kHitSlots> shared_hits_;
+
   std::string name_;
   size_t capacity_;
   std::list<CachedTable> lru_;  // front = most recent
