@@ -1,5 +1,7 @@
 #include "formats/qcow2/table_cache.h"
 
+#include <iterator>
+
 namespace strata::qcow2 {
 
 CachedTable* TableCache::find(uint64_t offset) {
@@ -15,6 +17,12 @@ CachedTable* TableCache::find(uint64_t offset) {
 
 CachedTable* TableCache::victim() {
   if (lru_.size() < capacity_) return nullptr;
+  for (size_t passes = lru_.size(); passes > 1; --passes) {
+    std::atomic_ref<bool> referenced(lru_.back().referenced);
+    if (!referenced.load(std::memory_order_relaxed)) break;
+    referenced.store(false, std::memory_order_relaxed);
+    lru_.splice(lru_.begin(), lru_, std::prev(lru_.end()));
+  }
   return &lru_.back();
 }
 

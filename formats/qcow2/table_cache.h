@@ -2,8 +2,9 @@
 // refcount blocks) keyed by host offset, with hit/miss/eviction counters.
 //
 // It is not locked itself: the owning Qcow2Device calls it with its metadata
-// mutex held (exclusively, except for peek()). Entries live in a std::list so their addresses stay valid until
-// they are erased; the owner writes dirty entries back before erasing them.
+// mutex held (exclusively, except for peek()). Entries live in a std::list so
+// their addresses stay valid until they are erased; the owner writes dirty
+// entries back before erasing them.
 #pragma once
 
 #include <array>
@@ -20,6 +21,9 @@ struct CachedTable {
   uint64_t offset = 0;
   std::vector<uint8_t> data;
   bool dirty = false;
+  // Hit under the shared lock since victim() last passed it over. Written
+  // through std::atomic_ref: readers holding the lock shared set it together.
+  bool referenced = false;
 };
 
 class TableCache {
@@ -30,15 +34,22 @@ class TableCache {
   // and counts a miss.
   CachedTable* find(uint64_t offset);
   // Least recently used entry when the cache is full (the owner writes it back
-  // if dirty, then erases it); nullptr when there is room.
+  // if dirty, then erases it); nullptr when there is room. An entry peeked at
+  // since it was last passed over gets a second chance: it moves to the front
+  // and the next one is taken (the CLOCK rule, so shared hits count too).
   CachedTable* victim();
   // Membership test without touching the counters or the LRU order.
   bool contains(uint64_t offset) const { return map_.count(offset) != 0; }
-  // Lookup for readers that hold the owner's lock shared: no LRU move, and
-  // the hit goes to the atomic shared_hits.
+  // Lookup for readers that hold the owner's lock shared: no LRU move (that
+  // needs the lock exclusively), the entry is marked referenced instead, and
+  // the hit is counted in a per-thread slot.
   const CachedTable* peek(uint64_t offset) const {
     auto it = map_.find(offset);
     if (it == map_.end()) return nullptr;
+    std::atomic_ref<bool> referenced(it->second->referenced);
+    if (!referenced.load(std::memory_order_relaxed)) {
+      referenced.store(true, std::memory_order_relaxed);
+    }
     count_shared_hit();
     return &*it->second;
   }

@@ -111,3 +111,28 @@ TEST_CASE("qcow2 cache counters and parallel access") {
   dev.reset();
   CHECK(sh_status("qemu-img check " + img) == 0);
 }
+
+TEST_CASE("qcow2 tables hit under the shared lock get a second chance at eviction") {
+  TempDir d;
+  std::string img = d / "lru.qcow2";
+  // 4 KiB clusters: one L2 table maps 2 MiB. Tables A, B and C map 0, 2 and 4 MiB.
+  sh("qemu-img create -q -f qcow2 -o cluster_size=4k " + img + " 16M");
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x0a 0 4k' -c 'write -P 0x0b 2M 4k' "
+     "-c 'write -P 0x0c 4M 4k' " + img);
+  strata::OpenOptions o;
+  o.metadata_cache_bytes = 6 * 4096;  // 4 refcount blocks + 2 L2 tables
+  auto dev = open_ro(img, o);
+  std::vector<std::byte> b(4096);
+  auto read_misses = [&](uint64_t off, uint8_t expect) {
+    REQUIRE(dev->read(off, b) == 0);
+    CHECK(b[0] == std::byte{expect});
+    return stat_value(dev->stats(), "L2", "misses");
+  };
+  CHECK(read_misses(0, 0x0a) == 1);        // A loaded
+  CHECK(read_misses(2 << 20, 0x0b) == 2);  // B loaded; A is now least recent
+  CHECK(read_misses(0, 0x0a) == 2);        // A hit (shared lock: marked, not moved)
+  CHECK(read_misses(4 << 20, 0x0c) == 3);  // C loaded: A gets a second chance, B goes
+  CHECK(read_misses(0, 0x0a) == 3);        // A still cached
+  CHECK(read_misses(2 << 20, 0x0b) == 4);  // B was the one evicted
+  CHECK(stat_value(dev->stats(), "L2", "evictions") == 2);
+}
