@@ -32,9 +32,6 @@ constexpr int kSendTimeoutMs = 120 * 1000;
 // bytes after which it takes no more: their replies go out in one write.
 constexpr size_t kBatch = 16;
 constexpr uint64_t kBatchBytes = 256 * 1024;
-// After a batch that slept, this many batches hand the read side over to
-// another thread before they execute.
-constexpr uint32_t kBlockingMemory = 64;
 
 constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
@@ -432,13 +429,6 @@ uint64_t voluntary_switches() {
   return static_cast<uint64_t>(ru.ru_nvcsw);
 }
 
-// A batch that may wait for the disk however fast the last ones were.
-bool may_block_long(const nbd::Request& h) {
-  return !(h.type == nbd::kCmdRead || h.type == nbd::kCmdWrite ||
-           h.type == nbd::kCmdBlockStatus) ||
-         (h.flags & nbd::kCmdFlagFua);
-}
-
 }  // namespace
 
 void Connection::worker_loop() {
@@ -447,13 +437,8 @@ void Connection::worker_loop() {
   // no system call to read, running them here saves waking another thread for
   // each, and their replies leave together in one write.
   //
-  // While batches execute without sleeping (the data is in the page cache),
-  // the thread keeps the read side and goes on reading after it replied:
-  // another thread waiting in recv would gain nothing but a wake-up per
-  // request, and requests that arrive meanwhile make the next batch larger.
-  // A batch that slept (disk I/O, a lock) hands the read side over before
-  // executing, for the next kBlockingMemory batches, so a slow request never
-  // holds up the ones behind it.
+  // Whether the thread keeps the read side while it executes, and reads on
+  // after replying, is read_side_'s call (server/read_side.h).
   std::array<Request, kBatch> batch;
   Replies out;
   out.iov.reserve(2 * kBatch);
@@ -464,13 +449,13 @@ void Connection::worker_loop() {
     size_t n = 0;
     if (!lock.owns_lock()) lock.lock();
     uint64_t bytes = 0;
-    bool keep = blocking_batches_.load(std::memory_order_relaxed) == 0;
+    bool keep = read_side_.keep();
     while (n < kBatch &&
            (n == 0 || (buffered_request_ready() &&
                        bytes + buffered_request_length() <= kBatchBytes)) &&
            next_request(batch[n], out, n == 0)) {
       bytes += batch[n].hdr.length;
-      if (may_block_long(batch[n].hdr)) keep = false;
+      if (ReadSidePolicy::may_block_long(batch[n].hdr)) keep = false;
       ++n;
     }
     if (n == 0 || !keep) lock.unlock();
@@ -481,11 +466,7 @@ void Connection::worker_loop() {
       execute(batch[i], out);
       batch[i].payload.reset();
     }
-    if (voluntary_switches() != switches) {
-      blocking_batches_.store(kBlockingMemory, std::memory_order_relaxed);
-    } else if (uint32_t b = blocking_batches_.load(std::memory_order_relaxed); b > 0) {
-      blocking_batches_.store(b - 1, std::memory_order_relaxed);
-    }
+    read_side_.batch_done(voluntary_switches() != switches);
     send(out);
     uint64_t held = 0;
     for (size_t i = 0; i < n; ++i) held += batch[i].accounted;

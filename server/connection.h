@@ -37,6 +37,7 @@
 #include "config/config.h"
 #include "protocol/handshake.h"
 #include "server/exports.h"
+#include "server/read_side.h"
 
 namespace strata {
 
@@ -114,9 +115,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::atomic<uint32_t> running_{0};
   asio::steady_timer done_;  // cancelled when the last thread exits
   std::atomic<bool> stopping_{false};
-  // Batches still to hand the read side over before executing: set when a
-  // batch slept, counted down by batches that did not.
-  std::atomic<uint32_t> blocking_batches_{0};
+  ReadSidePolicy read_side_;
   bool in_transmission_ = false;
 
   // Replies (workers).
