@@ -8,10 +8,12 @@
 // metadata writeback, never across guest data I/O: reads and in-place writes
 // of allocated clusters run in parallel. Reads and block status map under
 // the lock held shared when their L2 tables are cached (hits then mark the
-// table referenced, for a second chance at eviction, instead of moving it), and read a missing table without the lock
-// (l2_epoch_ keeps a table that changed meanwhile out of the cache). Every
-// change takes the lock exclusively; writes load tables under it. A write that must change an L2 entry
-// marks its guest cluster in inflight_ so only that cluster is serialized.
+// table referenced, for a second chance at eviction, instead of moving it),
+// and read a missing table without the lock (l2_epoch_ keeps a table that
+// changed meanwhile out of the cache). Every change takes the lock
+// exclusively; writes load tables under it. A write that must change an L2
+// entry marks its guest cluster in inflight_ so only that cluster is
+// serialized.
 //
 // Crash safety (DESIGN.md): metadata is cached write-back and written by
 // writeback_locked() in dependency order — guest data synced, then refcount

@@ -69,7 +69,6 @@ class TableCache {
   uint64_t hits = 0, misses = 0, evictions = 0;
   uint64_t shared_hits() const;
 
-
  private:
   // Hits under the shared lock, counted in one of a few cache-line-sized
   // slots picked per thread: one shared counter would bounce between CPUs on
