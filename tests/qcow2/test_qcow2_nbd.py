@@ -210,12 +210,17 @@ def test_random_workload_64_in_flight():
         assert file_bytes(base) == before, "backing file changed"
 
 
+def make_data_file_raw(d, size):
+    """A qcow2 (dr.qcow2) whose guest data lives in dr.raw with data_file_raw=on."""
+    img = os.path.join(d, "dr.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=dr.raw,data_file_raw=on",
+         img, size], cwd=d)
+    return img, os.path.join(d, "dr.raw")
+
+
 def test_random_workload_data_file_raw():
     with workdir() as d:
-        img = os.path.join(d, "dr.qcow2")
-        raw = os.path.join(d, "dr.raw")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=dr.raw,data_file_raw=on",
-             img, "24M"], cwd=d)
+        img, raw = make_data_file_raw(d, "24M")
         expected = bytearray(24 << 20)
         srv = Server(img, "--format", "qcow2").start()
         try:
@@ -229,10 +234,7 @@ def test_random_workload_data_file_raw():
 
 def test_data_file_raw_trim_gives_space_back():
     with workdir() as d:
-        img = os.path.join(d, "dr.qcow2")
-        raw = os.path.join(d, "dr.raw")
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=dr.raw,data_file_raw=on",
-             img, "8M"], cwd=d)
+        img, raw = make_data_file_raw(d, "8M")
         with Server(img, "--format", "qcow2") as srv:
             h = nbd.NBD()
             h.connect_uri(srv.uri)
