@@ -119,8 +119,7 @@ void create(const CreateOptions& opts) {
       opts.backing_format != Format::vhd) {
     throw_image_error(opts.path, "the parent of a differencing VHD must be a VHD");
   }
-  if (block_size < kMinBlockSize || block_size > kMaxBlockSize ||
-      (block_size & (block_size - 1)) != 0) {
+  if (!valid_block_size(block_size)) {
     throw_image_error(opts.path, "option block_size=" + std::to_string(block_size) +
                                      ": must be a power of two from 512 B to 256 MiB");
   }

@@ -24,6 +24,24 @@ constexpr uint32_t kTypeDifferencing = 4;
 constexpr uint64_t kMaxSize = 0xFF000000ull * kSector;
 constexpr uint32_t kMinBlockSize = 512;
 constexpr uint32_t kMaxBlockSize = 256u << 20;
+
+// A block size the spec allows: a power of two (the BAT maps sector / spb),
+// at least one sector, at most kMaxBlockSize (a hostile header must not make
+// one block, or its bitmap, unreasonably large).
+constexpr bool valid_block_size(uint64_t bs) {
+  return bs >= kMinBlockSize && bs <= kMaxBlockSize && (bs & (bs - 1)) == 0;
+}
+
+// Bytes of the sector bitmap in front of every block: one bit per sector,
+// rounded up to whole bytes and then to whole sectors, so a block of fewer
+// than 8 sectors still has a one-sector bitmap. (QEMU's vpc driver rounds the
+// byte count down first and gets 0 for blocks under 4 KiB, against the spec.)
+constexpr uint32_t bitmap_bytes_for(uint32_t block_size) {
+  const uint32_t bytes = (block_size / kSector + 7) / 8;
+  return (bytes + kSector - 1) / kSector * kSector;
+}
+static_assert(bitmap_bytes_for(512) == 512 && bitmap_bytes_for(4096) == 512 &&
+              bitmap_bytes_for(2u << 20) == 512 && bitmap_bytes_for(4u << 20) == 1024);
 // Seconds between 1970-01-01 and 2000-01-01.
 constexpr int64_t kVhdEpoch = 946684800;
 

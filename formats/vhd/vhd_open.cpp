@@ -150,11 +150,10 @@ void Opener::read_dynamic(VhdDevice& d) {
   std::string err = parse_header(hb.data(), h);
   if (!err.empty()) fail("dynamic header: " + err);
   const uint32_t bs = h.block_size;
-  if (bs == 0 || (bs & (bs - 1)) != 0) {
-    fail("dynamic header: block_size " + std::to_string(bs) + " is not a power of two");
-  }
-  if (bs < kMinBlockSize || bs > kMaxBlockSize) {
-    fail("dynamic header: block_size " + std::to_string(bs) + " is outside 512 B .. 256 MiB");
+  if (!valid_block_size(bs)) {
+    const bool power_of_two = bs != 0 && (bs & (bs - 1)) == 0;
+    fail("dynamic header: block_size " + std::to_string(bs) +
+         (power_of_two ? " is outside 512 B .. 256 MiB" : " is not a power of two"));
   }
   const uint64_t needed = (d.size_ + bs - 1) / bs;
   // blktap may size the BAT for the largest disk; more than 2 TiB worth is hostile.
@@ -181,8 +180,7 @@ void Opener::read_dynamic(VhdDevice& d) {
   }
   d.block_size_ = bs;
   d.sectors_per_block_ = bs / kSector;
-  d.bitmap_bytes_ =
-      static_cast<uint32_t>((d.sectors_per_block_ / 8 + kSector - 1) / kSector * kSector);
+  d.bitmap_bytes_ = bitmap_bytes_for(bs);
   d.bitmap_cache_max_ = std::max<size_t>(64, (8u << 20) / d.bitmap_bytes_);
 
   std::vector<uint8_t> raw(bat_bytes);

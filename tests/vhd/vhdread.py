@@ -49,7 +49,8 @@ class Vhd:
         self.bat = struct.unpack(">%dI" % self.entries,
                                  self.data[self.table_offset:self.table_offset + 4 * self.entries])
         spb = self.block_size // SECTOR
-        self.bitmap_bytes = ((spb // 8 + SECTOR - 1) // SECTOR) * SECTOR
+        # One bit per sector, in whole bytes, padded to whole sectors (never 0).
+        self.bitmap_bytes = (((spb + 7) // 8 + SECTOR - 1) // SECTOR) * SECTOR
         if self.type == 4:
             assert parent is not None, "differencing image needs a parent"
             assert parent.footer["uuid"] == self.parent_id, "parent id mismatch"
