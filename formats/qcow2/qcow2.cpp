@@ -428,8 +428,12 @@ int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::spa
   return 0;
 }
 
+// Every read goes through the mapping, data_file_raw included: the L2 zero
+// flags (and extended L2 zero bits) are authoritative there as well, as in
+// QEMU and in extents(), so the data file is not simply the disk. A run of
+// plainly allocated clusters still maps to one contiguous run and costs one
+// read of the data file.
 int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
-  if (raw_) return data_->read_at(offset, buf);
   uint64_t done = 0;
   std::vector<Run> runs;
   while (done < buf.size()) {
