@@ -1,12 +1,11 @@
 // strata: NBD server (`strata serve`) and image tool (`create`, `info`, `check`, `map`).
-#include <unistd.h>
-
-#include <filesystem>
-#include <iostream>
-
-#include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <iostream>
 
 #include "config/config.h"
 #include "formats/create.h"
@@ -42,6 +41,39 @@ struct ServeArgs {
   uint32_t workers = 0;
 };
 
+// CLI11 lets an option that fills a vector swallow every following word, so
+// `serve --allowed-dir /srv IMAGE` took IMAGE for a second directory and
+// served the default export instead. Every option takes exactly one value;
+// a list is given by repeating the option.
+template <class T>
+CLI::Option* add_repeatable(CLI::App* app, const std::string& name, std::vector<T>& into,
+                            const std::string& help) {
+  return app->add_option(name, into, help + " (repeat the option for more)")
+      ->allow_extra_args(false);
+}
+
+// Serves data/default.raw (created sparse on first use) when the command line
+// names neither an image nor a config; says so, so that nobody writes to the
+// blank default believing their image is served.
+void use_embedded_default(ServeArgs& a) {
+  a.image = kDefaultImage;
+  a.format = "raw";
+  if (fs::exists(a.image)) {
+    spdlog::info("no IMAGE and no --config given: serving the embedded default export {}", a.image);
+    return;
+  }
+  fs::create_directories(fs::path(a.image).parent_path());
+  CreateOptions co;
+  co.format = Format::raw;
+  co.path = a.image;
+  co.size = kDefaultImageSize;
+  create_image(co);
+  spdlog::info(
+      "no IMAGE and no --config given: created and serving the embedded default export {} "
+      "(1 GiB, sparse)",
+      a.image);
+}
+
 Config config_from_args(ServeArgs& a) {
   Config c;
   if (!a.config.empty()) {
@@ -49,19 +81,7 @@ Config config_from_args(ServeArgs& a) {
     c = load_config_file(a.config);
   } else {
     ExportConfig e;
-    if (a.image.empty()) {  // the embedded default export
-      a.image = kDefaultImage;
-      if (!fs::exists(a.image)) {
-        fs::create_directories(fs::path(a.image).parent_path());
-        CreateOptions co;
-        co.format = Format::raw;
-        co.path = a.image;
-        co.size = kDefaultImageSize;
-        create_image(co);
-        spdlog::info("created the default export image {} (1 GiB, sparse)", a.image);
-      }
-      a.format = "raw";
-    }
+    if (a.image.empty()) use_embedded_default(a);
     e.name = a.export_name;
     e.path = a.image;
     e.description = a.description;
@@ -134,10 +154,10 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("-p,--port", sa.port, "TCP port (default 10809)")
       ->check(CLI::Range(0, 65535));
   serve_cmd->add_option("-b,--bind", sa.bind, "TCP address to bind (IPv4 or IPv6)");
-  serve_cmd->add_option("-k,--socket", sa.sockets, "Unix socket path");
+  add_repeatable(serve_cmd, "-k,--socket", sa.sockets, "Unix socket path");
   serve_cmd->add_flag("-r,--read-only", sa.read_only, "Serve read-only");
-  serve_cmd->add_option("--allowed-dir", sa.allowed_dirs,
-                        "Directory child images (backing, parent, data file) may live in");
+  add_repeatable(serve_cmd, "--allowed-dir", sa.allowed_dirs,
+                 "Directory child images (backing, parent, data file) may live in");
   serve_cmd->add_option("--cache-size", sa.cache_size, "qcow2 metadata cache size (e.g. 4M)");
   serve_cmd->add_option("--data-file", sa.data_file, "qcow2 external data file override");
   serve_cmd->add_flag("--allow-raw-backing", sa.allow_raw_backing,
@@ -158,7 +178,7 @@ int main(int argc, char** argv) {
     c->add_option("-f,--format", tool_format, "raw, qcow2, vhd or auto")
         ->check(CLI::IsMember({"raw", "qcow2", "vhd", "vpc", "auto"}));
     c->add_option("--output", output, "human or json")->check(CLI::IsMember({"human", "json"}));
-    c->add_option("--allowed-dir", topt.allowed_dirs, "Confine child images to this directory");
+    add_repeatable(c, "--allowed-dir", topt.allowed_dirs, "Confine child images to this directory");
     c->add_flag("-U,--force-share", topt.force_share,
                 "Open the image even while a server has it open read-write (results may be "
                 "inconsistent)");

@@ -47,7 +47,7 @@ class Server:
     """
 
     def __init__(self, *args, export="test", tcp=False, unix=True, config=None,
-                 expect_fail=False, env=None, bind="127.0.0.1"):
+                 expect_fail=False, env=None, bind="127.0.0.1", cwd=None):
         self.tmp = tempfile.mkdtemp(prefix="strata-srv-")
         self.export = export
         self.sock = os.path.join(self.tmp, "nbd.sock") if unix else None
@@ -67,13 +67,14 @@ class Server:
         self.cmd = cmd
         self.expect_fail = expect_fail
         self.env = dict(os.environ, **(env or {}))
+        self.cwd = cwd
         self.proc = None
 
     def start(self, timeout=20):
         log("+", " ".join(self.cmd))
         self.out = open(self.logfile, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT,
-                                     env=self.env)
+                                     env=self.env, cwd=self.cwd)
         if self.expect_fail:
             return self
         deadline = time.time() + timeout
