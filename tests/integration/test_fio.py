@@ -13,7 +13,7 @@ def test_fio_verify_crc32c():
             out = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}",
                        "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                       "--output-format=json"]).stdout
+                       "--output-format=json"], cwd=d).stdout  # fio leaves state files in its cwd
             import json
             job = json.loads(out[out.index("{"):])["jobs"][0]
             assert job["error"] == 0, job["error"]
@@ -21,7 +21,7 @@ def test_fio_verify_crc32c():
             assert job["read"]["io_bytes"] >= 16 << 20, job["read"]["io_bytes"]  # verify pass
             out = run(["fio", "--name=seq", "--ioengine=nbd", f"--uri={srv.tcp_uri}",
                        "--rw=write", "--bs=1M", "--iodepth=8", "--size=32M",
-                       "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]).stdout
+                       "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"], cwd=d).stdout
             assert "err= 0" in out, out
 
 

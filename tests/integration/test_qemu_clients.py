@@ -2,7 +2,7 @@
 import os
 import random
 
-from strata_test import Server, file_bytes, main, run, workdir
+from strata_test import Server, file_bytes, holes_supported, main, no_data_in, run, workdir
 
 
 def make_random_image(path, size, seed=1):
@@ -49,12 +49,8 @@ def test_qemu_io_write_read_discard_zero():
         assert data[(2 << 20):(2 << 20) + (128 << 10)] == bytes(128 << 10)
         # Discard punched a hole: it reads as zeros and the file has no data there.
         assert data[(4 << 20):(5 << 20)] == bytes(1 << 20)
-        fd = os.open(img, os.O_RDONLY)
-        try:
-            nxt = os.lseek(fd, 4 << 20, os.SEEK_DATA)
-            assert nxt >= 5 << 20, nxt
-        finally:
-            os.close(fd)
+        if holes_supported(d):
+            assert no_data_in(img, 4 << 20, 5 << 20), "the discarded range still has data"
         run(["qemu-img", "compare", "-f", "raw", "-F", "raw", img, img])
 
 

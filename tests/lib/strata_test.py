@@ -5,7 +5,9 @@ Tests run under /usr/bin/python3 (python3-libnbd, python3-libvhdi are Debian
 packages). STRATA points at the binary under test (set by ctest).
 """
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,17 +34,23 @@ def run(cmd, check=True, **kw):
     return p
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVING_TCP = re.compile(r"^serving nbd://(?:\[[^\]]*\]|[^:/]+):(\d+)/", re.M)
+
+
+def tcp_port_from_output(text):
+    """The TCP port a server started with --port 0 printed ("serving nbd://h:PORT/..."),
+    or None if it has not printed it yet. Tests never pick a port themselves: a
+    port found free here could be taken by anyone before the server binds it."""
+    m = SERVING_TCP.search(text)
+    return int(m.group(1)) if m else None
 
 
 class Server:
     """A running `strata serve` process.
 
     Server(image, "--format", "raw", ...) listens on a unix socket in a temp dir
-    (and on TCP with tcp=True). Use as a context manager; on exit it sends
+    (and with tcp=True on a TCP port the server picks: --port 0, read back from
+    its output into .port). Use as a context manager; on exit it sends
     SIGTERM and asserts a clean exit (status 0, no sanitizer report).
     """
 
@@ -51,7 +59,8 @@ class Server:
         self.tmp = tempfile.mkdtemp(prefix="strata-srv-")
         self.export = export
         self.sock = os.path.join(self.tmp, "nbd.sock") if unix else None
-        self.port = free_port() if tcp else None
+        self.tcp = tcp
+        self.port = None  # known once the server prints it
         self.bind = bind
         self.logfile = os.path.join(self.tmp, "server.log")
         cmd = [STRATA, "serve"]
@@ -62,8 +71,8 @@ class Server:
             cmd += ["--export", export]
             if self.sock:
                 cmd += ["--socket", self.sock]
-            if self.port:
-                cmd += ["--port", str(self.port), "--bind", bind]
+            if tcp:
+                cmd += ["--port", "0", "--bind", bind]
         self.cmd = cmd
         self.expect_fail = expect_fail
         self.env = dict(os.environ, **(env or {}))
@@ -88,6 +97,10 @@ class Server:
         raise AssertionError("server did not start listening:\n" + self.read_log())
 
     def ready(self):
+        if self.tcp and self.port is None:
+            self.port = tcp_port_from_output(self.read_log())
+            if self.port is None:
+                return False
         try:
             if self.sock:
                 if not os.path.exists(self.sock):
@@ -190,6 +203,49 @@ def nbd_handle(uri):
 def file_bytes(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+def holes_supported(directory):
+    """True if a file in `directory` can get a hole punched (fallocate
+    PUNCH_HOLE) that SEEK_DATA/SEEK_HOLE then report. Tests check that trimmed
+    data was given back with no_data_in() only where this holds, and never by
+    counting allocated blocks (file systems allocate at their own granularity)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    chunk = 1 << 20
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".holes-probe-")
+    try:
+        os.write(fd, b"x" * (3 * chunk))
+        os.fsync(fd)
+        if libc.fallocate(fd, 3, chunk, chunk) != 0:  # PUNCH_HOLE | KEEP_SIZE
+            return False
+        return (os.lseek(fd, chunk, os.SEEK_HOLE) == chunk and
+                os.lseek(fd, chunk, os.SEEK_DATA) == 2 * chunk)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.remove(path)
+
+
+def no_data_in(path, start, end):
+    """True if SEEK_DATA finds no data in [start, end) of the file (the range
+    rounded inward to the file system's block size)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bs = os.fstat(fd).st_blksize
+        a, b = -(-start // bs) * bs, end // bs * bs
+        if a >= b:
+            return True
+        try:
+            return os.lseek(fd, a, os.SEEK_DATA) >= b
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data from a to the end of the file
+                return True
+            raise
+    finally:
+        os.close(fd)
 
 
 def main(tests):
