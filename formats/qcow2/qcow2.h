@@ -114,6 +114,9 @@ class Qcow2Device final : public BlockDevice {
   int write_cluster(uint64_t guest, std::span<const std::byte> data);
   int zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim);
   int get_l2_for_write_locked(uint64_t l1_index, CachedTable*& out);
+  uint32_t raw_zero_subclusters(uint64_t entry, uint64_t bitmap) const;
+  int write_raw_cluster(uint64_t guest, std::span<const std::byte> data);
+  int fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from, uint64_t skip_to);
   void lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc);
   void unlock_cluster(uint64_t gc);
   bool overlaps_metadata(uint64_t host, uint64_t len) const;

@@ -123,27 +123,12 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + buf.size();
   if (raw_) {
-    // The raw file is the disk: write it at the guest offset, then make sure
-    // every touched cluster is mapped 1:1.
-    if (int r = data_->write_at(offset, buf)) return r;
-    data_dirty_ = true;
     for (uint64_t pos = offset; pos < end;) {
-      uint64_t gc = pos >> cluster_bits_;
-      uint64_t cend = std::min(end, (gc + 1) << cluster_bits_);
-      std::unique_lock lk(mu_);
-      lock_cluster(lk, gc);
-      CachedTable* t = nullptr;
-      int r = get_l2_for_write_locked(gc / l2_entries_, t);
-      if (!r) {
-        uint64_t want = (gc << cluster_bits_) | kCopied;
-        uint64_t want_bm = ext_ ? 0xffffffffull : 0;
-        uint64_t idx = gc % l2_entries_;
-        if (entry_at(*t, idx) != want || bitmap_at(*t, idx) != want_bm) set_entry(*t, idx, want, want_bm);
-      }
-      unlock_cluster(gc);
-      if (r) return r;
+      uint64_t cend = std::min(end, ((pos >> cluster_bits_) + 1) << cluster_bits_);
+      if (int r = write_raw_cluster(pos, buf.subspan(pos - offset, cend - pos))) return r;
       pos = cend;
     }
+    data_dirty_ = true;
     return fua ? flush() : 0;
   }
 
@@ -194,6 +179,71 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
     pos = cend;
   }
   return fua ? flush() : 0;
+}
+
+// REQUIRES mu_. The subclusters of an L2 entry that read as zeros under
+// data_file_raw, as a 32-bit mask (bit i: subcluster i; a cluster without
+// subclusters is all or nothing): the standard zero flag, or an extended L2
+// zero bit without its allocation bit. Everything else reads the data file.
+uint32_t Qcow2Device::raw_zero_subclusters(uint64_t entry, uint64_t bitmap) const {
+  if (!ext_) return (entry & kZeroFlag) ? ~uint32_t{0} : 0;
+  return static_cast<uint32_t>(bitmap >> 32) & ~static_cast<uint32_t>(bitmap);
+}
+
+// data_file_raw: the data file is the disk at guest offsets, but a cluster the
+// L2 table marks zero reads as zeros whatever the data file holds there. So
+// before a write maps such a cluster 1:1, the zero parts the write does not
+// cover get zeros in the data file, as QEMU's copy-on-write does; otherwise
+// stale bytes of the data file would appear. The cluster lock is held across
+// the data write, so a second writer of the cluster cannot have its data
+// zeroed, and the entry changes only after the data file holds what it maps.
+int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> data) {
+  const uint64_t gc = guest >> cluster_bits_;
+  const uint64_t cstart = gc << cluster_bits_;
+  const uint64_t want = cstart | kCopied;
+  const uint64_t want_bitmap = ext_ ? 0xffffffffull : 0;
+  std::unique_lock lk(mu_);
+  CachedTable* t = nullptr;
+  int r = get_l2_for_write_locked(gc / l2_entries_, t);
+  if (r) return r;
+  const uint64_t idx = gc % l2_entries_;
+  if (entry_at(*t, idx) == want && bitmap_at(*t, idx) == want_bitmap) {
+    lk.unlock();  // Already mapped 1:1: the data file alone changes.
+    return data_->write_at(guest, data);
+  }
+  lock_cluster(lk, gc);
+  r = get_l2_for_write_locked(gc / l2_entries_, t);
+  if (!r) {
+    const uint32_t zeros = raw_zero_subclusters(entry_at(*t, idx), bitmap_at(*t, idx));
+    lk.unlock();
+    r = fill_raw_zero_gaps(cstart, zeros, guest - cstart, guest - cstart + data.size());
+    if (!r) r = data_->write_at(guest, data);
+    lk.lock();
+    if (!r) r = get_l2_for_write_locked(gc / l2_entries_, t);
+    if (!r) set_entry(*t, idx, want, want_bitmap);
+  }
+  unlock_cluster(gc);
+  return r;
+}
+
+// Writes zeros into the data file over the zero subclusters of the cluster at
+// `cstart`, except [skip_from, skip_to) (cluster-relative), which the caller
+// writes itself.
+int Qcow2Device::fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from,
+                                    uint64_t skip_to) {
+  if (!zeros) return 0;
+  const uint64_t unit = ext_ ? cs_ / 32 : cs_;
+  const int units = ext_ ? 32 : 1;
+  for (int i = 0; i < units; ++i) {
+    if (!((zeros >> i) & 1)) continue;
+    const uint64_t from = i * unit, to = from + unit;
+    auto fill = [&](uint64_t a, uint64_t b) {
+      return a < b ? data_->write_at(cstart + a, std::span(zero_buffer()).first(b - a)) : 0;
+    };
+    if (int r = fill(from, std::min(to, skip_from))) return r;
+    if (int r = fill(std::max(from, skip_to), to)) return r;
+  }
+  return 0;
 }
 
 // Writes `data` (inside one cluster), allocating and copying as needed.

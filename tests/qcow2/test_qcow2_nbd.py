@@ -327,7 +327,39 @@ def test_data_file_raw_zero_flags_read_as_zeros():
                 assert file_bytes(out) == want, opts
 
 
+
+def test_data_file_raw_partial_write_into_zero_cluster():
+    """A write into part of a zero-flagged cluster (or of a zero subcluster)
+    under data_file_raw leaves the rest of it reading as zeros, through Strata
+    and through QEMU afterwards, though the data file held other bytes there;
+    the data file stays the disk (`qemu-img convert` of the image equals it)."""
+    k = 1024
+    for opts, zero_len in (("", 64 * k), (",extended_l2=on", 4 * k)):
+        with workdir() as d:
+            img = os.path.join(d, "pw.qcow2")
+            raw = os.path.join(d, "pw.raw")
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                 "data_file=pw.raw,data_file_raw=on" + opts, img, "1M"], cwd=d)
+            run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 128k",
+                 "-c", f"write -z 0 {zero_len}", img], cwd=d)
+            overwrite(raw, b"\x5a" * (128 * k))
+            with Server(img, "--format", "qcow2") as srv:
+                h = nbd.NBD()
+                h.connect_uri(srv.uri)
+                h.pwrite(b"\x07" * 1024, 1024)
+                assert h.pread(zero_len, 0) == bytes(1024) + b"\x07" * 1024 + bytes(zero_len - 2048)
+                assert h.pread(1024, zero_len) == b"\x5a" * 1024
+                h.flush()
+                h.shutdown()
+            run(["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0 0 1k",
+                 "-c", "read -P 7 1k 1k", "-c", f"read -P 0 2k {zero_len - 2048}", img], cwd=d)
+            run(["qemu-img", "check", "-q", img], cwd=d)
+            run(["qemu-img", "convert", "-O", "raw", img, "want.raw"], cwd=d)
+            assert file_bytes(os.path.join(d, "want.raw"))[:zero_len] == file_bytes(raw)[:zero_len], opts
+
+
 if __name__ == "__main__":
     main([test_variants_read_and_map, test_allocation_depth_mixed_chain,
           test_random_workload_64_in_flight, test_random_workload_data_file_raw,
-          test_data_file_raw_trim_gives_space_back, test_data_file_raw_zero_flags_read_as_zeros])
+          test_data_file_raw_trim_gives_space_back, test_data_file_raw_zero_flags_read_as_zeros,
+          test_data_file_raw_partial_write_into_zero_cluster])
