@@ -1,0 +1,33 @@
+// What every fuzz target shares: an invariant check that stops the fuzzer
+// (libFuzzer saves the input as a crash), and quiet logs.
+//
+// Invariants are not assert(): they stay on in every build, print what broke
+// and trap, so a violated promise is reported like a crash, with the input.
+#pragma once
+
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+namespace strata::fuzz {
+
+[[noreturn]] inline void invariant_failed(const char* file, int line, const char* what) {
+  std::fprintf(stderr, "\n==== invariant violated at %s:%d: %s\n", file, line, what);
+  std::fflush(stderr);
+  __builtin_trap();
+}
+
+// Drivers log every refusal; at thousands of inputs a second that is noise and
+// time. STRATA_FUZZ_LOG=debug (or info, warn...) turns logs back on to study one input.
+inline void quiet_logs() {
+  const char* level = std::getenv("STRATA_FUZZ_LOG");
+  spdlog::set_level(level ? spdlog::level::from_str(level) : spdlog::level::off);
+}
+
+}  // namespace strata::fuzz
+
+#define FUZZ_CHECK(cond, what)                                                 \
+  do {                                                                         \
+    if (!(cond)) ::strata::fuzz::invariant_failed(__FILE__, __LINE__, (what)); \
+  } while (0)
