@@ -12,11 +12,18 @@
 // parent is not just zeros. STRATA_FUZZ_VHD_DIR names the directory (make_corpus.py
 // uses it to create children over the same parents); by default it is a new
 // temporary one.
+//
+// Script byte 0 (image_ops.h) picks the variant: bits 1-2 the size mode
+// (current, chs, qemu), bit 3 strict parent time stamps, bit 4 "fix the
+// checksums" (of both footer copies and of the dynamic header, before the
+// open) so that mutated fields are looked at rather than refused at the
+// checksum.
 #include <stdlib.h>
 #include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -105,11 +112,37 @@ std::shared_ptr<strata::BlockDevice> open_vhd_from(std::unique_ptr<strata::File>
   ctx.options.format = strata::Format::vhd;
   ctx.options.read_only = !s.writable;
   ctx.options.lock = false;
-  ctx.options.vhd_size_mode = kSizeModes[s.variant % 4];
+  ctx.options.vhd_size_mode = kSizeModes[s.variant & 3];
   ctx.options.vhd_strict_parent_timestamp = (s.variant >> 2) & 1;
   ctx.options.allowed_dirs = {g_dir};
   ctx.allowed_dirs = {g_dir};
   return strata::open_vhd(std::move(file), ctx);
+}
+
+uint64_t be64_at(const strata::fuzz::Bytes& b, uint64_t off) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = v << 8 | static_cast<uint8_t>(b[off + i]);
+  return v;
+}
+
+// Recomputes the checksum of the structure at `off` if it has its cookie.
+void fix_checksum(strata::fuzz::Bytes& b, uint64_t off, const char* cookie, size_t len,
+                  size_t checksum_off) {
+  if (off > b.size() || b.size() - off < len) return;
+  auto* p = reinterpret_cast<uint8_t*>(b.data() + off);
+  if (std::memcmp(p, cookie, 8) != 0) return;
+  uint32_t c = vhd::checksum(p, len, checksum_off);
+  for (int i = 0; i < 4; ++i) p[checksum_off + i] = static_cast<uint8_t>(c >> (24 - 8 * i));
+}
+
+void fix_checksums(strata::fuzz::Bytes& b, const strata::fuzz::ImageSession::Settings& s) {
+  if (!((s.variant >> 3) & 1) || b.size() < 512) return;
+  for (uint64_t footer : {uint64_t{0}, uint64_t{b.size() - 512}}) {
+    fix_checksum(b, footer, "conectix", 512, 64);
+    if (std::memcmp(b.data() + footer, "conectix", 8) == 0) {
+      fix_checksum(b, be64_at(b, footer + 16), "cxsparse", 1024, 36);
+    }
+  }
 }
 
 }  // namespace
@@ -133,7 +166,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  strata::fuzz::ImageSession session(g_dir + "/child.vhd", open_vhd_from);
+  strata::fuzz::ImageSession session(g_dir + "/child.vhd", open_vhd_from, fix_checksums);
   session.run(data, size);
   return 0;
 }

@@ -84,7 +84,12 @@ class ImageSession {
   using Opener =
       std::function<std::shared_ptr<BlockDevice>(std::unique_ptr<File>, const Settings&)>;
 
-  ImageSession(std::string path, Opener open) : path_(std::move(path)), open_(std::move(open)) {}
+  // Adjusts the image before it is opened (fuzz_vhd: fixes checksums, so
+  // that mutations reach the code behind them).
+  using Fixup = std::function<void(Bytes&, const Settings&)>;
+
+  ImageSession(std::string path, Opener open, Fixup fixup = {})
+      : path_(std::move(path)), open_(std::move(open)), fixup_(std::move(fixup)) {}
 
   void run(const uint8_t* data, size_t size) {
     uint8_t script[kScriptBytes] = {};
@@ -95,6 +100,7 @@ class ImageSession {
     const bool writable = !(script[0] & 1);
     settings_.cache_bytes = uint64_t{script[1]} * 4096;
     settings_.variant = script[0] >> 1;
+    if (fixup_) fixup_(*bytes_, settings_);
     dev_ = open_device(writable);
     if (!dev_) return;
     window_ = std::min(dev_->size(), kWindow);
@@ -259,6 +265,7 @@ class ImageSession {
 
   const std::string path_;
   const Opener open_;
+  const Fixup fixup_;
   std::shared_ptr<Bytes> bytes_;
   std::shared_ptr<BlockDevice> dev_;
   Settings settings_;

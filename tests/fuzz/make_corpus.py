@@ -174,6 +174,17 @@ def vhd_seeds(tmp, strata, fuzz_dir):
     run(strata, "create", "-f", "vhd", "-o", "type=dynamic,block_size=4K", p, "64K")
     qemu_io(p, "write -P 0x34 0 6k", fmt="vpc")
     image_seeds("vhd", "strata-dynamic-4k", p, (RW,))
+    # Issue 14 defect 3: blocks of fewer than 8 sectors (a sector bitmap of
+    # less than a byte) must open, not divide by zero.
+    p = os.path.join(tmp, "strata-dynamic-512.vhd")
+    run(strata, "create", "-f", "vhd", "-o", "type=dynamic,block_size=512", p, "64K")
+    image_seeds("vhd", "regress-block-size-512", p, (RW,))
+    # The same seeds with "fix the checksums" on, for mutations to start from.
+    for name in ("strata-dynamic-4k-rw", "qemu-fixed-rw"):
+        with open(os.path.join(CORPUS, "vhd", name), "rb") as f:
+            data = bytearray(f.read())
+        data[0] |= 1 << 4
+        put("vhd", name.replace("-rw", "-fixsum"), bytes(data))
     # Differencing children over fuzz_vhd's own parents.
     if not fuzz_dir:
         return
@@ -262,6 +273,9 @@ def protocol_seeds():
         + option("SET_META_CONTEXT", meta_payload("no-such-export", "base:allocation"))
         + option("GO", info_payload("")) + request("BLOCK_STATUS", 0, 4096, cookie=1),
     }
+    # An error reply must not echo a name longer than a string may be (4096 bytes).
+    streams["regress-long-name-error-message"] = fixed_nz + option(
+        "INFO", info_payload("n" * 5000))
     for target in ("handshake", "connection"):
         for name, data in streams.items():
             put(target, name, data)
