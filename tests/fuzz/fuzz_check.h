@@ -27,6 +27,11 @@ inline void quiet_logs() {
 
 }  // namespace strata::fuzz
 
+// For harness code that loops over data (shadow comparisons, pattern fills):
+// left out of the coverage instrumentation, so the fuzzer spends no time in
+// it and does not take its branches for progress in the code under test.
+#define FUZZ_NO_COVERAGE __attribute__((no_sanitize("coverage")))
+
 #define FUZZ_CHECK(cond, what)                                                 \
   do {                                                                         \
     if (!(cond)) ::strata::fuzz::invariant_failed(__FILE__, __LINE__, (what)); \
