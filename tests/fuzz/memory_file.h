@@ -35,7 +35,7 @@ class MemoryFile final : public File {
     const Bytes& b = *bytes_;
     size_t have = offset < b.size() ? std::min<uint64_t>(buf.size(), b.size() - offset) : 0;
     if (have) std::memcpy(buf.data(), b.data() + offset, have);
-    std::memset(buf.data() + have, 0, buf.size() - have);
+    if (buf.size() > have) std::memset(buf.data() + have, 0, buf.size() - have);
     return 0;
   }
 
@@ -53,14 +53,14 @@ class MemoryFile final : public File {
     Bytes& b = *bytes_;
     if (offset >= b.size()) return 0;
     uint64_t n = std::min<uint64_t>(length, b.size() - offset);
-    std::memset(b.data() + offset, 0, n);
+    if (n) std::memset(b.data() + offset, 0, n);
     return 0;
   }
 
   int zero_range(uint64_t offset, uint64_t length) override {  // may grow the file
     if (!writable_) return EPERM;
     if (int e = reserve(offset, length)) return e;
-    std::memset(bytes_->data() + offset, 0, length);
+    if (length) std::memset(bytes_->data() + offset, 0, length);
     return 0;
   }
 
