@@ -1,14 +1,17 @@
 // What every fuzz target shares: an invariant check that stops the fuzzer
-// (libFuzzer saves the input as a crash), and quiet logs.
+// (libFuzzer saves the input as a crash), quiet logs, temporary directories.
 //
 // Invariants are not assert(): they stay on in every build, print what broke
 // and trap, so a violated promise is reported like a crash, with the input.
 #pragma once
 
 #include <spdlog/spdlog.h>
+#include <stdlib.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 namespace strata::fuzz {
 
@@ -36,3 +39,18 @@ inline void quiet_logs() {
   do {                                                                         \
     if (!(cond)) ::strata::fuzz::invariant_failed(__FILE__, __LINE__, (what)); \
   } while (0)
+
+namespace strata::fuzz {
+
+// A new directory under $TMPDIR (else /tmp). A run that crashes leaves it
+// behind; .ci/fuzz points TMPDIR into its scratch directory for that reason.
+inline std::string make_temp_dir(const char* name) {
+  const char* base = std::getenv("TMPDIR");
+  std::string t = std::string(base && *base ? base : "/tmp") + "/strata-fuzz-" + name + "-XXXXXX";
+  std::vector<char> buf(t.begin(), t.end());
+  buf.push_back('\0');
+  FUZZ_CHECK(::mkdtemp(buf.data()) != nullptr, "cannot create a temporary directory");
+  return buf.data();
+}
+
+}  // namespace strata::fuzz

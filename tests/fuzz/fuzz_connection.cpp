@@ -112,9 +112,7 @@ ExportConfig raw_export(const std::string& name, const std::string& path, bool r
 
 void start_world() {
   auto* w = new World;
-  char tmpl[] = "/tmp/strata-fuzz-conn-XXXXXX";
-  FUZZ_CHECK(::mkdtemp(tmpl) != nullptr, "cannot create a temporary directory");
-  w->dir = tmpl;
+  w->dir = strata::fuzz::make_temp_dir("conn");
   make_raw(w->dir + "/disk.raw", 1 << 20);
   make_raw(w->dir + "/ro.raw", 64 * 1024 + 512);
   Config c;

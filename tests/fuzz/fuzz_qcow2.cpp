@@ -36,9 +36,7 @@ std::shared_ptr<strata::BlockDevice> open_qcow2_from(
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   strata::fuzz::quiet_logs();
-  char tmpl[] = "/tmp/strata-fuzz-qcow2-XXXXXX";
-  FUZZ_CHECK(::mkdtemp(tmpl) != nullptr, "cannot create a temporary directory");
-  g_dir = tmpl;
+  g_dir = strata::fuzz::make_temp_dir("qcow2");
   std::atexit([] { ::rmdir(g_dir.c_str()); });
   return 0;
 }

@@ -153,9 +153,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     std::filesystem::create_directories(d);
     g_dir = std::filesystem::canonical(d).string();
   } else {
-    char tmpl[] = "/tmp/strata-fuzz-vhd-XXXXXX";
-    FUZZ_CHECK(::mkdtemp(tmpl) != nullptr, "cannot create a temporary directory");
-    g_dir = tmpl;
+    g_dir = strata::fuzz::make_temp_dir("vhd");
     g_remove_dir = true;
   }
   make_parents();
