@@ -217,7 +217,7 @@ Config parse_config_text(const std::string& text) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for huge numbers
     throw ConfigError(std::string("not valid JSON: ") + e.what());
   }
   return parse_config(j);

@@ -86,6 +86,12 @@ TEST_CASE("errors name the key and the problem") {
         "extra: unknown key");
 }
 
+TEST_CASE("a number out of JSON's range is a ConfigError, not a library exception") {
+  // Found by fuzz_config: the JSON library reports it as out_of_range, not parse_error.
+  CHECK(error_of(R"({"exports": [{"name": "d", "path": "/i", "cache_size": 1e999}]})")
+            .find("not valid JSON") != std::string::npos);
+}
+
 TEST_CASE("load_config_file prefixes the file name") {
   try {
     load_config_file("/nonexistent/strata.json");
