@@ -60,6 +60,7 @@ void MetadataMap::set_ranges(const std::vector<Range>& ranges) {
     const uint64_t pos = events[i].pos;
     for (; i < events.size() && events[i].pos == pos; ++i) uses[events[i].bit] += events[i].delta;
     const uint16_t m = mask_of(uses);
+    if (m & kMetaDuplicate) duplicates_ = true;
     if (!segments_.empty() && segments_.back().end == kOpen) {
       if (segments_.back().kinds == m) continue;
       segments_.back().end = pos;
@@ -70,7 +71,10 @@ void MetadataMap::set_ranges(const std::vector<Range>& ranges) {
 
 void MetadataMap::add_cluster(uint64_t cluster, uint16_t kind) {
   uint16_t& k = clusters_[cluster];
-  if (k & kind) k |= kMetaDuplicate;
+  if (k & kind) {
+    k |= kMetaDuplicate;
+    duplicates_ = true;
+  }
   k |= kind;
   end_ = std::max(end_, cluster + 1);
 }

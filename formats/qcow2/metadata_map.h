@@ -56,6 +56,8 @@ class MetadataMap {
   uint16_t kinds(uint64_t first, uint64_t count) const;
   // One past the highest cluster ever recorded.
   uint64_t end() const { return end_; }
+  // Some cluster was recorded twice as one kind (it stays so).
+  bool has_duplicates() const { return duplicates_; }
 
  private:
   struct Segment {
@@ -65,6 +67,7 @@ class MetadataMap {
   std::vector<Segment> segments_;
   std::unordered_map<uint64_t, uint16_t> clusters_;
   uint64_t end_ = 0;
+  bool duplicates_ = false;
 };
 
 }  // namespace strata::qcow2

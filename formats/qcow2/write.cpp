@@ -138,6 +138,8 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   bool inplace = true;
   {
     std::lock_guard lk(mu_);
+    // An L2 table used twice must not be written through: write_cluster() checks.
+    if (meta_.has_duplicates()) inplace = false;
     const uint64_t sc_size = cs_ / 32;
     for (uint64_t pos = offset; pos < end && inplace;) {
       uint64_t gc = pos >> cluster_bits_;

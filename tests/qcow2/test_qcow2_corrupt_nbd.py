@@ -143,6 +143,31 @@ def test_writing_the_lost_cluster_keeps_it_private():
         assert q.returncode == 0, q.stdout + q.stderr
 
 
+def test_truncated_l2_table_reads_zeros_and_is_rewritten_in_place():
+    with workdir() as d:
+        img = create(d, "t2.qcow2", "4M")
+        qemu_io(img, "write -P 1 0 4k", "write -P 2 2M 4k")
+        l2 = l1_entry(img, 1)
+        assert l2 == os.path.getsize(img) - 2 * CS, "layout assumed by the test"
+        os.truncate(img, l2)  # the L2 table of guest 2M and its data cluster
+        with Server(img, "--format", "qcow2") as srv:
+            h = nbd.NBD()
+            h.connect_uri(srv.uri)
+            assert h.pread(CS, 2 << 20) == bytes(CS)
+            h.pwrite(b"\x22" * CS, (2 << 20) + CS)
+            h.pwrite(b"\x23" * CS, 3 << 20)
+            h.flush()
+            h.shutdown()
+        assert l1_entry(img, 1) == l2
+        hosts = host_offsets(img)
+        assert len(set(hosts.values())) == len(hosts), hosts
+        assert all(off != l2 + CS for off in hosts.values()), "the lost data cluster was reused"
+        qemu_io(img, "read -P 1 0 4k", "read -P 0 2M 4k", "read -P 0x22 2052k 4k",
+                "read -P 0x23 3M 4k", read_only=True)
+        q = qemu_check(img)
+        assert q.returncode in (0, 3) and "ERROR" not in q.stdout + q.stderr, q.stdout + q.stderr
+
+
 def l2_with_refcount_0(d, compat):
     """Data at guest 0 and 8K under one L2 table, 2M under a second one whose
     refcount is then set to 0 (inconsistent: the L1 table still uses it)."""
@@ -222,6 +247,7 @@ if __name__ == "__main__":
     main([test_check_reports_references_past_eof,
           test_truncated_image_reads_zeros_and_writes_never_alias,
           test_writing_the_lost_cluster_keeps_it_private,
+          test_truncated_l2_table_reads_zeros_and_is_rewritten_in_place,
           test_allocation_over_metadata_marks_corrupt_and_goes_read_only,
           test_allocation_over_metadata_v2_goes_read_only,
           test_corrupt_bit_refused_read_write_served_read_only])
