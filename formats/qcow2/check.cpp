@@ -9,10 +9,10 @@
 namespace strata::qcow2 {
 
 void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& report,
-                                   bool include_refcount_structures) {
-  const int64_t fsize = file_->size();
-  const uint64_t nclusters = (static_cast<uint64_t>(std::max<int64_t>(fsize, 0)) + cs_ - 1) / cs_;
-  // Tables may end slightly past EOF (they are not padded); anything further is corrupt.
+                                   bool include_refcount_structures, bool report_past_eof) {
+  const uint64_t fsize = static_cast<uint64_t>(std::max<int64_t>(file_->size(), 0));
+  const uint64_t nclusters = (fsize + cs_ - 1) / cs_;
+  // Beyond this a reference is not counted (the counts would not fit in memory).
   const uint64_t limit = nclusters + std::max<uint64_t>(16, (64ull << 20) / cs_);
   counts.assign(nclusters, 0);
   auto add = [&](uint64_t off, uint64_t len, const std::string& what) {
@@ -25,6 +25,14 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
     if (last >= limit) {
       report.errors.push_back(what + ": offset " + std::to_string(off) + " is beyond the end of the file");
       return;
+    }
+    // The last cluster may be partly written (tables are not padded), so a
+    // reference is only lost when it ends a whole cluster or more past EOF
+    // (qemu-img check's rule). It is still counted: the cluster is in use.
+    if (report_past_eof && off + len >= fsize + cs_) {
+      report.errors.push_back(what + ": offset " + std::to_string(off) + " size " +
+                              std::to_string(len) +
+                              " lies past the end of the file (truncated image?)");
     }
     if (last >= counts.size()) counts.resize(last + 1, 0);
     for (uint64_t c = first; c <= last; ++c) ++counts[c];
@@ -120,46 +128,49 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
   }
 }
 
+bool Qcow2Device::check_refcount(uint64_t c, uint64_t used, CheckReport& report, uint64_t& leaked) {
+  uint64_t rc = 0;
+  if (get_refcount_locked(c, rc) != 0) return false;
+  const std::string what = "cluster " + std::to_string(c) + ": refcount " + std::to_string(rc) +
+                           " but used " + std::to_string(used) + " times";
+  if (rc < used) {
+    report.errors.push_back(what);
+  } else if (rc > used) {
+    ++leaked;
+    if (report.leaks.size() < 100) report.leaks.push_back(what);
+  }
+  return true;
+}
+
 void Qcow2Device::check(CheckReport& report) {
   std::lock_guard lk(mu_);
-  if (!read_only_) {
+  if (file_->writable()) {
     if (int r = flush_locked()) report.errors.push_back(std::string("flush failed: ") + std::strerror(r));
   }
   std::vector<uint64_t> counts;
-  count_references(counts, report, true);
-  uint64_t max_cluster = std::max<uint64_t>(counts.size(), reftable_.size() * rb_entries_);
+  count_references(counts, report, true, true);
+  const uint64_t covered = reftable_.size() * rb_entries_;  // clusters the refcount table can count
   uint64_t leaked = 0;
-  for (uint64_t c = 0; c < max_cluster; ++c) {
-    uint64_t bi = c / rb_entries_;
-    if ((reftable_[bi] & kRefTableOffsetMask) == 0) {
-      // No block: every refcount in its range is 0.
-      uint64_t next = (bi + 1) * rb_entries_;
-      for (; c < next && c < counts.size(); ++c) {
+  for (uint64_t c = 0; c < std::max<uint64_t>(counts.size(), covered);) {
+    const uint64_t bi = c / rb_entries_;
+    const uint64_t block_end = (bi + 1) * rb_entries_;
+    if (bi >= reftable_.size() || (reftable_[bi] & kRefTableOffsetMask) == 0) {
+      // No block (or past the table): every refcount in its range is 0.
+      for (; c < block_end && c < counts.size(); ++c) {
         if (counts[c]) {
           report.errors.push_back("cluster " + std::to_string(c) + " is used " + std::to_string(counts[c]) +
                                   " times but has no refcount block");
         }
       }
-      c = next - 1;
+      c = block_end;
       continue;
     }
-    uint64_t rc = 0;
-    if (get_refcount_locked(c, rc) != 0) {
+    if (!check_refcount(c, c < counts.size() ? counts[c] : 0, report, leaked)) {
       report.errors.push_back("refcount block " + std::to_string(bi) + " is unreadable");
-      c = (bi + 1) * rb_entries_ - 1;
+      c = block_end;
       continue;
     }
-    uint64_t want = c < counts.size() ? counts[c] : 0;
-    if (rc < want) {
-      report.errors.push_back("cluster " + std::to_string(c) + ": refcount " + std::to_string(rc) +
-                              " but used " + std::to_string(want) + " times");
-    } else if (rc > want) {
-      ++leaked;
-      if (report.leaks.size() < 100) {
-        report.leaks.push_back("cluster " + std::to_string(c) + ": refcount " + std::to_string(rc) +
-                               " but used " + std::to_string(want) + " times");
-      }
-    }
+    ++c;
   }
   if (leaked > report.leaks.size()) report.notes.push_back(std::to_string(leaked) + " leaked clusters in total");
   report.notes.push_back(stats_locked_free());

@@ -28,10 +28,12 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
   read_only_ = !file_->writable();
   if (h_.incompatible & kIncompatCorrupt) {
     corrupt_ = true;
-    if (!read_only_) {
-      spdlog::warn("{}: the corrupt bit is set (incompatible feature bit 1): serving read-only", path());
+    if (!read_only_) {  // as QEMU: the metadata cannot be trusted for writing
+      throw_image_error(
+          path(),
+          "the corrupt bit is set (incompatible feature bit 1): its metadata is inconsistent; "
+          "open it read-only, or repair it with 'qemu-img check -r all'");
     }
-    read_only_ = true;
   }
   if (h_.nb_snapshots) snapshots_ = read_snapshots(*file_, h_, &snapshot_table_bytes_);
 
@@ -67,9 +69,8 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
 
 Qcow2Device::~Qcow2Device() {
   std::lock_guard lk(mu_);
-  if (!read_only_) {
-    if (int r = flush_locked()) spdlog::error("{}: flush on close failed: {}", path(), std::strerror(r));
-  }
+  if (int r = flush_locked())
+    spdlog::error("{}: flush on close failed: {}", path(), std::strerror(r));
   if (read_only_) {
     spdlog::debug("{}: {}", path(), stats_locked_free());
   } else {
@@ -134,6 +135,11 @@ void Qcow2Device::prepare_for_writing() {
     rebuild_refcounts();
     spdlog::info("{}: refcounts rebuilt", path());
   }
+  refuse_lost_refcounts();
+  build_metadata_map();
+  // A truncated image has clusters in use at and past EOF: new clusters go
+  // after all of them.
+  end_ = std::max({end_, meta_.end(), refcounted_end()});
 }
 
 Capabilities Qcow2Device::capabilities() const {

@@ -21,14 +21,22 @@
 // Freed clusters are only decremented after the L2/L1 changes that dropped
 // them are durable, so a crash leaks clusters but never leaves a referenced
 // cluster with refcount 0.
+//
+// Corrupt images (docs/CORRUPT-IMAGES.md): a read-write open builds meta_, the
+// set of clusters holding metadata in use. Every new cluster, every metadata
+// write and every guest data write into the image file is checked against it
+// (QEMU's overlap check), as is every refcount decrement. On an inconsistency
+// signal_corruption_locked() sets the corrupt bit (v3), fails the request with
+// EIO and turns the device read-only; what was acknowledged before is still
+// written back, frees are dropped (leaked).
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <set>
+#include <shared_mutex>
 #include <unordered_set>
 #include <vector>
 
@@ -36,6 +44,7 @@
 #include "formats/file.h"
 #include "formats/open.h"
 #include "formats/qcow2/header.h"
+#include "formats/qcow2/metadata_map.h"
 #include "formats/qcow2/table_cache.h"
 
 namespace strata::qcow2 {
@@ -119,7 +128,6 @@ class Qcow2Device final : public BlockDevice {
   int fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from, uint64_t skip_to);
   void lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc);
   void unlock_cluster(uint64_t gc);
-  bool overlaps_metadata(uint64_t host, uint64_t len) const;
   int free_entry_locked(uint64_t entry);  // queue the clusters an L2 entry held
   int clear_autoclear_once();
 
@@ -132,12 +140,40 @@ class Qcow2Device final : public BlockDevice {
   int flush_locked();
   int apply_frees_locked();
   int write_refblock(CachedTable& t);
+  int write_l2_table(CachedTable& t);
+  // One past the last cluster with a refcount other than 0 (at open).
+  uint64_t refcounted_end();
   // Rebuilds all refcounts from the L1/L2 tables (dirty images).
   void rebuild_refcounts();
 
+  // ---- overlap check and corruption (overlap.cpp). REQUIRE mu_ held
+  // exclusively, except at open.
+  // Refuses a read-write open when refcount structures lie past EOF.
+  void refuse_lost_refcounts();
+  void build_metadata_map();
+  void update_metadata_ranges();  // after the refcount table moved
+  void set_l1_entry_locked(uint64_t index, uint64_t entry);
+  // Data write fast path: does the host cluster hold metadata?
+  bool overlaps_metadata(uint64_t host) const;
+  // Each returns 0, or EIO after signal_corruption_locked().
+  int check_new_clusters_locked(uint64_t first, uint64_t count, const char* purpose);
+  int check_metadata_write_locked(uint64_t offset, uint64_t length, uint16_t kind);
+  int check_data_write_locked(uint64_t host);
+  int check_free_locked(uint64_t cluster, uint64_t refcount);
+  int write_metadata_locked(uint64_t offset, const void* data, size_t length, uint16_t kind);
+  // Logs `what` once, sets the corrupt bit (v3), makes the device read-only.
+  // Returns EIO.
+  int signal_corruption_locked(const std::string& what);
+
   // ---- check (check.cpp)
   // Counts the references of every host cluster of the image file.
-  void count_references(std::vector<uint64_t>& counts, CheckReport& report, bool include_refcount_structures);
+  // References lying one cluster or more past EOF are counted; with
+  // `report_past_eof` they are also reported as errors (as qemu-img check does).
+  void count_references(std::vector<uint64_t>& counts, CheckReport& report,
+                        bool include_refcount_structures, bool report_past_eof);
+  // The refcount of cluster `c` against its references (check()); false when
+  // its refcount block cannot be read.
+  bool check_refcount(uint64_t c, uint64_t used, CheckReport& report, uint64_t& leaked);
 
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_owned_;
@@ -157,8 +193,8 @@ class Qcow2Device final : public BlockDevice {
   bool external_ = false;  // external data file
   bool raw_ = false;       // data_file_raw
   uint64_t size_ = 0;
-  bool read_only_ = true;
-  bool corrupt_ = false;
+  std::atomic<bool> read_only_{true};  // read without mu_ by every write
+  bool corrupt_ = false;               // the corrupt bit is set, or was found this session
   std::string notes_;
 
   mutable std::shared_mutex mu_;
@@ -178,6 +214,7 @@ class Qcow2Device final : public BlockDevice {
   uint64_t rc_max_ = 0;
   bool growing_ = false;
 
+  MetadataMap meta_;  // built at a read-write open
   std::unique_ptr<TableCache> l2_cache_;
   std::unique_ptr<TableCache> rb_cache_;
 

@@ -62,10 +62,31 @@ void rb_set(uint8_t* blk, uint32_t order, uint64_t i, uint64_t v) {
 }  // namespace
 
 int Qcow2Device::write_refblock(CachedTable& t) {
-  if (int r = file_->write_at(t.offset, {reinterpret_cast<const std::byte*>(t.data.data()), t.data.size()})) {
+  if (int r = write_metadata_locked(t.offset, t.data.data(), t.data.size(), kMetaRefcountBlock))
     return r;
-  }
   t.dirty = false;
+  return 0;
+}
+
+int Qcow2Device::write_l2_table(CachedTable& t) {
+  if (int r = write_metadata_locked(t.offset, t.data.data(), t.data.size(), kMetaActiveL2))
+    return r;
+  t.dirty = false;
+  return 0;
+}
+
+uint64_t Qcow2Device::refcounted_end() {
+  for (uint64_t bi = reftable_.size(); bi-- > 0;) {
+    uint64_t off = reftable_[bi] & kRefTableOffsetMask;
+    if (off == 0 || (reftable_[bi] & 0x1ff) || !host_cluster_valid(off)) continue;
+    CachedTable* t = nullptr;
+    if (load_table(*rb_cache_, off, t, false) != 0) {
+      throw_image_error(path(), "cannot read refcount block " + std::to_string(bi));
+    }
+    for (uint64_t i = rb_entries_; i-- > 0;) {
+      if (rb_get(t->data.data(), h_.refcount_order, i) != 0) return bi * rb_entries_ + i + 1;
+    }
+  }
   return 0;
 }
 
@@ -98,6 +119,7 @@ int Qcow2Device::set_refcount_locked(uint64_t cluster, uint64_t rc) {
     // covers it counts itself; otherwise its own refcount lives in another
     // block, set before the table points at it.
     uint64_t nb = end_++;
+    if (int r = check_new_clusters_locked(nb, 1, "a refcount block")) return r;
     bool self = nb / rb_entries_ == bi;
     if (!self) {
       if (int r = set_refcount_locked(nb, 1)) return r;
@@ -108,9 +130,12 @@ int Qcow2Device::set_refcount_locked(uint64_t cluster, uint64_t rc) {
     t->dirty = true;
     reftable_[bi] = nb * cs_;
     reftable_dirty_.insert(bi);
+    meta_.add_cluster(nb, kMetaRefcountBlock);
     off = nb * cs_;
   } else if ((e & 0x1ff) || !host_cluster_valid(off)) {
     return EIO;
+  } else if (int r = check_metadata_write_locked(off, cs_, kMetaRefcountBlock)) {
+    return r;
   }
   CachedTable* t = nullptr;
   if (int r = load_table(*rb_cache_, off, t, false)) return r;
@@ -119,7 +144,11 @@ int Qcow2Device::set_refcount_locked(uint64_t cluster, uint64_t rc) {
   return 0;
 }
 
+// Refcounts decide what is free, never the file size: end_ lies past every
+// cluster with a refcount (open computes it), so clusters from end_ on are
+// unused and read as zeros.
 int Qcow2Device::alloc_cluster_locked(uint64_t& host, bool& fresh) {
+  if (corrupt_) return EIO;
   uint64_t c = free_hint_;
   for (; c < end_; ++c) {
     uint64_t rc = 0;
@@ -133,6 +162,7 @@ int Qcow2Device::alloc_cluster_locked(uint64_t& host, bool& fresh) {
   }
   free_hint_ = c + 1;
   if (c << cluster_bits_ >= kMaxHostOffset) return ENOSPC;
+  if (int r = check_new_clusters_locked(c, 1, "a new cluster")) return r;
   if (int r = set_refcount_locked(c, 1)) return r;
   host = c << cluster_bits_;
   return 0;
@@ -162,6 +192,7 @@ int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
   if (clusters * cs_ > kMaxRefcountTableBytes) return ENOSPC;
   entries = clusters * cs_ / 8;
   const uint64_t p = end_;
+  if (int r = check_new_clusters_locked(p, clusters, "the refcount table")) return r;
   end_ += clusters;
   reftable_.resize(entries, 0);
   for (uint64_t k = p; k < p + clusters; ++k) {
@@ -178,12 +209,12 @@ int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
   if (err) return err;
   std::vector<uint8_t> raw(clusters * cs_);
   for (uint64_t i = 0; i < entries; ++i) store_be64(raw.data() + i * 8, reftable_[i]);
-  if (int r = file_->write_at(p * cs_, {reinterpret_cast<const std::byte*>(raw.data()), raw.size()})) return r;
+  if (int r = write_metadata_locked(p * cs_, raw.data(), raw.size(), kMetaRefcountTable)) return r;
   if (int r = file_->sync()) return r;
   uint8_t hdr[12];
   store_be64(hdr, p * cs_);
   store_be32(hdr + 8, static_cast<uint32_t>(clusters));
-  if (int r = write_bytes(*file_, kOffRefcountTable, hdr, sizeof hdr)) return r;
+  if (int r = write_metadata_locked(kOffRefcountTable, hdr, sizeof hdr, kMetaHeader)) return r;
   if (int r = file_->sync()) return r;
   (void)wrote;
   reftable_offset_ = p * cs_;
@@ -191,6 +222,7 @@ int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
   reftable_dirty_.clear();
   h_.refcount_table_offset = reftable_offset_;
   h_.refcount_table_clusters = static_cast<uint32_t>(clusters);
+  update_metadata_ranges();
   // The header no longer points at the old table: free it (a crash before
   // these counts are written only leaks it).
   for (uint64_t k = old_off / cs_; k < old_off / cs_ + old_clusters; ++k) {
@@ -226,7 +258,8 @@ int Qcow2Device::writeback_locked() {
       if (bi >= capacity) return EIO;
       uint8_t b[8];
       store_be64(b, reftable_[bi]);
-      if (int r = write_bytes(*file_, reftable_offset_ + bi * 8, b, 8)) return r;
+      if (int r = write_metadata_locked(reftable_offset_ + bi * 8, b, 8, kMetaRefcountTable))
+        return r;
     }
     reftable_dirty_.clear();
     wrote = true;
@@ -238,10 +271,7 @@ int Qcow2Device::writeback_locked() {
   if (l2_dirty) {
     ++l2_epoch_;
     l2_cache_->for_each([&](CachedTable& t) {
-      if (t.dirty && !err) {
-        err = file_->write_at(t.offset, {reinterpret_cast<const std::byte*>(t.data.data()), t.data.size()});
-        if (!err) t.dirty = false;
-      }
+      if (t.dirty && !err) err = write_l2_table(t);
     });
     if (err) return err;
     if (int r = file_->sync()) return r;
@@ -251,7 +281,7 @@ int Qcow2Device::writeback_locked() {
     for (uint64_t i : l1_dirty_) {
       uint8_t b[8];
       store_be64(b, l1_[i]);
-      if (int r = write_bytes(*file_, h_.l1_table_offset + i * 8, b, 8)) return r;
+      if (int r = write_metadata_locked(h_.l1_table_offset + i * 8, b, 8, kMetaActiveL1)) return r;
     }
     l1_dirty_.clear();
     if (int r = file_->sync()) return r;
@@ -266,10 +296,7 @@ int Qcow2Device::apply_frees_locked() {
   for (uint64_t c : frees) {
     uint64_t rc = 0;
     if (int r = get_refcount_locked(c, rc)) return r;
-    if (rc == 0) {
-      spdlog::warn("{}: freeing cluster {} whose refcount is already 0", path(), c);
-      continue;
-    }
+    if (int r = check_free_locked(c, rc)) return r;  // the rest leak
     if (int r = set_refcount_locked(c, rc - 1)) return r;
     if (rc == 1) {
       // A freed L2 table (copied away from a snapshot) must not linger in the
@@ -285,13 +312,16 @@ int Qcow2Device::apply_frees_locked() {
 }
 
 int Qcow2Device::flush_locked() {
-  if (read_only_) return 0;
+  if (!file_->writable()) return 0;
+  // After a corruption was found, what was acknowledged before it is still
+  // made durable (every write is checked again); frees are not applied.
   if (int r = writeback_locked()) return r;
   data_dirty_ = false;
   if (int r = data_->sync()) return r;
   if (data_ != file_.get()) {
     if (int r = file_->sync()) return r;
   }
+  if (corrupt_) return 0;
   // Frees whose L2/L1 changes are now durable.
   if (int r = apply_frees_locked()) return r;
   return writeback_locked();
@@ -305,7 +335,7 @@ int Qcow2Device::flush() {
 void Qcow2Device::rebuild_refcounts() {
   CheckReport rep;
   std::vector<uint64_t> counts;
-  count_references(counts, rep, false);
+  count_references(counts, rep, false, false);
   if (!rep.errors.empty()) {
     throw_image_error(path(), "dirty image: cannot rebuild refcounts: " + rep.errors.front());
   }

@@ -29,22 +29,6 @@ void Qcow2Device::unlock_cluster(uint64_t gc) {
   cv_.notify_all();
 }
 
-// REQUIRES mu_.
-bool Qcow2Device::overlaps_metadata(uint64_t host, uint64_t len) const {
-  if (external_) return false;
-  auto hit = [&](uint64_t off, uint64_t n) { return n && host < off + n && off < host + len; };
-  if (hit(0, cs_) || hit(h_.l1_table_offset, uint64_t{h_.l1_size} * 8) ||
-      hit(reftable_offset_, reftable_clusters_ * cs_) ||
-      (h_.nb_snapshots && hit(h_.snapshots_offset, snapshot_table_bytes_))) {
-    return true;
-  }
-  // Cached L2 tables and refcount blocks (QEMU's "cached" overlap check).
-  for (uint64_t c = host & ~(cs_ - 1); c < host + len; c += cs_) {
-    if (l2_cache_->contains(c) || rb_cache_->contains(c)) return true;
-  }
-  return false;
-}
-
 int Qcow2Device::clear_autoclear_once() {
   if (autoclear_cleared_.load()) return 0;
   std::lock_guard lk(mu_);
@@ -54,7 +38,7 @@ int Qcow2Device::clear_autoclear_once() {
   if (h_.version >= 3 && keep != h_.autoclear) {
     uint8_t b[8];
     store_be64(b, keep);
-    if (int r = write_bytes(*file_, kOffAutoclear, b, 8)) return r;
+    if (int r = write_metadata_locked(kOffAutoclear, b, 8, kMetaHeader)) return r;
     if (int r = file_->sync()) return r;
     spdlog::info("{}: cleared autoclear features {:#x}", path(), h_.autoclear & ~keep);
     h_.autoclear = keep;
@@ -81,18 +65,22 @@ int Qcow2Device::free_entry_locked(uint64_t e) {
 
 int Qcow2Device::get_l2_for_write_locked(uint64_t l1i, CachedTable*& out) {
   out = nullptr;
+  if (corrupt_) return EIO;
   if (l1i >= l1_.size()) return EIO;
   uint64_t e = l1_[l1i];
   if (e & kL1ReservedMask) return EIO;
   uint64_t off = e & kL1OffsetMask;
   if (off && !host_cluster_valid(off)) return EIO;
-  if (off && (e & kCopied)) return load_table(*l2_cache_, off, out, false);
+  if (off && (e & kCopied)) {
+    if (int r = check_metadata_write_locked(off, cs_, kMetaActiveL2)) return r;
+    return load_table(*l2_cache_, off, out, false);
+  }
   if (off) {
     uint64_t rc = 0;
     if (int r = get_refcount_locked(off >> cluster_bits_, rc)) return r;
     if (rc == 1) {
-      l1_[l1i] = off | kCopied;
-      l1_dirty_.insert(l1i);
+      if (int r = check_metadata_write_locked(off, cs_, kMetaActiveL2)) return r;
+      set_l1_entry_locked(l1i, off | kCopied);
       return load_table(*l2_cache_, off, out, false);
     }
   }
@@ -112,9 +100,7 @@ int Qcow2Device::get_l2_for_write_locked(uint64_t l1i, CachedTable*& out) {
     pending_frees_.push_back(off >> cluster_bits_);
   }
   out->dirty = true;
-  l1_[l1i] = host | kCopied;
-  l1_dirty_.insert(l1i);
-  ++l2_epoch_;
+  set_l1_entry_locked(l1i, host | kCopied);
   return 0;
 }
 
@@ -137,6 +123,8 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   bool inplace = true;
   {
     std::lock_guard lk(mu_);
+    // An L2 table used twice must not be written through: write_cluster() checks.
+    if (meta_.has_duplicates()) inplace = false;
     const uint64_t sc_size = cs_ / 32;
     for (uint64_t pos = offset; pos < end && inplace;) {
       uint64_t gc = pos >> cluster_bits_;
@@ -157,7 +145,7 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
         uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) & ~((uint64_t{1} << s0) - 1);
         ok = (bm & mask) == mask && (bm >> 32 & mask) == 0;
       }
-      if (ok && overlaps_metadata(host, cs_)) ok = false;
+      if (ok && overlaps_metadata(host)) ok = false;  // write_cluster() reports it
       if (!ok) {
         inplace = false;
         break;
@@ -291,10 +279,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
     if (int r = alloc_cluster_locked(host, fresh)) return r;
     ++cow_allocations_;
   }
-  if (!external_ && overlaps_metadata(host, cs_)) {
-    spdlog::error("{}: refusing to write guest data over metadata at host offset {}", path(), host);
-    return EIO;
-  }
+  if (int r = check_data_write_locked(host)) return r;
 
   // Byte range of the new/old host cluster to write, relative to cstart.
   uint64_t lo, hi;

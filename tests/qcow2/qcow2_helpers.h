@@ -87,6 +87,32 @@ inline std::vector<std::byte> file_bytes(const std::string& path) {
   return out;
 }
 
+// Overwrites bytes of a file in place (corrupting images on purpose).
+inline void poke(const std::string& path, uint64_t off, const std::vector<uint8_t>& bytes) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  REQUIRE(f.good());
+  f.seekp(static_cast<std::streamoff>(off));
+  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+inline std::vector<uint8_t> be16(uint16_t v) { return {uint8_t(v >> 8), uint8_t(v)}; }
+inline std::vector<uint8_t> be32(uint32_t v) {
+  return {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
+}
+inline std::vector<uint8_t> be64(uint64_t v) {
+  auto a = be32(uint32_t(v >> 32)), b = be32(uint32_t(v));
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+inline uint64_t peek_be64(const std::string& path, uint64_t off) {
+  auto bytes = file_bytes(path);
+  REQUIRE(off + 8 <= bytes.size());
+  uint64_t v = 0;
+  for (int k = 0; k < 8; ++k) v = v << 8 | uint8_t(bytes[off + k]);
+  return v;
+}
+
 inline std::vector<std::byte> read_all(strata::BlockDevice& dev, uint64_t chunk = 3 << 20) {
   std::vector<std::byte> out(dev.size());
   for (uint64_t off = 0; off < out.size(); off += chunk) {

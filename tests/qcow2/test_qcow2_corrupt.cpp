@@ -8,22 +8,6 @@ using namespace qtest;
 
 namespace {
 
-void poke(const std::string& path, uint64_t off, const std::vector<uint8_t>& bytes) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  REQUIRE(f.good());
-  f.seekp(static_cast<std::streamoff>(off));
-  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-}
-
-std::vector<uint8_t> be32(uint32_t v) {
-  return {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
-}
-std::vector<uint8_t> be64(uint64_t v) {
-  auto a = be32(uint32_t(v >> 32)), b = be32(uint32_t(v));
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
 std::string open_error(const std::string& path, bool rw = false) {
   try {
     strata::OpenOptions o;
