@@ -93,6 +93,22 @@ void Connection::shutdown() {
   }
 }
 
+asio::awaitable<bool> Connection::async_discard(uint64_t n) {
+  uint64_t have = std::min<uint64_t>(n, rend_ - rpos_);
+  rpos_ += have;
+  n -= have;
+  while (n > 0) {
+    auto [ec, got] =
+        co_await socket_.async_read_some(asio::buffer(rbuf_.get(), kReadBufferSize), use_nothrow);
+    if (ec) co_return false;
+    size_t used = static_cast<size_t>(std::min<uint64_t>(got, n));
+    rpos_ = used;  // bytes past the payload stay buffered for what follows
+    rend_ = got;
+    n -= used;
+  }
+  co_return true;
+}
+
 asio::awaitable<bool> Connection::async_read_exact(void* dst, size_t n) {
   auto* out = static_cast<uint8_t*>(dst);
   size_t have = std::min(n, rend_ - rpos_);
@@ -203,13 +219,19 @@ asio::awaitable<bool> Connection::handshake() {
       spdlog::warn("conn {}: bad option magic {:#x}", id_, opt.magic);
       co_return false;
     }
+    nbd::Handshake::Step step;
     if (opt.length > nbd::Handshake::kMaxOptionLength) {
-      spdlog::warn("conn {}: option {} too long ({} bytes)", id_, opt.option, opt.length);
-      co_return false;
+      step = handshake_.on_oversized_option(opt.option, opt.length);
+      if (step.action == nbd::Handshake::Action::kClose) {
+        spdlog::warn("conn {}: {}, closing", id_, step.note);
+        co_return false;
+      }
+      if (!co_await async_discard(opt.length)) co_return false;
+    } else {
+      std::vector<uint8_t> data(opt.length);
+      if (!co_await async_read_exact(data.data(), data.size())) co_return false;
+      step = handshake_.on_option(opt.option, data);
     }
-    std::vector<uint8_t> data(opt.length);
-    if (!co_await async_read_exact(data.data(), data.size())) co_return false;
-    auto step = handshake_.on_option(opt.option, data);
     if (!step.note.empty()) spdlog::debug("conn {}: {}", id_, step.note);
     if (!step.reply.empty()) {
       auto [wec, wn] = co_await asio::async_write(socket_, asio::buffer(step.reply), use_nothrow);
@@ -242,7 +264,7 @@ uint32_t Connection::validate(const nbd::Request& r) const {
         return kEINVAL;
       }
       if (r.type == kCmdRead && r.length > kMaxRequestBytes) return kEINVAL;
-      return in_range ? 0 : kEINVAL;
+      return in_range ? 0 : out_of_range_error(r.type);
     case kCmdWrite:
     case kCmdTrim:
     case kCmdWriteZeroes: {
@@ -254,7 +276,7 @@ uint32_t Connection::validate(const nbd::Request& r) const {
       if (r.type == kCmdTrim && !(tx_flags_ & kTxSendTrim)) return kEINVAL;
       if (r.type == kCmdWriteZeroes && !(tx_flags_ & kTxSendWriteZeroes)) return kEINVAL;
       if ((r.flags & kCmdFlagFastZero) && !(tx_flags_ & kTxSendFastZero)) return kEINVAL;
-      return in_range ? 0 : kENOSPC;
+      return in_range ? 0 : out_of_range_error(r.type);
     }
     case kCmdFlush:
       if (r.flags & ~kCmdFlagFua) return kEINVAL;
@@ -265,7 +287,7 @@ uint32_t Connection::validate(const nbd::Request& r) const {
         return kEINVAL;
       }
       if (r.length == 0) return kEINVAL;
-      return in_range ? 0 : kEINVAL;
+      return in_range ? 0 : out_of_range_error(r.type);
     default:
       return kEINVAL;
   }

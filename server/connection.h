@@ -64,6 +64,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<void> serve();
   asio::awaitable<bool> handshake();
   asio::awaitable<bool> async_read_exact(void* dst, size_t n);
+  asio::awaitable<bool> async_discard(uint64_t n);
 
   // Transmission threads.
   void worker_loop();
