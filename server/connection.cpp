@@ -40,7 +40,7 @@ constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 struct Connection::Request {
   nbd::Request hdr;
   std::unique_ptr<std::byte[]> payload;  // WRITE data
-  uint64_t accounted = 0;                // bytes counted in inflight_bytes_
+  uint64_t accounted = 0;                // bytes taken from the budgets
 };
 
 // The replies of one batch, sent together with one gather write. The iovecs
@@ -74,6 +74,7 @@ Connection::Connection(Server& server, Socket socket, uint64_t id, std::string p
       limits_(server.config().limits),
       handshake_(server.exports()),
       rbuf_(new uint8_t[kReadBufferSize]),
+      budget_(limits_.max_inflight_bytes),
       done_(socket_.get_executor(), asio::steady_timer::time_point::max()),
       started_(std::chrono::steady_clock::now()) {}
 
@@ -88,6 +89,9 @@ void Connection::shutdown() {
   std::error_code ec;
   if (in_transmission_) {
     ::shutdown(fd_, SHUT_RD);  // readers see EOF; requests being executed finish
+    // Readers waiting for memory give up.
+    budget_.wake_all();
+    server_.memory().wake_all();
   } else {
     socket_.close(ec);
   }
@@ -336,29 +340,21 @@ bool Connection::recv_discard(uint64_t n) {
   return true;
 }
 
-void Connection::acquire_bytes(uint64_t n) {
-  std::unique_lock lock(bytes_mu_);
-  // A request larger than the budget still runs, alone.
-  bytes_cv_.wait(lock, [&] {
-    return inflight_bytes_ == 0 || inflight_bytes_ + n <= limits_.max_inflight_bytes;
-  });
-  inflight_bytes_ += n;
-}
-
-bool Connection::try_acquire_bytes(uint64_t n) {
-  std::lock_guard lock(bytes_mu_);
-  if (inflight_bytes_ != 0 && inflight_bytes_ + n > limits_.max_inflight_bytes) return false;
-  inflight_bytes_ += n;
-  return true;
+// Takes n bytes from this connection's budget and from the server's.
+// may_wait: the first request of a batch (its thread holds no bytes) waits
+// for room, and false then means the connection is stopping; the others
+// only take what is free.
+bool Connection::take_bytes(uint64_t n, bool may_wait) {
+  MemoryBudget& total = server_.memory();
+  if (!(may_wait ? budget_.acquire(n, stopping_) : budget_.try_acquire(n))) return false;
+  if (may_wait ? total.acquire(n, stopping_) : total.try_acquire(n)) return true;
+  budget_.release(n);
+  return false;
 }
 
 void Connection::release_bytes(uint64_t n) {
-  if (n == 0) return;
-  {
-    std::lock_guard lock(bytes_mu_);
-    inflight_bytes_ -= n;
-  }
-  bytes_cv_.notify_all();
+  server_.memory().release(n);
+  budget_.release(n);
 }
 
 // Reads and validates the next request that needs executing; queues the
@@ -387,6 +383,19 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
       return false;
     }
     uint32_t err = stopping_ ? kESHUTDOWN : validate(h);
+    req.accounted = 0;
+    if (!err) {
+      const uint64_t n = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
+      if (take_bytes(n, may_block)) {
+        req.accounted = n;
+      } else if (may_block) {
+        err = kESHUTDOWN;  // only a shutdown ends the wait for memory
+      } else {
+        // No room: leave the request, whole in the buffer, for the next batch.
+        rpos_ -= kRequestSize;
+        return false;
+      }
+    }
     if (err) {
       ++n_errors_;
       spdlog::debug("conn {}: request type={} offset={} length={} flags={:#x} refused: error {}",
@@ -408,14 +417,6 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
         send(out);  // before waiting for the next request
       }
       continue;
-    }
-    req.accounted = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
-    if (may_block) {
-      acquire_bytes(req.accounted);
-    } else if (!try_acquire_bytes(req.accounted)) {
-      // No room: leave the request, whole in the buffer, for the next batch.
-      rpos_ -= kRequestSize;
-      return false;
     }
     if (h.type == kCmdWrite) {
       req.payload = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));

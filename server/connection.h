@@ -14,16 +14,16 @@
 // reads on (see worker_loop).
 //
 // Bounds: at most limits.workers batches execute at once per connection
-// (the rest wait in the socket) and at most limits.max_inflight_bytes of
-// payload and read buffers are held; a reader waits for room while holding
-// the read mutex, which stops reading.
+// (the rest wait in the socket), and payload and read buffers are held up to
+// limits.max_inflight_bytes per connection and limits.max_total_inflight_bytes
+// for the server (server/memory_budget.h); a reader waits for room while
+// holding the read mutex, which stops reading.
 #pragma once
 
 #include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <thread>
 #include <vector>
 #include <cstdint>
@@ -37,6 +37,7 @@
 #include "config/config.h"
 #include "protocol/handshake.h"
 #include "server/exports.h"
+#include "server/memory_budget.h"
 #include "server/read_side.h"
 
 namespace strata {
@@ -75,8 +76,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   uint32_t buffered_request_length() const;
   bool recv_exact(void* dst, size_t n);  // REQUIRES: read_mu_ held
   bool recv_discard(uint64_t n);         // REQUIRES: read_mu_ held
-  void acquire_bytes(uint64_t n);
-  bool try_acquire_bytes(uint64_t n);
+  bool take_bytes(uint64_t n, bool may_wait);
   void release_bytes(uint64_t n);
 
   uint32_t validate(const nbd::Request& r) const;
@@ -107,10 +107,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   size_t rpos_ = 0, rend_ = 0;
   bool read_closed_ = false;  // REQUIRES: read_mu_; EOF, DISC, error or shutdown
 
-  // Bytes held by requests in flight (payloads and read buffers).
-  std::mutex bytes_mu_;
-  std::condition_variable bytes_cv_;
-  uint64_t inflight_bytes_ = 0;  // REQUIRES: bytes_mu_
+  // Bytes held by this connection's requests in flight (payloads and read
+  // buffers); they are also counted in server_.memory().
+  MemoryBudget budget_;
 
   std::vector<std::thread> threads_;
   std::atomic<uint32_t> running_{0};

@@ -17,6 +17,7 @@ namespace strata {
 
 Server::Server(Config config)
     : config_(std::move(config)),
+      memory_(config_.limits.max_total_inflight_bytes),
       signals_(io_, SIGINT, SIGTERM) {
   exports_ = std::make_unique<ExportRegistry>(config_.exports);
 }

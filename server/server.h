@@ -1,7 +1,7 @@
 // The server: listeners (TCP v4/v6, unix sockets) and handshakes on one
-// network io_context, the export registry, the connection limit and
-// graceful shutdown on SIGTERM/SIGINT (stop accepting, finish in-flight
-// requests, flush every export, exit 0).
+// network io_context, the export registry, the connection limit, the memory
+// bound shared by all connections, and graceful shutdown on SIGTERM/SIGINT
+// (stop accepting, finish in-flight requests, flush every export, exit 0).
 #pragma once
 
 #include <atomic>
@@ -15,6 +15,7 @@
 
 #include "config/config.h"
 #include "server/exports.h"
+#include "server/memory_budget.h"
 
 namespace strata {
 
@@ -35,6 +36,8 @@ class Server {
 
   const Config& config() const { return config_; }
   ExportRegistry& exports() { return *exports_; }
+  // Payload bytes held by all connections (limits.max_total_inflight_bytes).
+  MemoryBudget& memory() { return memory_; }
   asio::io_context& io() { return io_; }
   // Human-readable URIs of the listeners, for the start-up message.
   std::vector<std::string> uris() const;
@@ -48,6 +51,7 @@ class Server {
   void begin_shutdown();
 
   Config config_;
+  MemoryBudget memory_;
   asio::io_context io_{1};
   std::unique_ptr<ExportRegistry> exports_;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
