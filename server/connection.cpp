@@ -84,17 +84,24 @@ Connection::~Connection() {
   }
 }
 
-void Connection::shutdown() {
+void Connection::shutdown() { stop(SHUT_RD); }
+
+void Connection::abort() { stop(SHUT_RDWR); }
+
+void Connection::stop(int how) {
   stopping_ = true;
-  std::error_code ec;
-  if (in_transmission_) {
-    ::shutdown(fd_, SHUT_RD);  // readers see EOF; requests being executed finish
-    // Readers waiting for memory give up.
-    budget_.wake_all();
-    server_.memory().wake_all();
-  } else {
+  if (!in_transmission_) {
+    std::error_code ec;
     socket_.close(ec);
+    return;
   }
+  // SHUT_RD: readers still get what the client has already sent (and answer
+  // it ESHUTDOWN), then EOF. SHUT_RDWR also fails the sends that wait for a
+  // client that does not read.
+  ::shutdown(fd_, how);
+  // Readers waiting for memory give up and answer ESHUTDOWN.
+  budget_.wake_all();
+  server_.memory().wake_all();
 }
 
 asio::awaitable<bool> Connection::async_discard(uint64_t n) {
@@ -364,7 +371,7 @@ void Connection::release_bytes(uint64_t n) {
 bool Connection::next_request(Request& req, Replies& out, bool may_block) {
   using namespace nbd;
   for (;;) {
-    if (read_closed_ || stopping_) return false;
+    if (read_closed_) return false;
     uint8_t hdr[kRequestSize];
     if (!recv_exact(hdr, sizeof hdr)) {
       read_closed_ = true;
@@ -382,6 +389,7 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
       read_closed_ = true;
       return false;
     }
+    // Once stopping, every request still arriving is answered ESHUTDOWN.
     uint32_t err = stopping_ ? kESHUTDOWN : validate(h);
     req.accounted = 0;
     if (!err) {
@@ -411,7 +419,8 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
           return false;
         }
       }
-      reply_error(out, h.cookie, err, "request refused");
+      reply_error(out, h.cookie, err,
+                  err == kESHUTDOWN ? "server shutting down" : "request refused");
       if (!buffered_request_ready()) {
         if (!may_block) return false;
         send(out);  // before waiting for the next request

@@ -18,6 +18,11 @@
 // limits.max_inflight_bytes per connection and limits.max_total_inflight_bytes
 // for the server (server/memory_budget.h); a reader waits for room while
 // holding the read mutex, which stops reading.
+//
+// Stopping (SIGTERM): requests being executed finish; every request read
+// after that, including those the client sent before the signal that were
+// not started yet, is answered ESHUTDOWN; then the connection closes once its
+// replies are sent, or when the server's drain timeout calls abort().
 #pragma once
 
 #include <sys/uio.h>
@@ -54,8 +59,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Runs the whole connection; completes when it is closed. `self` keeps the
   // connection alive for as long as the coroutine runs.
   static asio::awaitable<void> run(std::shared_ptr<Connection> self);
-  // Graceful stop: finish in-flight requests, then close. Call on the io thread.
+  // Graceful stop: finish in-flight requests, answer the rest ESHUTDOWN,
+  // then close. Call on the io thread.
   void shutdown();
+  // Hard stop (the drain timed out): sends to a client that does not read
+  // fail at once. Call on the io thread.
+  void abort();
   uint64_t id() const { return id_; }
 
  private:
@@ -66,6 +75,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<bool> handshake();
   asio::awaitable<bool> async_read_exact(void* dst, size_t n);
   asio::awaitable<bool> async_discard(uint64_t n);
+  void stop(int how);  // how: SHUT_RD or SHUT_RDWR
 
   // Transmission threads.
   void worker_loop();

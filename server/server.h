@@ -1,7 +1,9 @@
 // The server: listeners (TCP v4/v6, unix sockets) and handshakes on one
 // network io_context, the export registry, the connection limit, the memory
 // bound shared by all connections, and graceful shutdown on SIGTERM/SIGINT
-// (stop accepting, finish in-flight requests, flush every export, exit 0).
+// (stop accepting, finish requests being executed, answer the rest
+// ESHUTDOWN, give clients limits.drain_timeout_ms to read their replies,
+// flush every export, exit 0).
 #pragma once
 
 #include <atomic>
@@ -49,10 +51,12 @@ class Server {
   template <class Acceptor>
   asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what);
   void begin_shutdown();
+  void drain_timed_out();
 
   Config config_;
   MemoryBudget memory_;
   asio::io_context io_{1};
+  asio::steady_timer drain_timer_{io_};
   std::unique_ptr<ExportRegistry> exports_;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
   std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_;

@@ -28,7 +28,7 @@ TEST_CASE("a full config parses into typed fields") {
                  "description": "disk a", "allowed_dirs": ["/img"], "cache_size": "4M"},
                 {"name": "b", "path": "/img/b.raw"}],
     "limits": {"max_connections": 8, "workers": 4, "max_inflight_bytes": "128M",
-               "max_total_inflight_bytes": "2G"},
+               "max_total_inflight_bytes": "2G", "drain_timeout_ms": 5000},
     "log_level": "debug"})");
   REQUIRE(c.listeners.size() == 2);
   CHECK(c.listeners[0].address == "::");
@@ -44,6 +44,7 @@ TEST_CASE("a full config parses into typed fields") {
   CHECK(c.limits.workers == 4);
   CHECK(c.limits.max_inflight_bytes == 128u << 20);
   CHECK(c.limits.max_total_inflight_bytes == 2ull << 30);
+  CHECK(c.limits.drain_timeout_ms == 5000);
   CHECK(c.log_level == "debug");
 }
 
@@ -53,6 +54,7 @@ TEST_CASE("defaults: one TCP listener on 10809") {
   CHECK(c.listeners[0].port == 10809);
   CHECK(c.limits.workers == 16);
   CHECK(c.limits.max_total_inflight_bytes == 1ull << 30);
+  CHECK(c.limits.drain_timeout_ms == 30000);
 }
 
 TEST_CASE("the total in-flight bound holds at least the largest request") {
