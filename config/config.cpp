@@ -172,7 +172,8 @@ Config parse_config(const json& j) {
   }
   if (auto it = j.find("limits"); it != j.end()) {
     check_keys(*it, "limits",
-               {"max_connections", "handshake_timeout_ms", "max_inflight_bytes", "workers"});
+               {"max_connections", "handshake_timeout_ms", "max_inflight_bytes",
+                "max_total_inflight_bytes", "workers", "drain_timeout_ms"});
     Limits& l = c.limits;
     l.max_connections = static_cast<uint32_t>(
         get_uint(*it, "limits", "max_connections", l.max_connections, 1, 65536));
@@ -180,6 +181,10 @@ Config parse_config(const json& j) {
         get_uint(*it, "limits", "handshake_timeout_ms", l.handshake_timeout_ms, 100, 3600000));
     l.max_inflight_bytes = get_uint(*it, "limits", "max_inflight_bytes", l.max_inflight_bytes,
                                     kMaxRequestBytes, 1ull << 32);
+    l.max_total_inflight_bytes = get_uint(*it, "limits", "max_total_inflight_bytes",
+                                          l.max_total_inflight_bytes, kMaxRequestBytes, 1ull << 40);
+    l.drain_timeout_ms = static_cast<uint32_t>(
+        get_uint(*it, "limits", "drain_timeout_ms", l.drain_timeout_ms, 0, 3600000));
     l.workers = static_cast<uint32_t>(get_uint(*it, "limits", "workers", l.workers, 1, 256));
   }
   c.log_level = get_string(j, "", "log_level", "info");
@@ -191,6 +196,11 @@ void validate(const Config& c) {
   static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "off"};
   if (!levels.count(c.log_level)) {
     fail("log_level", "'" + c.log_level + "' is not one of trace, debug, info, warn, error, off");
+  }
+  if (c.limits.max_total_inflight_bytes < kMaxRequestBytes) {
+    fail("limits.max_total_inflight_bytes", std::to_string(c.limits.max_total_inflight_bytes) +
+                                                " is below the largest request (" +
+                                                std::to_string(kMaxRequestBytes) + ")");
   }
   if (c.listeners.empty()) fail("listeners", "at least one listener is needed");
   if (c.exports.empty()) fail("exports", "at least one export is needed");

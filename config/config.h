@@ -50,8 +50,12 @@ struct ExportConfig {
 struct Limits {
   uint32_t max_connections = 128;
   uint32_t handshake_timeout_ms = 10000;
-  uint64_t max_inflight_bytes = 64 << 20;  // per connection
-  uint32_t workers = 16;                   // I/O threads per connection
+  uint64_t max_inflight_bytes = 64 << 20;          // per connection
+  uint64_t max_total_inflight_bytes = 1ull << 30;  // all connections together
+  uint32_t workers = 16;                           // I/O threads per connection
+  // On SIGTERM/SIGINT, how long clients get to read the replies still owed
+  // to them before their connections are closed.
+  uint32_t drain_timeout_ms = 30000;
 };
 
 inline constexpr uint32_t kMaxRequestBytes = 32 * 1024 * 1024;

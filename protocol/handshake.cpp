@@ -3,16 +3,43 @@
 namespace strata::nbd {
 
 bool Handshake::accept_client_flags(uint32_t flags, std::string* why) {
-  if (!(flags & kClientFixedNewstyle)) {
-    *why = "client does not support fixed newstyle negotiation";
-    return false;
-  }
   if (flags & ~(kClientFixedNewstyle | kClientNoZeroes)) {
     *why = "client sent unknown handshake flags";
     return false;
   }
+  fixed_newstyle_ = flags & kClientFixedNewstyle;
   no_zeroes_ = flags & kClientNoZeroes;
   return true;
+}
+
+bool Handshake::known_option(uint32_t option) {
+  switch (option) {
+    case kOptExportName:
+    case kOptAbort:
+    case kOptList:
+    case kOptInfo:
+    case kOptGo:
+    case kOptStructuredReply:
+    case kOptListMetaContext:
+    case kOptSetMetaContext:
+      return true;
+    default:
+      return false;
+  }
+}
+
+Handshake::Step Handshake::on_oversized_option(uint32_t option, uint32_t length) const {
+  Step step;
+  step.note =
+      "option " + std::to_string(option) + " with " + std::to_string(length) + " bytes of payload";
+  if (!fixed_newstyle_ || option == kOptExportName || length > kMaxSkippedOptionLength) {
+    step.action = Action::kClose;
+    return step;
+  }
+  step.reply = known_option(option)
+                   ? encode_option_error(option, kRepErrTooBig, "option payload too large")
+                   : encode_option_error(option, kRepErrUnsup, "option not supported");
+  return step;
 }
 
 uint16_t Handshake::tx_flags(const ExportView& e) const {
@@ -23,6 +50,11 @@ uint16_t Handshake::tx_flags(const ExportView& e) const {
 
 Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> data) {
   Step step;
+  if (!fixed_newstyle_ && option != kOptExportName) {
+    step.action = Action::kClose;
+    step.note = "option " + std::to_string(option) + " from a client without fixed newstyle";
+    return step;
+  }
   switch (option) {
     case kOptExportName: {
       std::string name(data.begin(), data.end());
@@ -134,6 +166,9 @@ Handshake::Step Handshake::info_or_go(uint32_t option, std::span<const uint8_t> 
 Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t> data) {
   Step step;
   const bool set = option == kOptSetMetaContext;
+  // SET replaces the selected contexts even when it fails (doc/proto.md), so
+  // a failed SET leaves none: block status then gets EINVAL.
+  if (set) meta_base_allocation_ = meta_allocation_depth_ = false;
   if (set && !structured_) {
     step.reply = encode_option_error(option, kRepErrInvalid,
                                      "structured replies must be negotiated first");

@@ -33,6 +33,10 @@ uint32_t errno_to_nbd(int e) {
   }
 }
 
+uint32_t out_of_range_error(uint16_t command) {
+  return command == kCmdWrite || command == kCmdWriteZeroes ? kENOSPC : kEINVAL;
+}
+
 Writer& Writer::u8(uint8_t v) {
   out_.push_back(v);
   return *this;

@@ -128,6 +128,11 @@ inline constexpr uint32_t kESHUTDOWN = 108;
 // Maps a host errno value to the NBD error set (anything unknown is EIO).
 uint32_t errno_to_nbd(int host_errno);
 
+// The error for a request that reaches past the end of the export: ENOSPC for
+// the commands that write data (WRITE, WRITE_ZEROES), EINVAL for the others
+// (READ, TRIM, CACHE, BLOCK_STATUS), as doc/proto.md "Error values" asks.
+uint32_t out_of_range_error(uint16_t command);
+
 // Meta contexts this server knows; the ids are fixed.
 inline constexpr std::string_view kMetaBaseAllocation = "base:allocation";
 inline constexpr std::string_view kMetaAllocationDepth = "qemu:allocation-depth";

@@ -40,7 +40,7 @@ constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 struct Connection::Request {
   nbd::Request hdr;
   std::unique_ptr<std::byte[]> payload;  // WRITE data
-  uint64_t accounted = 0;                // bytes counted in inflight_bytes_
+  uint64_t accounted = 0;                // bytes taken from the budgets
 };
 
 // The replies of one batch, sent together with one gather write. The iovecs
@@ -74,6 +74,7 @@ Connection::Connection(Server& server, Socket socket, uint64_t id, std::string p
       limits_(server.config().limits),
       handshake_(server.exports()),
       rbuf_(new uint8_t[kReadBufferSize]),
+      budget_(limits_.max_inflight_bytes),
       done_(socket_.get_executor(), asio::steady_timer::time_point::max()),
       started_(std::chrono::steady_clock::now()) {}
 
@@ -83,14 +84,40 @@ Connection::~Connection() {
   }
 }
 
-void Connection::shutdown() {
+void Connection::shutdown() { stop(SHUT_RD); }
+
+void Connection::abort() { stop(SHUT_RDWR); }
+
+void Connection::stop(int how) {
   stopping_ = true;
-  std::error_code ec;
-  if (in_transmission_) {
-    ::shutdown(fd_, SHUT_RD);  // readers see EOF; requests being executed finish
-  } else {
+  if (!in_transmission_) {
+    std::error_code ec;
     socket_.close(ec);
+    return;
   }
+  // SHUT_RD: readers still get what the client has already sent (and answer
+  // it ESHUTDOWN), then EOF. SHUT_RDWR also fails the sends that wait for a
+  // client that does not read.
+  ::shutdown(fd_, how);
+  // Readers waiting for memory give up and answer ESHUTDOWN.
+  budget_.wake_all();
+  server_.memory().wake_all();
+}
+
+asio::awaitable<bool> Connection::async_discard(uint64_t n) {
+  uint64_t have = std::min<uint64_t>(n, rend_ - rpos_);
+  rpos_ += have;
+  n -= have;
+  while (n > 0) {
+    auto [ec, got] =
+        co_await socket_.async_read_some(asio::buffer(rbuf_.get(), kReadBufferSize), use_nothrow);
+    if (ec) co_return false;
+    size_t used = static_cast<size_t>(std::min<uint64_t>(got, n));
+    rpos_ = used;  // bytes past the payload stay buffered for what follows
+    rend_ = got;
+    n -= used;
+  }
+  co_return true;
 }
 
 asio::awaitable<bool> Connection::async_read_exact(void* dst, size_t n) {
@@ -203,13 +230,19 @@ asio::awaitable<bool> Connection::handshake() {
       spdlog::warn("conn {}: bad option magic {:#x}", id_, opt.magic);
       co_return false;
     }
+    nbd::Handshake::Step step;
     if (opt.length > nbd::Handshake::kMaxOptionLength) {
-      spdlog::warn("conn {}: option {} too long ({} bytes)", id_, opt.option, opt.length);
-      co_return false;
+      step = handshake_.on_oversized_option(opt.option, opt.length);
+      if (step.action == nbd::Handshake::Action::kClose) {
+        spdlog::warn("conn {}: {}, closing", id_, step.note);
+        co_return false;
+      }
+      if (!co_await async_discard(opt.length)) co_return false;
+    } else {
+      std::vector<uint8_t> data(opt.length);
+      if (!co_await async_read_exact(data.data(), data.size())) co_return false;
+      step = handshake_.on_option(opt.option, data);
     }
-    std::vector<uint8_t> data(opt.length);
-    if (!co_await async_read_exact(data.data(), data.size())) co_return false;
-    auto step = handshake_.on_option(opt.option, data);
     if (!step.note.empty()) spdlog::debug("conn {}: {}", id_, step.note);
     if (!step.reply.empty()) {
       auto [wec, wn] = co_await asio::async_write(socket_, asio::buffer(step.reply), use_nothrow);
@@ -242,7 +275,7 @@ uint32_t Connection::validate(const nbd::Request& r) const {
         return kEINVAL;
       }
       if (r.type == kCmdRead && r.length > kMaxRequestBytes) return kEINVAL;
-      return in_range ? 0 : kEINVAL;
+      return in_range ? 0 : out_of_range_error(r.type);
     case kCmdWrite:
     case kCmdTrim:
     case kCmdWriteZeroes: {
@@ -254,7 +287,7 @@ uint32_t Connection::validate(const nbd::Request& r) const {
       if (r.type == kCmdTrim && !(tx_flags_ & kTxSendTrim)) return kEINVAL;
       if (r.type == kCmdWriteZeroes && !(tx_flags_ & kTxSendWriteZeroes)) return kEINVAL;
       if ((r.flags & kCmdFlagFastZero) && !(tx_flags_ & kTxSendFastZero)) return kEINVAL;
-      return in_range ? 0 : kENOSPC;
+      return in_range ? 0 : out_of_range_error(r.type);
     }
     case kCmdFlush:
       if (r.flags & ~kCmdFlagFua) return kEINVAL;
@@ -265,7 +298,7 @@ uint32_t Connection::validate(const nbd::Request& r) const {
         return kEINVAL;
       }
       if (r.length == 0) return kEINVAL;
-      return in_range ? 0 : kEINVAL;
+      return in_range ? 0 : out_of_range_error(r.type);
     default:
       return kEINVAL;
   }
@@ -314,29 +347,21 @@ bool Connection::recv_discard(uint64_t n) {
   return true;
 }
 
-void Connection::acquire_bytes(uint64_t n) {
-  std::unique_lock lock(bytes_mu_);
-  // A request larger than the budget still runs, alone.
-  bytes_cv_.wait(lock, [&] {
-    return inflight_bytes_ == 0 || inflight_bytes_ + n <= limits_.max_inflight_bytes;
-  });
-  inflight_bytes_ += n;
-}
-
-bool Connection::try_acquire_bytes(uint64_t n) {
-  std::lock_guard lock(bytes_mu_);
-  if (inflight_bytes_ != 0 && inflight_bytes_ + n > limits_.max_inflight_bytes) return false;
-  inflight_bytes_ += n;
-  return true;
+// Takes n bytes from this connection's budget and from the server's.
+// may_wait: the first request of a batch (its thread holds no bytes) waits
+// for room, and false then means the connection is stopping; the others
+// only take what is free.
+bool Connection::take_bytes(uint64_t n, bool may_wait) {
+  MemoryBudget& total = server_.memory();
+  if (!(may_wait ? budget_.acquire(n, stopping_) : budget_.try_acquire(n))) return false;
+  if (may_wait ? total.acquire(n, stopping_) : total.try_acquire(n)) return true;
+  budget_.release(n);
+  return false;
 }
 
 void Connection::release_bytes(uint64_t n) {
-  if (n == 0) return;
-  {
-    std::lock_guard lock(bytes_mu_);
-    inflight_bytes_ -= n;
-  }
-  bytes_cv_.notify_all();
+  server_.memory().release(n);
+  budget_.release(n);
 }
 
 // Reads and validates the next request that needs executing; queues the
@@ -346,7 +371,7 @@ void Connection::release_bytes(uint64_t n) {
 bool Connection::next_request(Request& req, Replies& out, bool may_block) {
   using namespace nbd;
   for (;;) {
-    if (read_closed_ || stopping_) return false;
+    if (read_closed_) return false;
     uint8_t hdr[kRequestSize];
     if (!recv_exact(hdr, sizeof hdr)) {
       read_closed_ = true;
@@ -364,7 +389,21 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
       read_closed_ = true;
       return false;
     }
+    // Once stopping, every request still arriving is answered ESHUTDOWN.
     uint32_t err = stopping_ ? kESHUTDOWN : validate(h);
+    req.accounted = 0;
+    if (!err) {
+      const uint64_t n = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
+      if (take_bytes(n, may_block)) {
+        req.accounted = n;
+      } else if (may_block) {
+        err = kESHUTDOWN;  // only a shutdown ends the wait for memory
+      } else {
+        // No room: leave the request, whole in the buffer, for the next batch.
+        rpos_ -= kRequestSize;
+        return false;
+      }
+    }
     if (err) {
       ++n_errors_;
       spdlog::debug("conn {}: request type={} offset={} length={} flags={:#x} refused: error {}",
@@ -380,20 +419,13 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
           return false;
         }
       }
-      reply_error(out, h.cookie, err, "request refused");
+      reply_error(out, h.cookie, err,
+                  err == kESHUTDOWN ? "server shutting down" : "request refused");
       if (!buffered_request_ready()) {
         if (!may_block) return false;
         send(out);  // before waiting for the next request
       }
       continue;
-    }
-    req.accounted = (h.type == kCmdWrite || h.type == kCmdRead) ? h.length : 0;
-    if (may_block) {
-      acquire_bytes(req.accounted);
-    } else if (!try_acquire_bytes(req.accounted)) {
-      // No room: leave the request, whole in the buffer, for the next batch.
-      rpos_ -= kRequestSize;
-      return false;
     }
     if (h.type == kCmdWrite) {
       req.payload = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));

@@ -14,16 +14,21 @@
 // reads on (see worker_loop).
 //
 // Bounds: at most limits.workers batches execute at once per connection
-// (the rest wait in the socket) and at most limits.max_inflight_bytes of
-// payload and read buffers are held; a reader waits for room while holding
-// the read mutex, which stops reading.
+// (the rest wait in the socket), and payload and read buffers are held up to
+// limits.max_inflight_bytes per connection and limits.max_total_inflight_bytes
+// for the server (server/memory_budget.h); a reader waits for room while
+// holding the read mutex, which stops reading.
+//
+// Stopping (SIGTERM): requests being executed finish; every request read
+// after that, including those the client sent before the signal that were
+// not started yet, is answered ESHUTDOWN; then the connection closes once its
+// replies are sent, or when the server's drain timeout calls abort().
 #pragma once
 
 #include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <thread>
 #include <vector>
 #include <cstdint>
@@ -37,6 +42,7 @@
 #include "config/config.h"
 #include "protocol/handshake.h"
 #include "server/exports.h"
+#include "server/memory_budget.h"
 #include "server/read_side.h"
 
 namespace strata {
@@ -53,8 +59,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Runs the whole connection; completes when it is closed. `self` keeps the
   // connection alive for as long as the coroutine runs.
   static asio::awaitable<void> run(std::shared_ptr<Connection> self);
-  // Graceful stop: finish in-flight requests, then close. Call on the io thread.
+  // Graceful stop: finish in-flight requests, answer the rest ESHUTDOWN,
+  // then close. Call on the io thread.
   void shutdown();
+  // Hard stop (the drain timed out): sends to a client that does not read
+  // fail at once. Call on the io thread.
+  void abort();
   uint64_t id() const { return id_; }
 
  private:
@@ -64,6 +74,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<void> serve();
   asio::awaitable<bool> handshake();
   asio::awaitable<bool> async_read_exact(void* dst, size_t n);
+  asio::awaitable<bool> async_discard(uint64_t n);
+  void stop(int how);  // how: SHUT_RD or SHUT_RDWR
 
   // Transmission threads.
   void worker_loop();
@@ -74,8 +86,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   uint32_t buffered_request_length() const;
   bool recv_exact(void* dst, size_t n);  // REQUIRES: read_mu_ held
   bool recv_discard(uint64_t n);         // REQUIRES: read_mu_ held
-  void acquire_bytes(uint64_t n);
-  bool try_acquire_bytes(uint64_t n);
+  bool take_bytes(uint64_t n, bool may_wait);
   void release_bytes(uint64_t n);
 
   uint32_t validate(const nbd::Request& r) const;
@@ -106,10 +117,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   size_t rpos_ = 0, rend_ = 0;
   bool read_closed_ = false;  // REQUIRES: read_mu_; EOF, DISC, error or shutdown
 
-  // Bytes held by requests in flight (payloads and read buffers).
-  std::mutex bytes_mu_;
-  std::condition_variable bytes_cv_;
-  uint64_t inflight_bytes_ = 0;  // REQUIRES: bytes_mu_
+  // Bytes held by this connection's requests in flight (payloads and read
+  // buffers); they are also counted in server_.memory().
+  MemoryBudget budget_;
 
   std::vector<std::thread> threads_;
   std::atomic<uint32_t> running_{0};

@@ -39,6 +39,7 @@ struct ServeArgs {
   uint32_t max_connections = 0;
   uint32_t handshake_timeout_ms = 0;
   uint32_t workers = 0;
+  std::string max_total_inflight;
 };
 
 // CLI11 lets an option that fills a vector swallow every following word, so
@@ -117,6 +118,13 @@ Config config_from_args(ServeArgs& a) {
   if (a.max_connections) c.limits.max_connections = a.max_connections;
   if (a.handshake_timeout_ms) c.limits.handshake_timeout_ms = a.handshake_timeout_ms;
   if (a.workers) c.limits.workers = a.workers;
+  if (!a.max_total_inflight.empty()) {
+    try {
+      c.limits.max_total_inflight_bytes = parse_size(a.max_total_inflight);
+    } catch (const std::exception& ex) {
+      throw ConfigError(std::string("--max-total-inflight-bytes: ") + ex.what());
+    }
+  }
   validate(c);
   return c;
 }
@@ -167,6 +175,9 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--handshake-timeout-ms", sa.handshake_timeout_ms,
                         "Drop clients that do not finish the handshake in time");
   serve_cmd->add_option("--workers", sa.workers, "I/O threads per connection (default 16)");
+  serve_cmd->add_option("--max-total-inflight-bytes", sa.max_total_inflight,
+                        "Request and reply payload held in memory by all connections "
+                        "together (default 1G)");
 
   ToolOptions topt;
   std::string tool_format = "auto";

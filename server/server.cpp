@@ -17,6 +17,7 @@ namespace strata {
 
 Server::Server(Config config)
     : config_(std::move(config)),
+      memory_(config_.limits.max_total_inflight_bytes),
       signals_(io_, SIGINT, SIGTERM) {
   exports_ = std::make_unique<ExportRegistry>(config_.exports);
 }
@@ -126,7 +127,24 @@ void Server::begin_shutdown() {
   for (auto& [id, weak] : connections_) {
     if (auto c = weak.lock()) c->shutdown();
   }
-  if (connections_.empty()) io_.stop();
+  if (connections_.empty()) {
+    io_.stop();
+    return;
+  }
+  drain_timer_.expires_after(std::chrono::milliseconds(config_.limits.drain_timeout_ms));
+  drain_timer_.async_wait([this](std::error_code ec) {
+    if (!ec) drain_timed_out();
+  });
+}
+
+void Server::drain_timed_out() {
+  spdlog::warn(
+      "shutting down: {} connection(s) still owed replies after the drain timeout of {} ms, "
+      "closing them",
+      connections_.size(), config_.limits.drain_timeout_ms);
+  for (auto& [id, weak] : connections_) {
+    if (auto c = weak.lock()) c->abort();
+  }
 }
 
 int Server::run() {

@@ -1,7 +1,9 @@
 // The server: listeners (TCP v4/v6, unix sockets) and handshakes on one
-// network io_context, the export registry, the connection limit and
-// graceful shutdown on SIGTERM/SIGINT (stop accepting, finish in-flight
-// requests, flush every export, exit 0).
+// network io_context, the export registry, the connection limit, the memory
+// bound shared by all connections, and graceful shutdown on SIGTERM/SIGINT
+// (stop accepting, finish requests being executed, answer the rest
+// ESHUTDOWN, give clients limits.drain_timeout_ms to read their replies,
+// flush every export, exit 0).
 #pragma once
 
 #include <atomic>
@@ -15,6 +17,7 @@
 
 #include "config/config.h"
 #include "server/exports.h"
+#include "server/memory_budget.h"
 
 namespace strata {
 
@@ -35,6 +38,8 @@ class Server {
 
   const Config& config() const { return config_; }
   ExportRegistry& exports() { return *exports_; }
+  // Payload bytes held by all connections (limits.max_total_inflight_bytes).
+  MemoryBudget& memory() { return memory_; }
   asio::io_context& io() { return io_; }
   // Human-readable URIs of the listeners, for the start-up message.
   std::vector<std::string> uris() const;
@@ -46,9 +51,12 @@ class Server {
   template <class Acceptor>
   asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what);
   void begin_shutdown();
+  void drain_timed_out();
 
   Config config_;
+  MemoryBudget memory_;
   asio::io_context io_{1};
+  asio::steady_timer drain_timer_{io_};
   std::unique_ptr<ExportRegistry> exports_;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
   std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_;

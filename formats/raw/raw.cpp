@@ -81,8 +81,11 @@ int RawDevice::cache(uint64_t offset, uint64_t length) {
 
 int RawDevice::extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) {
   const uint64_t end = offset + length;
+  // A raw file has no lower layer, so its holes are allocated here too
+  // (qemu:allocation-depth 1, as qemu reports them; a qcow2 over a raw
+  // backing file then reports them at the backing's depth).
   const Extent data{.length = 0, .hole = false, .zero = false, .depth = 1};
-  const Extent hole{.length = 0, .hole = true, .zero = true, .depth = 0};
+  const Extent hole{.length = 0, .hole = true, .zero = true, .depth = 1};
   while (offset < end) {
     int64_t d = file_->seek_data(offset);
     if (d == -ENXIO) {  // no data up to end of file

@@ -32,7 +32,12 @@ def test_wrong_client_flags_and_option_magic():
     with workdir() as d, serve(d) as srv:
         s = srv.connect_raw()
         recv_exact(s, 18)
-        s.sendall(struct.pack(">I", 0))  # not fixed-newstyle
+        s.sendall(struct.pack(">I", 1 | 0x80))  # an unknown client flag
+        assert_closed(s)
+        s = srv.connect_raw()
+        recv_exact(s, 18)
+        s.sendall(struct.pack(">I", 0))  # plain newstyle: only EXPORT_NAME is possible
+        send_option(s, 7, struct.pack(">I", 4) + b"test" + struct.pack(">H", 0))
         assert_closed(s)
         s = srv.connect_raw()
         recv_exact(s, 18)

@@ -110,7 +110,7 @@ TEST_CASE("qcow2 backing chains: depth, zero clusters over data, sizes") {
   CHECK(depth_at(4 << 20).depth == 2);           // mid zero cluster over base data
   CHECK(depth_at(4 << 20).zero);
   CHECK(depth_at(6 << 20).depth == 3);           // base data
-  CHECK(depth_at(12 << 20).depth == 0);          // nowhere (raw hole)
+  CHECK(depth_at(12 << 20).depth == 3);          // raw hole: allocated in the base (qemu: 3)
   CHECK(depth_at(12 << 20).hole);
   CHECK(depth_at(34ull << 20).depth == 0);       // beyond the raw base
   CHECK(dev->children().size() == 1);

@@ -27,7 +27,8 @@ TEST_CASE("a full config parses into typed fields") {
     "exports": [{"name": "a", "path": "/img/a.qcow2", "format": "qcow2", "read_only": true,
                  "description": "disk a", "allowed_dirs": ["/img"], "cache_size": "4M"},
                 {"name": "b", "path": "/img/b.raw"}],
-    "limits": {"max_connections": 8, "workers": 4, "max_inflight_bytes": "128M"},
+    "limits": {"max_connections": 8, "workers": 4, "max_inflight_bytes": "128M",
+               "max_total_inflight_bytes": "2G", "drain_timeout_ms": 5000},
     "log_level": "debug"})");
   REQUIRE(c.listeners.size() == 2);
   CHECK(c.listeners[0].address == "::");
@@ -42,6 +43,8 @@ TEST_CASE("a full config parses into typed fields") {
   CHECK(c.limits.max_connections == 8);
   CHECK(c.limits.workers == 4);
   CHECK(c.limits.max_inflight_bytes == 128u << 20);
+  CHECK(c.limits.max_total_inflight_bytes == 2ull << 30);
+  CHECK(c.limits.drain_timeout_ms == 5000);
   CHECK(c.log_level == "debug");
 }
 
@@ -50,6 +53,22 @@ TEST_CASE("defaults: one TCP listener on 10809") {
   REQUIRE(c.listeners.size() == 1);
   CHECK(c.listeners[0].port == 10809);
   CHECK(c.limits.workers == 16);
+  CHECK(c.limits.max_total_inflight_bytes == 1ull << 30);
+  CHECK(c.limits.drain_timeout_ms == 30000);
+}
+
+TEST_CASE("the total in-flight bound holds at least the largest request") {
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}],
+                     "limits": {"max_total_inflight_bytes": "16M"}})") ==
+        "limits.max_total_inflight_bytes: 16777216 is outside 33554432..1099511627776");
+  Config c = parse_config_text(R"({"exports": [{"name": "x", "path": "/x"}]})");
+  c.limits.max_total_inflight_bytes = 1 << 20;  // as --max-total-inflight-bytes 1M would
+  try {
+    validate(c);
+    FAIL("validate accepted a bound below the largest request");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()).find("limits.max_total_inflight_bytes") == 0);
+  }
 }
 
 TEST_CASE("errors name the key and the problem") {

@@ -146,14 +146,66 @@ TEST_CASE("errno mapping follows the NBD error set") {
   CHECK(errno_to_nbd(EBADF) == kEIO);
 }
 
-TEST_CASE("handshake refuses clients without fixed newstyle or with unknown flags") {
+TEST_CASE("handshake refuses clients with unknown flags") {
   FakeCatalog cat;
   Handshake hs(cat);
   std::string why;
-  CHECK_FALSE(hs.accept_client_flags(0, &why));
-  CHECK(why.find("fixed newstyle") != std::string::npos);
   CHECK_FALSE(hs.accept_client_flags(kClientFixedNewstyle | 0x80, &why));
+  CHECK(why.find("unknown") != std::string::npos);
   CHECK(hs.accept_client_flags(kClientFixedNewstyle | kClientNoZeroes, &why));
+}
+
+TEST_CASE("a client without fixed newstyle gets EXPORT_NAME and nothing else") {
+  FakeCatalog cat;
+  std::string why;
+  Handshake hs(cat);
+  REQUIRE(hs.accept_client_flags(0, &why));
+  auto s = hs.on_option(kOptExportName, hex({'d', 'i', 's', 'k'}));
+  CHECK(s.action == Handshake::Action::kTransmit);
+  CHECK(s.export_view == &cat.a);
+  CHECK(s.reply == encode_export_name_reply(cat.a.size, hs.tx_flags(cat.a), false));
+  // Plain newstyle has no option replies: any other option ends the session.
+  for (uint32_t opt : {uint32_t{kOptGo}, uint32_t{kOptList}, uint32_t{0x4242}}) {
+    Handshake plain(cat);
+    REQUIRE(plain.accept_client_flags(kClientNoZeroes, &why));
+    s = plain.on_option(opt, {});
+    CHECK(s.action == Handshake::Action::kClose);
+    CHECK(s.reply.empty());
+  }
+  Handshake no_zeroes(cat);
+  REQUIRE(no_zeroes.accept_client_flags(kClientNoZeroes, &why));
+  CHECK(no_zeroes.on_option(kOptExportName, {}).reply.size() == 10);
+}
+
+TEST_CASE("oversized options are skipped with ERR_UNSUP or ERR_TOO_BIG, or close") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  const uint32_t big = Handshake::kMaxOptionLength + 1;
+  auto s = hs.on_oversized_option(0x4242, big);
+  CHECK(s.action == Handshake::Action::kContinue);
+  CHECK(load32(s.reply, 8) == 0x4242);
+  CHECK(load32(s.reply, 12) == kRepErrUnsup);
+  s = hs.on_oversized_option(kOptSetMetaContext, Handshake::kMaxSkippedOptionLength);
+  CHECK(s.action == Handshake::Action::kContinue);
+  CHECK(load32(s.reply, 12) == kRepErrTooBig);
+  // Beyond the cap, for EXPORT_NAME (which has no error reply) and in plain
+  // newstyle, the connection is closed.
+  CHECK(hs.on_oversized_option(0x4242, Handshake::kMaxSkippedOptionLength + 1).action ==
+        Handshake::Action::kClose);
+  CHECK(hs.on_oversized_option(kOptExportName, big).action == Handshake::Action::kClose);
+  std::string why;
+  Handshake plain(cat);
+  REQUIRE(plain.accept_client_flags(0, &why));
+  CHECK(plain.on_oversized_option(0x4242, big).action == Handshake::Action::kClose);
+}
+
+TEST_CASE("requests past the end: ENOSPC for writes, EINVAL for the rest") {
+  CHECK(out_of_range_error(kCmdWrite) == kENOSPC);
+  CHECK(out_of_range_error(kCmdWriteZeroes) == kENOSPC);
+  CHECK(out_of_range_error(kCmdTrim) == kEINVAL);
+  CHECK(out_of_range_error(kCmdRead) == kEINVAL);
+  CHECK(out_of_range_error(kCmdCache) == kEINVAL);
+  CHECK(out_of_range_error(kCmdBlockStatus) == kEINVAL);
 }
 
 TEST_CASE("unknown options get ERR_UNSUP and the handshake goes on") {
@@ -248,11 +300,45 @@ TEST_CASE("structured replies and meta contexts") {
   CHECK(load32(s.reply, 20 + 4 + 15 + 12) == kRepAck);
   CHECK(hs.meta_base_allocation());
   CHECK_FALSE(hs.meta_allocation_depth());
-  s = hs.on_option(kOptSetMetaContext, meta_payload("nope", {"base:allocation"}));
-  CHECK(load32(s.reply, 12) == kRepErrUnknown);
   // GO to the same export keeps the contexts.
   s = hs.on_option(kOptGo, info_payload("disk", {}));
   CHECK(s.action == Handshake::Action::kTransmit);
+  CHECK(hs.meta_base_allocation());
+}
+
+TEST_CASE("a failed SET_META_CONTEXT leaves no context selected") {
+  FakeCatalog cat;
+  const Bytes good = meta_payload("disk", {"base:allocation", "qemu:allocation-depth"});
+  Bytes truncated = good;
+  truncated.resize(truncated.size() - 3);
+  struct Failure {
+    const char* what;
+    Bytes payload;
+    uint32_t error;
+  };
+  for (const auto& f : {Failure{"unknown export", meta_payload("nope", {"base:allocation"}),
+                                kRepErrUnknown},
+                        Failure{"malformed payload", truncated, kRepErrInvalid}}) {
+    CAPTURE(f.what);
+    Handshake hs(cat);
+    REQUIRE(load32(hs.on_option(kOptStructuredReply, {}).reply, 12) == kRepAck);
+    hs.on_option(kOptSetMetaContext, good);
+    REQUIRE(hs.meta_base_allocation());
+    REQUIRE(hs.meta_allocation_depth());
+    auto s = hs.on_option(kOptSetMetaContext, f.payload);
+    CHECK(load32(s.reply, 12) == f.error);
+    CHECK_FALSE(hs.meta_base_allocation());
+    CHECK_FALSE(hs.meta_allocation_depth());
+    s = hs.on_option(kOptGo, info_payload("disk", {}));
+    CHECK(s.action == Handshake::Action::kTransmit);
+    CHECK_FALSE(hs.meta_base_allocation());
+    CHECK_FALSE(hs.meta_allocation_depth());
+  }
+  // LIST_META_CONTEXT only lists: it leaves the selection alone.
+  Handshake hs(cat);
+  hs.on_option(kOptStructuredReply, {});
+  hs.on_option(kOptSetMetaContext, good);
+  hs.on_option(kOptListMetaContext, meta_payload("nope", {}));
   CHECK(hs.meta_base_allocation());
 }
 
