@@ -1,6 +1,19 @@
 #include "protocol/handshake.h"
 
 namespace strata::nbd {
+namespace {
+
+// The message naming an export a client asked for. The name is the client's
+// (up to the option's length), the spec bounds every string at 4096 bytes, and
+// a log line should stay readable: long names are cut.
+std::string unknown_export_message(std::string_view name) {
+  constexpr size_t kShown = 256;
+  if (name.size() <= kShown) return "unknown export '" + std::string(name) + "'";
+  return "unknown export '" + std::string(name.substr(0, kShown)) + "...' (" +
+         std::to_string(name.size()) + " bytes)";
+}
+
+}  // namespace
 
 bool Handshake::accept_client_flags(uint32_t flags, std::string* why) {
   if (flags & ~(kClientFixedNewstyle | kClientNoZeroes)) {
@@ -61,7 +74,7 @@ Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> d
       const ExportView* e = exports_.find(name);
       if (!e) {
         step.action = Action::kClose;
-        step.note = "unknown export '" + name + "'";
+        step.note = unknown_export_message(name);
         return step;
       }
       step.reply = encode_export_name_reply(e->size, tx_flags(*e), no_zeroes_);
@@ -107,8 +120,7 @@ Handshake::Step Handshake::list(uint32_t option, std::span<const uint8_t> data) 
   }
   for (const ExportView* e : exports_.all()) {
     Bytes payload;
-    Writer(payload).u32(static_cast<uint32_t>(e->name.size())).bytes(e->name).bytes(
-        e->description);
+    Writer(payload).u32(static_cast<uint32_t>(e->name.size())).bytes(e->name).bytes(e->description);
     auto r = encode_option_reply(option, kRepServer, payload);
     step.reply.insert(step.reply.end(), r.begin(), r.end());
   }
@@ -126,8 +138,8 @@ Handshake::Step Handshake::info_or_go(uint32_t option, std::span<const uint8_t> 
   }
   const ExportView* e = exports_.find(req->name);
   if (!e) {
-    step.reply = encode_option_error(option, kRepErrUnknown, "unknown export '" + req->name + "'");
-    step.note = "unknown export '" + req->name + "'";
+    step.reply = encode_option_error(option, kRepErrUnknown, unknown_export_message(req->name));
+    step.note = unknown_export_message(req->name);
     return step;
   }
   auto append = [&](const Bytes& b) { step.reply.insert(step.reply.end(), b.begin(), b.end()); };
@@ -170,8 +182,8 @@ Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t
   // a failed SET leaves none: block status then gets EINVAL.
   if (set) meta_base_allocation_ = meta_allocation_depth_ = false;
   if (set && !structured_) {
-    step.reply = encode_option_error(option, kRepErrInvalid,
-                                     "structured replies must be negotiated first");
+    step.reply =
+        encode_option_error(option, kRepErrInvalid, "structured replies must be negotiated first");
     return step;
   }
   auto req = decode_meta_context_request(data);
@@ -180,8 +192,8 @@ Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t
     return step;
   }
   if (!exports_.find(req->export_name)) {
-    step.reply = encode_option_error(option, kRepErrUnknown,
-                                     "unknown export '" + req->export_name + "'");
+    step.reply =
+        encode_option_error(option, kRepErrUnknown, unknown_export_message(req->export_name));
     return step;
   }
   bool base = false, depth = false;

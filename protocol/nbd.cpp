@@ -110,15 +110,15 @@ OptionHeader decode_option_header(std::span<const uint8_t, kOptionHeaderSize> in
 Bytes encode_option_reply(uint32_t option, uint32_t type, std::span<const uint8_t> payload) {
   Bytes out;
   out.reserve(20 + payload.size());
-  Writer(out).u64(kOptReplyMagic).u32(option).u32(type).u32(
-      static_cast<uint32_t>(payload.size()));
+  Writer(out).u64(kOptReplyMagic).u32(option).u32(type).u32(static_cast<uint32_t>(payload.size()));
   out.insert(out.end(), payload.begin(), payload.end());
   return out;
 }
 
 Bytes encode_option_error(uint32_t option, uint32_t type, std::string_view message) {
-  return encode_option_reply(
-      option, type, {reinterpret_cast<const uint8_t*>(message.data()), message.size()});
+  if (message.size() > kMaxStringBytes) message = message.substr(0, kMaxStringBytes);
+  return encode_option_reply(option, type,
+                             {reinterpret_cast<const uint8_t*>(message.data()), message.size()});
 }
 
 std::optional<InfoRequest> decode_info_request(std::span<const uint8_t> payload) {
@@ -167,8 +167,8 @@ Bytes encode_export_name_reply(uint64_t size, uint16_t tx_flags, bool no_zeroes)
 
 Request decode_request(std::span<const uint8_t, kRequestSize> in) {
   const uint8_t* p = in.data();
-  return {load_be32(p), load_be16(p + 4), load_be16(p + 6), load_be64(p + 8), load_be64(p + 16),
-          load_be32(p + 24)};
+  return {load_be32(p),     load_be16(p + 4),  load_be16(p + 6),
+          load_be64(p + 8), load_be64(p + 16), load_be32(p + 24)};
 }
 
 void encode_request(const Request& r, uint8_t* p) {
@@ -206,7 +206,7 @@ uint16_t done_flag(bool done) { return done ? kReplyFlagDone : 0; }
 
 void append_chunk_error(Bytes& out, uint64_t cookie, uint32_t error, std::string_view message,
                         bool done) {
-  if (message.size() > 4096) message = message.substr(0, 4096);
+  if (message.size() > kMaxStringBytes) message = message.substr(0, kMaxStringBytes);
   append_header(out, done_flag(done), kChunkError, cookie,
                 static_cast<uint32_t>(6 + message.size()));
   Writer(out).u32(error).u16(static_cast<uint16_t>(message.size())).bytes(message);
@@ -214,7 +214,7 @@ void append_chunk_error(Bytes& out, uint64_t cookie, uint32_t error, std::string
 
 void append_chunk_error_offset(Bytes& out, uint64_t cookie, uint32_t error,
                                std::string_view message, uint64_t offset) {
-  if (message.size() > 4096) message = message.substr(0, 4096);
+  if (message.size() > kMaxStringBytes) message = message.substr(0, kMaxStringBytes);
   append_header(out, kReplyFlagDone, kChunkErrorOffset, cookie,
                 static_cast<uint32_t>(14 + message.size()));
   Writer(out).u32(error).u16(static_cast<uint16_t>(message.size())).bytes(message).u64(offset);

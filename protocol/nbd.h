@@ -19,6 +19,9 @@ using Bytes = std::vector<uint8_t>;
 inline constexpr uint64_t kInitMagic = 0x4e42444d41474943ull;  // "NBDMAGIC"
 inline constexpr uint64_t kOptMagic = 0x49484156454F5054ull;   // "IHAVEOPT"
 inline constexpr uint64_t kOldstyleMagic = 0x00420281861253ull;
+// Every string the protocol carries (names, descriptions, messages) is at most
+// this long (doc/proto.md).
+inline constexpr size_t kMaxStringBytes = 4096;
 inline constexpr uint64_t kOptReplyMagic = 0x0003e889045565a9ull;
 
 // Handshake flags (server) and client flags.

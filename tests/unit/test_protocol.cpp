@@ -64,9 +64,9 @@ Bytes meta_payload(std::string_view name, std::initializer_list<std::string_view
 }  // namespace
 
 TEST_CASE("greeting is NBDMAGIC, IHAVEOPT and the handshake flags") {
-  CHECK(encode_greeting(kFlagFixedNewstyle | kFlagNoZeroes) ==
-        hex({'N', 'B', 'D', 'M', 'A', 'G', 'I', 'C', 'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T', 0,
-             3}));
+  CHECK(
+      encode_greeting(kFlagFixedNewstyle | kFlagNoZeroes) ==
+      hex({'N', 'B', 'D', 'M', 'A', 'G', 'I', 'C', 'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T', 0, 3}));
 }
 
 TEST_CASE("option header decodes big-endian fields") {
@@ -79,16 +79,16 @@ TEST_CASE("option header decodes big-endian fields") {
 
 TEST_CASE("option reply encoding") {
   auto r = encode_option_reply(kOptStructuredReply, kRepAck);
-  CHECK(r == hex({0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0,
-                  0}));
+  CHECK(r ==
+        hex({0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0}));
   auto e = encode_option_error(kOptStartTls, kRepErrUnsup, "no");
-  CHECK(e == hex({0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 5, 0x80, 0, 0, 1, 0, 0,
-                  0, 2, 'n', 'o'}));
+  CHECK(e == hex({0, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0,   0,
+                  5, 0x80, 0,    0,    1,    0,    0,    0,    2, 'n', 'o'}));
 }
 
 TEST_CASE("request decode and encode round trip") {
-  auto b = hex({0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10,
-                0, 0, 0, 0x02, 0});
+  auto b = hex({0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1,    2, 3, 4, 5,    6,
+                7,    8,    0,    0,    0, 0, 0, 0, 0x10, 0, 0, 0, 0x02, 0});
   auto r = decode_request(std::span<const uint8_t, kRequestSize>(b.data(), kRequestSize));
   CHECK(r.magic == kRequestMagic);
   CHECK(r.flags == kCmdFlagFua);
@@ -104,29 +104,29 @@ TEST_CASE("request decode and encode round trip") {
 TEST_CASE("simple and structured reply headers") {
   uint8_t s[16];
   encode_simple_reply(s, kEIO, 0xAABBCCDDEEFF0011ull);
-  CHECK(Bytes(s, s + 16) == hex({0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE,
-                                 0xFF, 0x00, 0x11}));
+  CHECK(Bytes(s, s + 16) ==
+        hex({0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0xAA, 0xBB, 0xCC, 0xDD, 0xEE, 0xFF, 0x00, 0x11}));
   Bytes c;
   append_chunk_hole(c, 7, 0x2000, 0x1000, true);
-  CHECK(c == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 12, 0, 0, 0,
-                  0, 0, 0, 0x20, 0, 0, 0, 0x10, 0}));
+  CHECK(c == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 0, 0, 0,    0, 0, 0, 0,    7,
+                  0,    0,    0,    12,   0, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 0x10, 0}));
   Bytes e;
   append_chunk_error(e, 9, kEINVAL, "x");
-  CHECK(e == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 7, 0, 0,
-                  0, 22, 0, 1, 'x'}));
+  CHECK(e == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1, 0, 0,  0, 0, 0,  0,
+                  0,    9,    0,    0,    0, 7, 0,    0, 0, 22, 0, 1, 'x'}));
   Bytes bs;
   BlockStatusDescriptor d[2] = {{0x1000, kStateHole | kStateZero}, {0x200, 0}};
   append_chunk_block_status(bs, 3, kMetaIdBaseAllocation, d, true);
-  CHECK(bs == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 20, 0, 0,
-                   0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0}));
+  CHECK(bs == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0,    5, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 20,
+                   0,    0,    0,    1,    0, 0, 0x10, 0, 0, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0}));
   Bytes eo;
   append_chunk_error_offset(eo, 9, kEIO, "", 0x1234);
-  CHECK(eo == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 14, 0,
-                   0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34}));
+  CHECK(eo == hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 2, 0, 0, 0, 0, 0, 0, 0, 9,    0,
+                   0,    0,    14,   0,    0, 0, 5,    0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34}));
   Bytes dh;
   append_chunk_data_header(dh, 1, 0x10, 4, false);
-  CHECK(dh == hex({0x66, 0x8e, 0x33, 0xef, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 12, 0, 0,
-                   0, 0, 0, 0, 0, 0x10}));
+  CHECK(dh == hex({0x66, 0x8e, 0x33, 0xef, 0, 0,  0, 1, 0, 0, 0, 0, 0, 0,
+                   0,    1,    0,    0,    0, 12, 0, 0, 0, 0, 0, 0, 0, 0x10}));
 }
 
 TEST_CASE("export name reply: size, flags and 124 zeros unless NO_ZEROES") {
@@ -240,15 +240,14 @@ TEST_CASE("NBD_OPT_GO sends INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE, ACK") {
   auto s = hs.on_option(kOptGo, info_payload("disk", {kInfoName, kInfoDescription}));
   CHECK(s.action == Handshake::Action::kTransmit);
   CHECK(s.export_view == &cat.a);
-  Bytes expected = encode_option_reply(
-      kOptGo, kRepInfo, hex({0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x01, 0x0d}));
+  Bytes expected =
+      encode_option_reply(kOptGo, kRepInfo, hex({0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x01, 0x0d}));
   auto add = [&](const Bytes& b) { expected.insert(expected.end(), b.begin(), b.end()); };
   add(encode_option_reply(kOptGo, kRepInfo, hex({0, 1, 'd', 'i', 's', 'k'})));
   Bytes desc = hex({0, 2});
   desc.insert(desc.end(), cat.a.description.begin(), cat.a.description.end());
   add(encode_option_reply(kOptGo, kRepInfo, desc));
-  add(encode_option_reply(kOptGo, kRepInfo,
-                          hex({0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0})));
+  add(encode_option_reply(kOptGo, kRepInfo, hex({0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0})));
   add(encode_option_reply(kOptGo, kRepAck));
   CHECK(s.reply == expected);
 }
@@ -263,6 +262,26 @@ TEST_CASE("NBD_OPT_INFO continues; unknown export gets ERR_UNKNOWN; bad payload 
   CHECK(load32(s.reply, 12) == kRepErrUnknown);
   s = hs.on_option(kOptGo, hex({0, 0, 0, 9, 'a'}));
   CHECK(load32(s.reply, 12) == kRepErrInvalid);
+}
+
+TEST_CASE("an error naming a long unknown export stays within the 4096-byte string bound") {
+  FakeCatalog cat;
+  Handshake hs(cat);
+  const std::string name(5000, 'x');
+  for (uint32_t option : {kOptInfo, kOptGo}) {
+    auto s = hs.on_option(option, info_payload(name, {}));
+    CHECK(load32(s.reply, 12) == kRepErrUnknown);
+    const uint32_t length = load32(s.reply, 16);
+    CHECK(length <= kMaxStringBytes);
+    CHECK(length == s.reply.size() - 20);
+  }
+  hs.on_option(kOptStructuredReply, {});
+  auto s = hs.on_option(kOptSetMetaContext, meta_payload(name, {"base:allocation"}));
+  CHECK(load32(s.reply, 12) == kRepErrUnknown);
+  CHECK(load32(s.reply, 16) <= kMaxStringBytes);
+  // The encoder bounds every message, whoever builds it.
+  CHECK(encode_option_error(kOptGo, kRepErrUnknown, std::string(9000, 'm')).size() ==
+        20 + kMaxStringBytes);
 }
 
 TEST_CASE("EXPORT_NAME: reply for known export, close for unknown") {
@@ -293,8 +312,7 @@ TEST_CASE("structured replies and meta contexts") {
   CHECK(load32(s.reply, 20) == 0);
   CHECK(std::string(s.reply.begin() + 24, s.reply.begin() + 24 + 15) == "base:allocation");
   // SET picks base:allocation, ignores unknown contexts.
-  s = hs.on_option(kOptSetMetaContext,
-                   meta_payload("disk", {"base:allocation", "x:unknown"}));
+  s = hs.on_option(kOptSetMetaContext, meta_payload("disk", {"base:allocation", "x:unknown"}));
   REQUIRE(s.reply.size() == 20 + 4 + 15 + 20);
   CHECK(load32(s.reply, 20) == kMetaIdBaseAllocation);
   CHECK(load32(s.reply, 20 + 4 + 15 + 12) == kRepAck);
@@ -316,9 +334,9 @@ TEST_CASE("a failed SET_META_CONTEXT leaves no context selected") {
     Bytes payload;
     uint32_t error;
   };
-  for (const auto& f : {Failure{"unknown export", meta_payload("nope", {"base:allocation"}),
-                                kRepErrUnknown},
-                        Failure{"malformed payload", truncated, kRepErrInvalid}}) {
+  for (const auto& f :
+       {Failure{"unknown export", meta_payload("nope", {"base:allocation"}), kRepErrUnknown},
+        Failure{"malformed payload", truncated, kRepErrInvalid}}) {
     CAPTURE(f.what);
     Handshake hs(cat);
     REQUIRE(load32(hs.on_option(kOptStructuredReply, {}).reply, 12) == kRepAck);
