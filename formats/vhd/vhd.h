@@ -113,6 +113,9 @@ class VhdDevice final : public BlockDevice {
   std::vector<uint32_t> bat_;  // guarded by meta_mutex_
   uint64_t metadata_end_ = 0;  // end of header, BAT, batmap and locator blobs
   std::vector<std::pair<uint64_t, uint64_t>> metadata_ranges_;  // [start, end) for check
+  // Metadata the header declares past the end of the image data (vhd_open.cpp,
+  // reserve_declared_area): the image is served read-only and check reports each.
+  std::vector<std::string> areas_past_end_;
   std::shared_ptr<BlockDevice> parent_;
   ParentInfo parent_info_;
   bool has_batmap_ = false;

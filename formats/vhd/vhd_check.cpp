@@ -74,6 +74,8 @@ void VhdDevice::check(CheckReport& report) {
   }
   if (!err.empty()) report.errors.push_back(p + ": dynamic header: " + err);
 
+  // Open refuses to write such an image (vhd_open.cpp, reserve_declared_area).
+  for (const auto& a : areas_past_end_) report.errors.push_back(p + ": " + a);
   // BAT on disk must equal the BAT in memory, and blocks must not overlap.
   std::vector<uint32_t> bat;
   {

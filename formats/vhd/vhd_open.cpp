@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "formats/errors.h"
@@ -21,6 +22,27 @@
 #include "formats/vhd/vhd.h"
 
 namespace strata::vhd {
+namespace {
+
+uint64_t add_saturating(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
+
+// End of the area a locator entry claims: its data space or its data length,
+// whichever is larger (a field that does not decode claims nothing).
+uint64_t locator_area_end(const Locator& l) {
+  uint64_t claimed =
+      std::max<uint64_t>(locator_space_bytes(l.data_space).value_or(0),
+                         (uint64_t{l.data_length} + kSector - 1) / kSector * kSector);
+  return add_saturating(l.data_offset, claimed);
+}
+
+// Can a parent locator's path be read: sane sizes, and the data inside the file.
+bool locator_readable(const Locator& l, uint64_t eof) {
+  auto space = locator_space_bytes(l.data_space);
+  return space && l.data_length <= *space && l.data_length <= 4096 && l.data_offset >= 512 &&
+         l.data_offset <= eof && l.data_length <= eof - l.data_offset;
+}
+
+}  // namespace
 
 class Opener {
  public:
@@ -35,7 +57,9 @@ class Opener {
   void read_footer();
   uint64_t virtual_size();
   void read_dynamic(VhdDevice& d);
-  void read_locators(VhdDevice& d, uint64_t eof);
+  void reserve_declared_area(VhdDevice& d, uint64_t start, uint64_t end, uint64_t data_end,
+                             const std::string& what);
+  void read_locators(VhdDevice& d, uint64_t data_end);
   void open_parent(VhdDevice& d);
 
   std::unique_ptr<File> file_;
@@ -192,6 +216,8 @@ void Opener::read_dynamic(VhdDevice& d) {
     d.bat_[i] = __builtin_bswap32(v);
   }
 
+  // Where the footer is, or must be: the data may not run into it.
+  const uint64_t limit_end = from_head_copy_ ? fsize_ : fsize_ - 512;
   auto& ranges = d.metadata_ranges_;
   ranges.push_back({0, 512});
   ranges.push_back({hoff, hoff + 1024});
@@ -210,15 +236,17 @@ void Opener::read_dynamic(VhdDevice& d) {
     std::memcpy(&map_secs, bmh.data() + 16, 4);
     map_secs = __builtin_bswap32(map_secs);
     ranges.push_back({bm_off, bm_off + 512});
-    if (map_off <= fsize_ && uint64_t{map_secs} * kSector <= fsize_ - map_off) {
-      ranges.push_back({map_off, map_off + uint64_t{map_secs} * kSector});
-    }
+    reserve_declared_area(d, map_off, add_saturating(map_off, uint64_t{map_secs} * kSector),
+                          limit_end, "blktap batmap");
     d.has_batmap_ = true;
   }
-  read_locators(d, fsize_);
+  read_locators(d, limit_end);
+  if (!d.areas_past_end_.empty()) {
+    if (f.writable()) fail(d.areas_past_end_.front());
+    spdlog::warn("{}: {}", path_, d.areas_past_end_.front());
+    d.opened_notes_ += "metadata declared past the end of the file; ";
+  }
 
-  // Where the footer is, or must be: the data may not run into it.
-  uint64_t limit_end = from_head_copy_ ? fsize_ : fsize_ - 512;
   for (auto& r : ranges) {
     if (r.second > limit_end && r.first != 0) {
       fail("dynamic header: metadata at " + std::to_string(r.first) +
@@ -285,31 +313,51 @@ void Opener::read_dynamic(VhdDevice& d) {
   d.opened_notes_ += notes_;
 }
 
-void Opener::read_locators(VhdDevice& d, uint64_t eof) {
+// The one rule for every metadata area that a header field declares (the data
+// of each locator, usable or not, and the blktap batmap): the area is what the
+// header says, never cut at the end of the file, so every open of the image
+// sees the same layout.
+//  - An area inside the image data (before the trailing footer, or before the
+//    end of the file when that footer is lost) is metadata: no block may
+//    overlap it, and new blocks and a repaired footer go past it.
+//  - An area reaching past the image data means the file is truncated there or
+//    the field is damaged. Reading is unaffected (the part inside the file
+//    stays reserved; a locator whose data is missing is not used to find the
+//    parent), but a write would put the footer or new blocks inside the area
+//    and the next open would find them overlapping it. So such an image opens
+//    read-only only, and check reports it. Strata never writes it, so it stays
+//    exactly as valid for QEMU and libvhdi as it was. (Reserving the area and
+//    allocating past it instead would grow the file to wherever a damaged
+//    field points, up to terabytes, and fill the locator with zeros.)
+void Opener::reserve_declared_area(VhdDevice& d, uint64_t start, uint64_t end, uint64_t data_end,
+                                   const std::string& what) {
+  if (end <= start) return;
+  if (end > data_end) {
+    d.areas_past_end_.push_back(what + " data at " + std::to_string(start) + ".." +
+                                std::to_string(end) + " runs past the end of the image data at " +
+                                std::to_string(data_end) +
+                                ": the image is truncated; it can only be opened read-only");
+    end = data_end;
+    if (end <= start) return;
+  }
+  d.metadata_ranges_.push_back({start, end});
+}
+
+void Opener::read_locators(VhdDevice& d, uint64_t data_end) {
   if (footer_.disk_type != kTypeDifferencing) return;
   const DynHeader& h = d.header_;
   d.parent_info_.name = utf16_to_utf8(h.parent_name_raw.data(), h.parent_name_raw.size(), true);
   for (int i = 0; i < 8; ++i) {
     const Locator& l = h.locators[i];
     if (l.platform == 0) continue;
-    auto space = locator_space_bytes(l.data_space);
     std::string label = "locator " + std::to_string(i) + " (" + platform_name(l.platform) + ")";
+    reserve_declared_area(d, l.data_offset, locator_area_end(l), data_end, label);
     const uint32_t code = canonical_platform(l.platform);
-    if (code != kPlatW2ru && code != kPlatW2ku && code != kPlatMacX) {
-      if (space && l.data_offset <= eof && *space <= eof - l.data_offset && *space > 0) {
-        d.metadata_ranges_.push_back({l.data_offset, l.data_offset + *space});
-      }
-      continue;
-    }
-    if (!space || l.data_length > *space || l.data_offset > eof ||
-        l.data_length > eof - l.data_offset || l.data_length > 4096 || l.data_offset < 512) {
+    const bool names_parent = code == kPlatW2ru || code == kPlatW2ku || code == kPlatMacX;
+    if (names_parent && !locator_readable(l, fsize_)) {
       spdlog::warn("{}: {}: data offset {} / length {} / space {} unusable; ignoring it", path_,
                    label, l.data_offset, l.data_length, l.data_space);
-      continue;
     }
-    uint64_t reach = std::max<uint64_t>(std::min<uint64_t>(*space, eof - l.data_offset),
-                                        (l.data_length + kSector - 1) / kSector * kSector);
-    d.metadata_ranges_.push_back({l.data_offset, l.data_offset + reach});
   }
 }
 
@@ -324,11 +372,7 @@ void Opener::open_parent(VhdDevice& d) {
     for (int i = 0; i < 8; ++i) {
       const Locator& l = h.locators[i];
       if (canonical_platform(l.platform) != want) continue;
-      auto space = locator_space_bytes(l.data_space);
-      if (!space || l.data_length > *space || l.data_length > 4096 || l.data_offset > fsize_ ||
-          l.data_length > fsize_ - l.data_offset) {
-        continue;
-      }
+      if (!locator_readable(l, fsize_)) continue;
       std::vector<uint8_t> blob(l.data_length);
       if (read_bytes(f, l.data_offset, blob.data(), blob.size())) continue;
       std::string text = want == kPlatMacX

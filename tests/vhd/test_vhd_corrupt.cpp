@@ -1,5 +1,6 @@
 // Corrupt and hostile VHDs are refused with a message naming the file and the
 // field: no crash, no hang, nothing silently served.
+#include <algorithm>
 #include <filesystem>
 
 #include "vhd_test_util.h"
@@ -293,4 +294,121 @@ TEST_CASE("blocks of one to eight sectors open with a one-sector bitmap") {
     const uint32_t entry = strata::load_be32(file.data() + kBat);
     CHECK(std::equal(p.begin(), p.begin() + 24, file.begin() + (uint64_t{entry} + 1) * 512));
   }
+}
+
+namespace {
+
+// Gives locator slot `slot` of a differencing child a W2ku entry whose data
+// (`space` bytes declared at `offset`) lies wherever the caller says.
+void set_locator(const std::string& child, int slot, uint32_t space, uint64_t offset) {
+  Bytes e(24, 0);
+  strata::store_be32(e.data(), strata::vhd::kPlatW2ku);
+  strata::store_be32(e.data() + 4, space);
+  strata::store_be32(e.data() + 8, 40);  // data length
+  strata::store_be64(e.data() + 16, offset);
+  patch(child, kHeader + 576 + 24 * slot, e);
+  fix_checksums(child, false, true);
+}
+
+// Opens `img` read-write if Strata accepts that, writes into two blocks and
+// flushes. Returns the refusal message, empty when the writes were made.
+std::string try_writes(const std::string& img, Bytes& expect) {
+  try {
+    auto d = open(img);
+    Bytes a = pattern(6000, 7), b = pattern(512, 8);
+    REQUIRE(write(*d, 1u << 20, a) == 0);
+    REQUIRE(write(*d, 3u << 20, b) == 0);
+    REQUIRE(d->flush() == 0);
+    std::copy(a.begin(), a.end(), expect.begin() + (1u << 20));
+    std::copy(b.begin(), b.end(), expect.begin() + (3u << 20));
+    return "";
+  } catch (const strata::ImageError& e) {
+    return e.what();
+  }
+}
+
+}  // namespace
+
+// A locator whose data lies past the end of the file (a truncated image, or a
+// damaged offset) is left out of parent resolution. Writing such an image would
+// put the footer or new blocks where the locator claims to be, and the next
+// open would find them overlapping it; so the image opens read-only only, is
+// never written, and check reports it.
+TEST_CASE("a locator whose data lies past the end of the file keeps the image read-only") {
+  TempDir t;
+  std::string base = t / "base.vhd", child = t / "child.vhd";
+  create(base, "4M", {{"force_size", "on"}, {"block_size", "512K"}});
+  {
+    auto d = open(base);
+    REQUIRE(write(*d, 0, pattern(4u << 20, 1)) == 0);
+  }
+  create(child, "", {{"locators", "w2ru"}, {"block_size", "512K"}}, std::string("base.vhd"));
+  {
+    auto d = open(child);
+    REQUIRE(write(*d, 1000, pattern(3000, 2)) == 0);
+  }
+  Bytes expect = read_all(*open(child, true));
+  const uint64_t size = fs::file_size(child);
+  SUBCASE("right at the end of the file, trailing footer intact") {
+    set_locator(child, 1, 65536, size);
+  }
+  SUBCASE("across the trailing footer") { set_locator(child, 1, 4096, size - 512); }
+  SUBCASE("far past the end of the file") { set_locator(child, 1, 512, size + (64u << 20)); }
+  SUBCASE("right at the end of the file, trailing footer lost") {
+    set_locator(child, 1, 65536, size);
+    patch(child, size - 512, Bytes(8, 0xFF));  // the cookie: the copy at 0 is used
+  }
+  const Bytes before = file_bytes(child);
+
+  std::string refused = try_writes(child, expect);
+  // Whatever happened, the image still opens and reads what it holds.
+  std::shared_ptr<strata::BlockDevice> d;
+  REQUIRE_NOTHROW(d = open(child, true));
+  CHECK(read_all(*d) == expect);
+
+  INFO("refusal: ", refused);
+  CHECK(refused.find("child.vhd") != std::string::npos);
+  CHECK(refused.find("locator 1 (W2ku)") != std::string::npos);
+  CHECK(refused.find("read-only") != std::string::npos);
+  CHECK(file_bytes(child) == before);
+  strata::CheckReport rep;
+  d->check(rep);
+  CHECK(std::any_of(rep.errors.begin(), rep.errors.end(), [](const std::string& e) {
+    return e.find("locator 1 (W2ku)") != std::string::npos;
+  }));
+}
+
+// The same rule for the blktap batmap: its map declared past the end of the
+// file keeps the image read-only.
+TEST_CASE("a blktap batmap declared past the end of the file keeps the image read-only") {
+  TempDir t;
+  std::string img = t / "tap.vhd";
+  create(img, "4M", {{"force_size", "on"}});
+  // [footer 0][header 512][BAT 1536..2048][tdbatmap header 2048][footer 2560]
+  Bytes b = file_bytes(img);
+  REQUIRE(b.size() == 2560);
+  Bytes foot(b.end() - 512, b.end());
+  b.resize(2048);
+  Bytes hdr(512, 0);
+  std::memcpy(hdr.data(), "tdbatmap", 8);
+  strata::store_be64(hdr.data() + 8, 3072);  // the map, past the footer
+  strata::store_be32(hdr.data() + 16, 8);    // sectors
+  strata::store_be32(hdr.data() + 20, 0x00010002);
+  b.insert(b.end(), hdr.begin(), hdr.end());
+  b.insert(b.end(), foot.begin(), foot.end());
+  write_file(img, b);
+
+  Bytes expect(4u << 20, 0);
+  std::string refused = try_writes(img, expect);
+  std::shared_ptr<strata::BlockDevice> d;
+  REQUIRE_NOTHROW(d = open(img, true));
+  CHECK(read_all(*d) == expect);
+  INFO("refusal: ", refused);
+  CHECK(refused.find("batmap") != std::string::npos);
+  CHECK(refused.find("read-only") != std::string::npos);
+  CHECK(file_bytes(img) == b);
+  strata::CheckReport rep;
+  d->check(rep);
+  REQUIRE(rep.errors.size() == 1);
+  CHECK(rep.errors.front().find("blktap batmap") != std::string::npos);
 }
