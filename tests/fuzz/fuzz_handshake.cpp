@@ -104,6 +104,7 @@ class Harness {
     std::string why;
     if (!hs.accept_client_flags(flags, &why)) return;
     no_zeroes_ = flags & kClientNoZeroes;
+    fixed_newstyle_ = flags & kClientFixedNewstyle;
     size_t pos = 4;
     while (size - pos >= kOptionHeaderSize) {
       auto hdr = decode_option_header(std::span<const uint8_t, kOptionHeaderSize>(data + pos, 16));
@@ -156,6 +157,12 @@ class Harness {
   void check_step(const Handshake& hs, uint32_t option, std::span<const uint8_t> payload,
                   const Handshake::Step& step) {
     if (option == kOptExportName) return check_export_name(hs, payload, step);
+    // Without fixed newstyle a server cannot answer other options: it closes.
+    if (!fixed_newstyle_) {
+      FUZZ_CHECK(step.action == Handshake::Action::kClose && step.reply.empty(),
+                 "a client without fixed newstyle got an option reply");
+      return;
+    }
     auto replies = split_replies(option, step.reply);
     FUZZ_CHECK(!replies.empty(), "an option got no reply");
     for (size_t i = 0; i + 1 < replies.size(); ++i) {
@@ -306,6 +313,7 @@ class Harness {
 
   Catalog catalog_;
   bool no_zeroes_ = false;
+  bool fixed_newstyle_ = true;
 };
 
 }  // namespace
