@@ -20,6 +20,16 @@ import vhdread  # noqa: E402
 MiB = 1024 * 1024
 
 
+
+def write_randomly(h, model, rng, count, max_len):
+    """`count` writes of random data at random places, mirrored into `model`."""
+    for _ in range(count):
+        n = rng.randrange(1, max_len)
+        off = rng.randrange(0, len(model) - n)
+        data = rng.randbytes(n)
+        h.pwrite(data, off)
+        model[off:off + n] = data
+
 def serve(image, *extra):
     return Server(image, "--format", "vhd", *extra)
 
@@ -72,12 +82,7 @@ def test_writes_read_back_in_qemu_and_pyvhdi():
         with serve(img) as s:
             h = nbd_handle(s.uri)
             model = bytearray(h.get_size())
-            for _ in range(80):
-                n = rng.randrange(1, 200000)
-                off = rng.randrange(0, len(model) - n)
-                data = rng.randbytes(n)
-                h.pwrite(data, off)
-                model[off:off + n] = data
+            write_randomly(h, model, rng, 80, 200000)
             h.zero(100000, 5000)
             model[5000:105000] = bytes(100000)
             h.flush()
@@ -396,12 +401,7 @@ def test_small_block_sizes_open_and_keep_data():
             with serve(img) as s:
                 h = nbd_handle(s.uri)
                 model = bytearray(h.get_size())
-                for _ in range(40):
-                    n = rng.randrange(1, 20000)
-                    off = rng.randrange(0, len(model) - n)
-                    data = rng.randbytes(n)
-                    h.pwrite(data, off)
-                    model[off:off + n] = data
+                write_randomly(h, model, rng, 40, 20000)
                 h.zero(3000, 70000)
                 model[70000:73000] = bytes(3000)
                 h.flush()
