@@ -1,10 +1,9 @@
 #include "config/config.h"
 
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "formats/create.h"
 
@@ -47,8 +46,8 @@ bool get_bool(const json& obj, const std::string& where, const std::string& key,
   return it->get<bool>();
 }
 
-uint64_t get_uint(const json& obj, const std::string& where, const std::string& key,
-                  uint64_t def, uint64_t min, uint64_t max) {
+uint64_t get_uint(const json& obj, const std::string& where, const std::string& key, uint64_t def,
+                  uint64_t min, uint64_t max) {
   auto it = obj.find(key);
   if (it == obj.end()) return def;
   uint64_t v;
@@ -66,8 +65,8 @@ uint64_t get_uint(const json& obj, const std::string& where, const std::string& 
     fail(where + "." + key, "must be a number, not " + type_name(*it));
   }
   if (v < min || v > max) {
-    fail(where + "." + key, std::to_string(v) + " is outside " + std::to_string(min) + ".." +
-                                std::to_string(max));
+    fail(where + "." + key,
+         std::to_string(v) + " is outside " + std::to_string(min) + ".." + std::to_string(max));
   }
   return v;
 }
@@ -214,9 +213,8 @@ void validate(const Config& c) {
   std::set<std::string> socks;
   for (size_t i = 0; i < c.listeners.size(); ++i) {
     const auto& l = c.listeners[i];
-    std::string key = l.kind == ListenerConfig::Kind::tcp
-                          ? l.address + ":" + std::to_string(l.port)
-                          : l.path;
+    std::string key =
+        l.kind == ListenerConfig::Kind::tcp ? l.address + ":" + std::to_string(l.port) : l.path;
     if (!socks.insert(key).second) {
       fail("listeners[" + std::to_string(i) + "]", "'" + key + "' is listed twice");
     }

@@ -19,12 +19,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 namespace strata {
 
@@ -51,12 +50,12 @@ struct Capabilities {
   bool read_only = true;
   bool can_flush = true;
   bool can_fua = true;
-  bool can_trim = false;          // trim() does something useful
-  bool can_zero = true;           // write_zeroes() supported (may be emulated)
-  bool can_fast_zero = false;     // write_zeroes(fast_only) can succeed
-  bool can_multi_conn = true;     // consistent across connections (shared state)
-  bool can_cache = true;          // cache() supported
-  bool has_extents = true;        // extents() says more than "all data"
+  bool can_trim = false;       // trim() does something useful
+  bool can_zero = true;        // write_zeroes() supported (may be emulated)
+  bool can_fast_zero = false;  // write_zeroes(fast_only) can succeed
+  bool can_multi_conn = true;  // consistent across connections (shared state)
+  bool can_cache = true;       // cache() supported
+  bool has_extents = true;     // extents() says more than "all data"
 };
 
 struct BlockSizes {

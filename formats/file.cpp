@@ -26,8 +26,8 @@ class PosixFile final : public File {
   int read_at(uint64_t offset, std::span<std::byte> buf) override {
     size_t done = 0;
     while (done < buf.size()) {
-      ssize_t n = ::pread(fd_, buf.data() + done, buf.size() - done,
-                          static_cast<off_t>(offset + done));
+      ssize_t n =
+          ::pread(fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
         return errno;
@@ -45,8 +45,8 @@ class PosixFile final : public File {
     if (!writable_) return EPERM;
     size_t done = 0;
     while (done < buf.size()) {
-      ssize_t n = ::pwrite(fd_, buf.data() + done, buf.size() - done,
-                           static_cast<off_t>(offset + done));
+      ssize_t n =
+          ::pwrite(fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
         return errno;
@@ -130,8 +130,8 @@ class PosixFile final : public File {
 std::unique_ptr<File> open_file(const std::string& path, bool writable) {
   int fd = ::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) {
-    throw_image_error(path, std::string("cannot open") + (writable ? " read-write" : "") +
-                                ": " + std::strerror(errno));
+    throw_image_error(path, std::string("cannot open") + (writable ? " read-write" : "") + ": " +
+                                std::strerror(errno));
   }
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -149,12 +149,11 @@ std::unique_ptr<File> open_file(const std::string& path, bool writable) {
 void lock_image(File& file) {
   int e = file.lock();
   if (e != EWOULDBLOCK) return;  // locked, or no locks here (ENOLCK, EINVAL)
-  throw_image_error(file.path(),
-                    file.writable()
-                        ? "in use: another export or process has this image open "
-                          "(it holds a lock on it), so it cannot be opened read-write"
-                        : "in use: another export or process has this image open "
-                          "read-write (it holds a lock on it)");
+  throw_image_error(file.path(), file.writable()
+                                     ? "in use: another export or process has this image open "
+                                       "(it holds a lock on it), so it cannot be opened read-write"
+                                     : "in use: another export or process has this image open "
+                                       "read-write (it holds a lock on it)");
 }
 
 std::unique_ptr<File> create_file(const std::string& path) {

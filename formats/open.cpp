@@ -104,14 +104,14 @@ std::string resolve_child_path(const ChainContext& ctx, const std::string& refer
   std::string what = std::string(to_string(role));
   if (name.empty()) throw_image_error(referrer, what + " file name is empty");
   if (name.rfind("json:", 0) == 0) {
-    throw_image_error(referrer, what + " file name '" + name + "': json: specifications are refused");
+    throw_image_error(referrer,
+                      what + " file name '" + name + "': json: specifications are refused");
   }
   auto colon = name.find(':');
   auto slash = name.find('/');
   if (colon != std::string::npos && (slash == std::string::npos || colon < slash) &&
       name.find("://") != std::string::npos) {
-    throw_image_error(referrer,
-                      what + " file name '" + name + "': protocol prefixes are refused");
+    throw_image_error(referrer, what + " file name '" + name + "': protocol prefixes are refused");
   }
   fs::path p(name);
   if (p.is_relative()) p = fs::absolute(referrer).parent_path() / p;
@@ -131,8 +131,7 @@ std::string resolve_child_path(const ChainContext& ctx, const std::string& refer
 }
 
 std::shared_ptr<BlockDevice> open_child(ChainContext& ctx, const std::string& referrer,
-                                        const std::string& name, Format format,
-                                        ChildRole role) {
+                                        const std::string& name, Format format, ChildRole role) {
   std::string path = resolve_child_path(ctx, referrer, name, role);
   if (ctx.depth + 1 > ctx.options.max_chain_depth) {
     throw_image_error(referrer, std::string(to_string(role)) + " chain deeper than " +

@@ -54,9 +54,9 @@ struct OpenOptions {
 // State carried down one chain while it is being opened.
 struct ChainContext {
   OpenOptions options;
-  std::vector<std::string> allowed_dirs;           // canonical
-  std::set<std::pair<dev_t, ino_t>> seen;          // loop detection
-  int depth = 0;                                   // 0 = top image
+  std::vector<std::string> allowed_dirs;   // canonical
+  std::set<std::pair<dev_t, ino_t>> seen;  // loop detection
+  int depth = 0;                           // 0 = top image
 };
 
 // Probes a file's format from its bytes: qcow2 by magic, VHD by footer cookie
@@ -71,8 +71,7 @@ std::shared_ptr<BlockDevice> open_image(const std::string& path, const OpenOptio
 // and depth checks. `format` automatic probes qcow2/VHD only unless raw is
 // allowed. `writable` is only ever true for a qcow2 data file.
 std::shared_ptr<BlockDevice> open_child(ChainContext& ctx, const std::string& referrer,
-                                        const std::string& name, Format format,
-                                        ChildRole role);
+                                        const std::string& name, Format format, ChildRole role);
 
 // For drivers: resolves and confines a child path without opening it as an
 // image (used for data files). Returns the canonical path.

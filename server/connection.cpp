@@ -2,17 +2,16 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <array>
+#include <asio/experimental/as_tuple.hpp>
 #include <cerrno>
 #include <cstring>
 #include <vector>
-
-#include <asio/experimental/as_tuple.hpp>
-#include <spdlog/spdlog.h>
 
 #include "formats/endian.h"
 #include "server/server.h"
@@ -144,9 +143,7 @@ asio::awaitable<bool> Connection::async_read_exact(void* dst, size_t n) {
   co_return true;
 }
 
-asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) {
-  co_await self->serve();
-}
+asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) { co_await self->serve(); }
 
 asio::awaitable<void> Connection::serve() {
   spdlog::debug("conn {}: connected from {}", id_, peer_);
@@ -158,8 +155,10 @@ asio::awaitable<void> Connection::serve() {
     // not woken for every request that arrives.
     std::error_code rec;
     int fd = socket_.release(rec);
-    if (!rec) fd_ = fd;
-    else spdlog::warn("conn {}: cannot take the socket from the reactor: {}", id_, rec.message());
+    if (!rec)
+      fd_ = fd;
+    else
+      spdlog::warn("conn {}: cannot take the socket from the reactor: {}", id_, rec.message());
     int fl = ::fcntl(fd_, F_GETFL);
     if (fl >= 0) ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK);
     timeval tv{kSendTimeoutMs / 1000, 0};
@@ -261,8 +260,8 @@ asio::awaitable<bool> Connection::handshake() {
 
 uint32_t Connection::validate(const nbd::Request& r) const {
   using namespace nbd;
-  const uint16_t known = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagDf | kCmdFlagReqOne |
-                         kCmdFlagFastZero;
+  const uint16_t known =
+      kCmdFlagFua | kCmdFlagNoHole | kCmdFlagDf | kCmdFlagReqOne | kCmdFlagFastZero;
   if (r.flags & ~known) return kEINVAL;
   const bool ro = export_->caps.read_only;
   const uint64_t size = export_->view.size;
@@ -316,8 +315,7 @@ bool Connection::recv_exact(void* dst, size_t n) {
     // Large remainders go straight to their buffer; small ones refill ours.
     bool direct = n >= kReadBufferSize / 2;
     if (!direct) rpos_ = rend_ = 0;
-    ssize_t got = direct ? ::recv(fd_, out, n, 0)
-                         : ::recv(fd_, rbuf_.get(), kReadBufferSize, 0);
+    ssize_t got = direct ? ::recv(fd_, out, n, 0) : ::recv(fd_, rbuf_.get(), kReadBufferSize, 0);
     if (got < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -440,9 +438,7 @@ bool Connection::next_request(Request& req, Replies& out, bool may_block) {
   }
 }
 
-uint32_t Connection::buffered_request_length() const {
-  return load_be32(rbuf_.get() + rpos_ + 24);
-}
+uint32_t Connection::buffered_request_length() const { return load_be32(rbuf_.get() + rpos_ + 24); }
 
 bool Connection::buffered_request_ready() const {
   if (rend_ - rpos_ < nbd::kRequestSize) return false;
@@ -483,8 +479,8 @@ void Connection::worker_loop() {
     uint64_t bytes = 0;
     bool keep = read_side_.keep();
     while (n < kBatch &&
-           (n == 0 || (buffered_request_ready() &&
-                       bytes + buffered_request_length() <= kBatchBytes)) &&
+           (n == 0 ||
+            (buffered_request_ready() && bytes + buffered_request_length() <= kBatchBytes)) &&
            next_request(batch[n], out, n == 0)) {
       bytes += batch[n].hdr.length;
       if (ReadSidePolicy::may_block_long(batch[n].hdr)) keep = false;
@@ -660,9 +656,8 @@ void Connection::execute_block_status(Request& r, Replies& out) {
   const bool base = handshake_.meta_base_allocation();
   const bool depth = handshake_.meta_allocation_depth();
   if (base) {
-    auto d = describe([](const Extent& x) {
-      return (x.hole ? kStateHole : 0u) | (x.zero ? kStateZero : 0u);
-    });
+    auto d = describe(
+        [](const Extent& x) { return (x.hole ? kStateHole : 0u) | (x.zero ? kStateZero : 0u); });
     append_chunk_block_status(reply, h.cookie, kMetaIdBaseAllocation, d, !depth);
   }
   if (depth) {

@@ -27,17 +27,16 @@
 
 #include <sys/uio.h>
 
+#include <asio.hpp>
 #include <atomic>
 #include <chrono>
-#include <thread>
-#include <vector>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <span>
 #include <string>
-
-#include <asio.hpp>
+#include <thread>
+#include <vector>
 
 #include "config/config.h"
 #include "protocol/handshake.h"
@@ -80,7 +79,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Transmission threads.
   void worker_loop();
   bool next_request(Request& r, Replies& out, bool may_block);  // REQUIRES: read_mu_ held
-  bool buffered_request_ready() const;  // REQUIRES: read_mu_ held
+  bool buffered_request_ready() const;                          // REQUIRES: read_mu_ held
   // The length field of the next buffered request. REQUIRES: read_mu_ held and
   // buffered_request_ready().
   uint32_t buffered_request_length() const;

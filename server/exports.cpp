@@ -1,8 +1,8 @@
 #include "server/exports.h"
 
-#include <algorithm>
-
 #include <spdlog/spdlog.h>
+
+#include <algorithm>
 
 #include "formats/errors.h"
 #include "formats/open.h"

@@ -2,14 +2,13 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <asio/experimental/as_tuple.hpp>
 #include <csignal>
 #include <filesystem>
-
-#include <asio/experimental/as_tuple.hpp>
-#include <spdlog/spdlog.h>
 
 #include "server/connection.h"
 
@@ -39,8 +38,7 @@ void Server::listen() {
       if (addr.is_v6()) a->set_option(asio::ip::v6_only(false), ec);
       a->bind(ep, ec);
       if (ec) {
-        throw std::system_error(ec, "cannot listen on " + l.address + ":" +
-                                        std::to_string(l.port));
+        throw std::system_error(ec, "cannot listen on " + l.address + ":" + std::to_string(l.port));
       }
       a->listen(asio::socket_base::max_listen_connections);
       spdlog::info("listening on {}:{}", l.address, a->local_endpoint().port());
@@ -79,7 +77,8 @@ std::vector<std::string> Server::uris() const {
 template <class Acceptor>
 asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what) {
   for (;;) {
-    auto [ec, sock] = co_await acceptor.async_accept(asio::experimental::as_tuple(asio::use_awaitable));
+    auto [ec, sock] =
+        co_await acceptor.async_accept(asio::experimental::as_tuple(asio::use_awaitable));
     if (ec) {
       if (ec == asio::error::operation_aborted || stopping_) co_return;
       spdlog::warn("accept on {} failed: {}", what, ec.message());

@@ -6,14 +6,13 @@
 // flush every export, exit 0).
 #pragma once
 
+#include <asio.hpp>
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <asio.hpp>
 
 #include "config/config.h"
 #include "server/exports.h"

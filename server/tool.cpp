@@ -2,10 +2,9 @@
 
 #include <algorithm>
 #include <cinttypes>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
-
 #include <nlohmann/json.hpp>
 
 #include "formats/create.h"
@@ -92,7 +91,8 @@ int tool_map(const std::string& path, const ToolOptions& t) {
   uint64_t off = 0;
   const uint64_t size = dev->size();
   json out = json::array();
-  if (!t.json_output) std::printf("%-16s %-16s %-6s %-5s %s\n", "Offset", "Length", "Depth", "Zero", "File");
+  if (!t.json_output)
+    std::printf("%-16s %-16s %-6s %-5s %s\n", "Offset", "Length", "Depth", "Zero", "File");
   while (off < size) {
     ext.clear();
     uint64_t len = std::min<uint64_t>(size - off, 1ull << 30);
@@ -113,8 +113,8 @@ int tool_map(const std::string& path, const ToolOptions& t) {
         x["zero"] = e.zero;
         x["data"] = !e.hole && !e.zero;
         if (!e.hole && e.depth > 0) x["file"] = layer_path(*dev, e.depth);
-        if (!out.empty() && out.back()["depth"] == x["depth"] &&
-            out.back()["zero"] == x["zero"] && out.back()["present"] == x["present"]) {
+        if (!out.empty() && out.back()["depth"] == x["depth"] && out.back()["zero"] == x["zero"] &&
+            out.back()["present"] == x["present"]) {
           out.back()["length"] = out.back()["length"].get<uint64_t>() + l;
         } else {
           out.push_back(x);

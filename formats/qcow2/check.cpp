@@ -23,7 +23,8 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
     }
     uint64_t first = off >> cluster_bits_, last = (off + len - 1) >> cluster_bits_;
     if (last >= limit) {
-      report.errors.push_back(what + ": offset " + std::to_string(off) + " is beyond the end of the file");
+      report.errors.push_back(what + ": offset " + std::to_string(off) +
+                              " is beyond the end of the file");
       return;
     }
     // The last cluster may be partly written (tables are not padded), so a
@@ -88,7 +89,8 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
       add(s.l1_offset, uint64_t{s.l1_size} * 8, "snapshot '" + s.name + "' L1 table");
       std::vector<uint64_t> l1(s.l1_size);
       std::vector<uint8_t> raw(uint64_t{s.l1_size} * 8);
-      if (!raw.empty() && file_->read_at(s.l1_offset, {reinterpret_cast<std::byte*>(raw.data()), raw.size()}) != 0) {
+      if (!raw.empty() && file_->read_at(s.l1_offset, {reinterpret_cast<std::byte*>(raw.data()),
+                                                       raw.size()}) != 0) {
         report.errors.push_back("snapshot '" + s.name + "': cannot read its L1 table");
         continue;
       }
@@ -99,7 +101,8 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
   if (h_.has_bitmaps_ext && h_.bitmap_directory_size) {
     add(h_.bitmap_directory_offset, h_.bitmap_directory_size, "bitmap directory");
     std::vector<uint8_t> dir(h_.bitmap_directory_size);
-    if (file_->read_at(h_.bitmap_directory_offset, {reinterpret_cast<std::byte*>(dir.data()), dir.size()}) == 0) {
+    if (file_->read_at(h_.bitmap_directory_offset,
+                       {reinterpret_cast<std::byte*>(dir.data()), dir.size()}) == 0) {
       uint64_t pos = 0;
       for (uint32_t i = 0; i < h_.nb_bitmaps && pos + 24 <= dir.size(); ++i) {
         uint64_t toff = load_be64(dir.data() + pos);
@@ -145,7 +148,8 @@ bool Qcow2Device::check_refcount(uint64_t c, uint64_t used, CheckReport& report,
 void Qcow2Device::check(CheckReport& report) {
   std::lock_guard lk(mu_);
   if (file_->writable()) {
-    if (int r = flush_locked()) report.errors.push_back(std::string("flush failed: ") + std::strerror(r));
+    if (int r = flush_locked())
+      report.errors.push_back(std::string("flush failed: ") + std::strerror(r));
   }
   std::vector<uint64_t> counts;
   count_references(counts, report, true, true);
@@ -158,8 +162,8 @@ void Qcow2Device::check(CheckReport& report) {
       // No block (or past the table): every refcount in its range is 0.
       for (; c < block_end && c < counts.size(); ++c) {
         if (counts[c]) {
-          report.errors.push_back("cluster " + std::to_string(c) + " is used " + std::to_string(counts[c]) +
-                                  " times but has no refcount block");
+          report.errors.push_back("cluster " + std::to_string(c) + " is used " +
+                                  std::to_string(counts[c]) + " times but has no refcount block");
         }
       }
       c = block_end;
@@ -172,7 +176,8 @@ void Qcow2Device::check(CheckReport& report) {
     }
     ++c;
   }
-  if (leaked > report.leaks.size()) report.notes.push_back(std::to_string(leaked) + " leaked clusters in total");
+  if (leaked > report.leaks.size())
+    report.notes.push_back(std::to_string(leaked) + " leaked clusters in total");
   report.notes.push_back(stats_locked_free());
 }
 

@@ -46,7 +46,8 @@ int zstd_decode(const uint8_t* in, size_t in_len, uint8_t* out, size_t out_len) 
 
 }  // namespace
 
-int decompress_cluster(uint8_t type, const uint8_t* in, size_t in_len, uint8_t* out, size_t out_len) {
+int decompress_cluster(uint8_t type, const uint8_t* in, size_t in_len, uint8_t* out,
+                       size_t out_len) {
   if (type == 0) return inflate_raw(in, in_len, out, out_len);
   if (type == 1) return zstd_decode(in, in_len, out, out_len);
   return EIO;

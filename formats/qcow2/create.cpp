@@ -3,10 +3,11 @@
 // Layout: header + extensions + backing name in cluster 0, then the refcount
 // table, the refcount blocks, the L1 table and (data_file_raw only) L2 tables
 // preallocated 1:1, all counted by the refcount blocks.
+#include "formats/create.h"
+
 #include <cstring>
 #include <filesystem>
 
-#include "formats/create.h"
 #include "formats/endian.h"
 #include "formats/errors.h"
 #include "formats/qcow2/header.h"
@@ -46,7 +47,8 @@ void create_qcow2(const CreateOptions& opts) {
         throw_image_error(path, "option cluster_size=" + v + " is not a size");
       }
       if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))) {
-        throw_image_error(path, "option cluster_size=" + v + ": must be a power of two from 512 to 2M");
+        throw_image_error(path,
+                          "option cluster_size=" + v + ": must be a power of two from 512 to 2M");
       }
     } else if (k == "compat") {
       if (v == "0.10" || v == "v2") {
@@ -83,19 +85,23 @@ void create_qcow2(const CreateOptions& opts) {
   }
   const uint32_t cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cs));
   if (version == 2 && (ext || lazy || !data_file.empty() || compression || refcount_bits != 16)) {
-    throw_image_error(path, "compat=0.10 images cannot use extended_l2, lazy_refcounts, data_file, "
-                            "compression_type or refcount_bits other than 16");
+    throw_image_error(path,
+                      "compat=0.10 images cannot use extended_l2, lazy_refcounts, data_file, "
+                      "compression_type or refcount_bits other than 16");
   }
-  if (ext && cs < 16384) throw_image_error(path, "extended_l2 needs a cluster_size of at least 16k");
+  if (ext && cs < 16384)
+    throw_image_error(path, "extended_l2 needs a cluster_size of at least 16k");
   if (raw && data_file.empty()) throw_image_error(path, "data_file_raw needs data_file");
-  if (raw && opts.backing) throw_image_error(path, "data_file_raw images cannot have a backing file");
+  if (raw && opts.backing)
+    throw_image_error(path, "data_file_raw images cannot have a backing file");
   if (data_file.size() > 1023) throw_image_error(path, "data_file name is too long");
 
   uint64_t size = 0;
   std::string backing_fmt;
   if (opts.backing) {
     if (opts.backing->size() > 1023) throw_image_error(path, "backing file name is too long");
-    if (opts.backing_format != Format::automatic) backing_fmt = std::string(to_string(opts.backing_format));
+    if (opts.backing_format != Format::automatic)
+      backing_fmt = std::string(to_string(opts.backing_format));
     if (backing_fmt == "vhd") backing_fmt = "vpc";  // the name QEMU records
     if (!opts.size) {
       namespace fs = std::filesystem;
@@ -115,7 +121,8 @@ void create_qcow2(const CreateOptions& opts) {
   const uint32_t refcount_order = static_cast<uint32_t>(__builtin_ctz(refcount_bits));
   const uint64_t l1_entries = l1_entries_needed(size, cluster_bits, ext);
   const uint64_t l1_clusters = (l1_entries * 8 + cs - 1) / cs;
-  if (l1_entries * 8 > kMaxL1Bytes) throw_image_error(path, "size is too large for this cluster_size");
+  if (l1_entries * 8 > kMaxL1Bytes)
+    throw_image_error(path, "size is too large for this cluster_size");
   const uint64_t l2_tables = raw ? l1_entries : 0;
   const uint64_t rb_entries = cs * 8 / refcount_bits;
   uint64_t rt_clusters = 1, rb = 1;
@@ -163,9 +170,10 @@ void create_qcow2(const CreateOptions& opts) {
     static const struct {
       uint8_t type, bit;
       const char* name;
-    } names[] = {{0, 0, "dirty bit"},         {0, 1, "corrupt bit"},        {0, 2, "external data file"},
-                 {0, 3, "compression type"},  {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
-                 {2, 0, "bitmaps"},           {2, 1, "raw external data"}};
+    } names[] = {
+        {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
+        {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+        {2, 0, "bitmaps"},          {2, 1, "raw external data"}};
     std::vector<uint8_t> table(sizeof names / sizeof names[0] * 48, 0);
     for (size_t i = 0; i < sizeof names / sizeof names[0]; ++i) {
       table[i * 48] = names[i].type;
@@ -178,7 +186,8 @@ void create_qcow2(const CreateOptions& opts) {
   }
   pos += 8;  // end marker (zeros)
   if (opts.backing) {
-    if (pos + opts.backing->size() > cs) throw_image_error(path, "backing file name does not fit in cluster 0");
+    if (pos + opts.backing->size() > cs)
+      throw_image_error(path, "backing file name does not fit in cluster 0");
     std::memcpy(c0.data() + pos, opts.backing->data(), opts.backing->size());
     store_be64(c0.data() + 8, pos);
     store_be32(c0.data() + 16, static_cast<uint32_t>(opts.backing->size()));
@@ -202,7 +211,8 @@ void create_qcow2(const CreateOptions& opts) {
   if (raw) {
     const uint64_t entry_bytes = ext ? 16 : 8, per_table = cs / entry_bytes;
     const uint64_t clusters = (size + cs - 1) / cs;
-    for (uint64_t t = 0; t < l2_tables; ++t) store_be64(l1.data() + t * 8, (l2_off + t * cs) | kCopied);
+    for (uint64_t t = 0; t < l2_tables; ++t)
+      store_be64(l1.data() + t * 8, (l2_off + t * cs) | kCopied);
     for (uint64_t g = 0; g < clusters; ++g) {
       uint8_t* e = l2s.data() + (g / per_table) * cs + (g % per_table) * entry_bytes;
       store_be64(e, (g * cs) | kCopied);
@@ -211,7 +221,8 @@ void create_qcow2(const CreateOptions& opts) {
   }
   auto f = create_file(path);
   auto put = [&](uint64_t off, const std::vector<uint8_t>& v) {
-    if (!v.empty() && write_bytes(*f, off, v.data(), v.size()) != 0) throw_image_error(path, "write failed");
+    if (!v.empty() && write_bytes(*f, off, v.data(), v.size()) != 0)
+      throw_image_error(path, "write failed");
   };
   put(0, c0);
   put(rt_off, rt);

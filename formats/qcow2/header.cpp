@@ -42,7 +42,8 @@ void check_aligned(const std::string& path, const char* field, uint64_t off, uin
 
 std::string Header::feature_name(uint8_t type, uint8_t bit) const {
   for (const auto& f : feature_names) {
-    if (f.type == type && f.bit == bit && !f.name.empty()) return "bit " + std::to_string(bit) + " '" + f.name + "'";
+    if (f.type == type && f.bit == bit && !f.name.empty())
+      return "bit " + std::to_string(bit) + " '" + f.name + "'";
   }
   return "bit " + std::to_string(bit);
 }
@@ -59,14 +60,16 @@ Header read_header(File& file) {
   int64_t fsize = file.size();
   if (fsize < 0) throw_image_error(path, "cannot read the file size");
   const uint64_t file_size = static_cast<uint64_t>(fsize);
-  if (file_size < 72) bad(path, "file is " + std::to_string(file_size) + " bytes, too short for a qcow2 header");
+  if (file_size < 72)
+    bad(path, "file is " + std::to_string(file_size) + " bytes, too short for a qcow2 header");
 
   uint8_t b[112] = {};
   if (read_bytes(file, 0, b, sizeof b) != 0) throw_image_error(path, "cannot read the header");
   Header h;
   if (load_be32(b) != kMagic) bad(path, "magic is not QFI\\xfb");
   h.version = load_be32(b + 4);
-  if (h.version != 2 && h.version != 3) bad(path, "version " + std::to_string(h.version) + " is not supported (2 or 3)");
+  if (h.version != 2 && h.version != 3)
+    bad(path, "version " + std::to_string(h.version) + " is not supported (2 or 3)");
   h.backing_file_offset = load_be64(b + 8);
   h.backing_file_size = load_be32(b + 16);
   h.cluster_bits = load_be32(b + 20);
@@ -88,11 +91,13 @@ Header read_header(File& file) {
     h.autoclear = load_be64(b + 88);
     h.refcount_order = load_be32(b + 96);
     h.header_length = load_be32(b + 100);
-    if (h.header_length < 104) bad(path, "header_length " + std::to_string(h.header_length) + " is below 104");
+    if (h.header_length < 104)
+      bad(path, "header_length " + std::to_string(h.header_length) + " is below 104");
     if (h.header_length > cs) {
       bad(path, "header_length " + std::to_string(h.header_length) + " exceeds the cluster size");
     }
-    if (h.header_length % 8 != 0) bad(path, "header_length " + std::to_string(h.header_length) + " is not a multiple of 8");
+    if (h.header_length % 8 != 0)
+      bad(path, "header_length " + std::to_string(h.header_length) + " is not a multiple of 8");
     if (h.header_length > 104) h.compression_type = b[104];
   }
 
@@ -101,13 +106,17 @@ Header read_header(File& file) {
   if (read_bytes(file, 0, c0.data(), cs) != 0) throw_image_error(path, "cannot read cluster 0");
 
   if (h.backing_file_offset != 0) {
-    if (h.backing_file_offset > cs) bad(path, "backing_file_offset " + hex(h.backing_file_offset) + " is outside cluster 0");
+    if (h.backing_file_offset > cs)
+      bad(path, "backing_file_offset " + hex(h.backing_file_offset) + " is outside cluster 0");
     if (h.backing_file_size > 1023 || h.backing_file_size > cs - h.backing_file_offset) {
       bad(path, "backing_file_size " + std::to_string(h.backing_file_size) + " is too large");
     }
-    if (h.backing_file_offset < h.header_length) bad(path, "backing_file_offset overlaps the header");
-    h.backing_file.assign(reinterpret_cast<const char*>(c0.data() + h.backing_file_offset), h.backing_file_size);
-    if (h.backing_file.find('\0') != std::string::npos) bad(path, "backing file name contains a NUL byte");
+    if (h.backing_file_offset < h.header_length)
+      bad(path, "backing_file_offset overlaps the header");
+    h.backing_file.assign(reinterpret_cast<const char*>(c0.data() + h.backing_file_offset),
+                          h.backing_file_size);
+    if (h.backing_file.find('\0') != std::string::npos)
+      bad(path, "backing file name contains a NUL byte");
   }
 
   // Header extensions.
@@ -122,14 +131,16 @@ Header read_header(File& file) {
     uint32_t len = load_be32(c0.data() + pos + 4);
     if (type == kExtEnd) break;
     if (len > area_end - pos - 8) {
-      bad(path, "extension " + hex(type) + " length " + std::to_string(len) + " runs past the extension area");
+      bad(path, "extension " + hex(type) + " length " + std::to_string(len) +
+                    " runs past the extension area");
     }
     const uint8_t* p = c0.data() + pos + 8;
     switch (type) {
       case kExtBackingFormat:
         if (seen_types & 1) bad(path, "backing format extension appears twice");
         seen_types |= 1;
-        if (len >= 16) bad(path, "backing format name of " + std::to_string(len) + " bytes is too long");
+        if (len >= 16)
+          bad(path, "backing format name of " + std::to_string(len) + " bytes is too long");
         h.backing_format = string_ext(p, len);
         break;
       case kExtFeatureTable:
@@ -146,8 +157,11 @@ Header read_header(File& file) {
         h.nb_bitmaps = load_be32(p);
         h.bitmap_directory_size = load_be64(p + 8);
         h.bitmap_directory_offset = load_be64(p + 16);
-        if (h.nb_bitmaps > 65535) bad(path, "bitmaps extension: nb_bitmaps " + std::to_string(h.nb_bitmaps) + " is too large");
-        if (h.bitmap_directory_size > (64ull << 20)) bad(path, "bitmaps extension: directory_size is too large");
+        if (h.nb_bitmaps > 65535)
+          bad(path,
+              "bitmaps extension: nb_bitmaps " + std::to_string(h.nb_bitmaps) + " is too large");
+        if (h.bitmap_directory_size > (64ull << 20))
+          bad(path, "bitmaps extension: directory_size is too large");
         check_aligned(path, "bitmap directory offset", h.bitmap_directory_offset, cs);
         check_range(path, "bitmap directory", h.bitmap_directory_offset, h.bitmap_directory_size);
         break;
@@ -177,17 +191,22 @@ Header read_header(File& file) {
         names += h.feature_name(0, static_cast<uint8_t>(bit));
       }
     }
-    bad(path, "unknown incompatible feature " + names + " (incompatible_features " + hex(h.incompatible) + ")");
+    bad(path, "unknown incompatible feature " + names + " (incompatible_features " +
+                  hex(h.incompatible) + ")");
   }
   if (h.crypt_method != 0) {
-    bad(path, "crypt_method " + std::to_string(h.crypt_method) + ": encrypted images are not supported");
+    bad(path,
+        "crypt_method " + std::to_string(h.crypt_method) + ": encrypted images are not supported");
   }
-  if (h.refcount_order > 6) bad(path, "refcount_order " + std::to_string(h.refcount_order) + " is above 6");
+  if (h.refcount_order > 6)
+    bad(path, "refcount_order " + std::to_string(h.refcount_order) + " is above 6");
   if (h.extended_l2() && h.cluster_bits < 14) {
-    bad(path, "extended L2 entries need clusters of at least 16 KiB (cluster_bits " + std::to_string(h.cluster_bits) + ")");
+    bad(path, "extended L2 entries need clusters of at least 16 KiB (cluster_bits " +
+                  std::to_string(h.cluster_bits) + ")");
   }
   bool comp_bit = h.incompatible & kIncompatCompression;
-  if (h.compression_type > 1) bad(path, "compression_type " + std::to_string(h.compression_type) + " is unknown");
+  if (h.compression_type > 1)
+    bad(path, "compression_type " + std::to_string(h.compression_type) + " is unknown");
   if (comp_bit != (h.compression_type != 0)) {
     bad(path, "compression_type " + std::to_string(h.compression_type) +
                   " does not match incompatible feature bit 3");
@@ -202,33 +221,40 @@ Header read_header(File& file) {
   // Virtual size and L1.
   if (h.size > (1ull << 62)) bad(path, "size " + std::to_string(h.size) + " is too large");
   uint64_t needed = l1_entries_needed(h.size, h.cluster_bits, h.extended_l2());
-  if (needed > 0x7fffffff) bad(path, "size " + std::to_string(h.size) + " needs too many L1 entries");
-  if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes) bad(path, "l1_size " + std::to_string(h.l1_size) + " is larger than 32 MiB of entries");
+  if (needed > 0x7fffffff)
+    bad(path, "size " + std::to_string(h.size) + " needs too many L1 entries");
+  if (uint64_t{h.l1_size} * 8 > kMaxL1Bytes)
+    bad(path, "l1_size " + std::to_string(h.l1_size) + " is larger than 32 MiB of entries");
   if (h.l1_size < needed) {
-    bad(path, "l1_size " + std::to_string(h.l1_size) + " is too small for size " + std::to_string(h.size) +
-                  " (needs " + std::to_string(needed) + ")");
+    bad(path, "l1_size " + std::to_string(h.l1_size) + " is too small for size " +
+                  std::to_string(h.size) + " (needs " + std::to_string(needed) + ")");
   }
   if (h.l1_size > 0) {
     check_aligned(path, "l1_table_offset", h.l1_table_offset, cs);
     check_range(path, "l1_table_offset", h.l1_table_offset, uint64_t{h.l1_size} * 8);
     if (h.l1_table_offset == 0) bad(path, "l1_table_offset 0 overlaps the header");
-    if (h.l1_table_offset >= file_size) bad(path, "l1_table_offset " + hex(h.l1_table_offset) + " is beyond the end of the file");
+    if (h.l1_table_offset >= file_size)
+      bad(path, "l1_table_offset " + hex(h.l1_table_offset) + " is beyond the end of the file");
   }
 
   // Refcount table.
   if (h.refcount_table_clusters == 0) bad(path, "refcount_table_clusters is 0");
   if (uint64_t{h.refcount_table_clusters} * cs > kMaxRefcountTableBytes) {
-    bad(path, "refcount_table_clusters " + std::to_string(h.refcount_table_clusters) + " is larger than 8 MiB");
+    bad(path, "refcount_table_clusters " + std::to_string(h.refcount_table_clusters) +
+                  " is larger than 8 MiB");
   }
   check_aligned(path, "refcount_table_offset", h.refcount_table_offset, cs);
-  check_range(path, "refcount_table_offset", h.refcount_table_offset, uint64_t{h.refcount_table_clusters} * cs);
+  check_range(path, "refcount_table_offset", h.refcount_table_offset,
+              uint64_t{h.refcount_table_clusters} * cs);
   if (h.refcount_table_offset == 0) bad(path, "refcount_table_offset 0 overlaps the header");
   if (h.refcount_table_offset >= file_size) {
-    bad(path, "refcount_table_offset " + hex(h.refcount_table_offset) + " is beyond the end of the file");
+    bad(path,
+        "refcount_table_offset " + hex(h.refcount_table_offset) + " is beyond the end of the file");
   }
 
   // Snapshots.
-  if (h.nb_snapshots > kMaxSnapshots) bad(path, "nb_snapshots " + std::to_string(h.nb_snapshots) + " is above 65536");
+  if (h.nb_snapshots > kMaxSnapshots)
+    bad(path, "nb_snapshots " + std::to_string(h.nb_snapshots) + " is above 65536");
   if (h.nb_snapshots > 0) {
     check_aligned(path, "snapshots_offset", h.snapshots_offset, cs);
     check_range(path, "snapshots_offset", h.snapshots_offset, 0);
@@ -247,7 +273,8 @@ std::vector<SnapshotInfo> read_snapshots(File& file, const Header& h, uint64_t* 
   const uint64_t cs = h.cluster_size();
   for (uint32_t i = 0; i < h.nb_snapshots; ++i) {
     uint8_t e[40];
-    if (read_bytes(file, pos, e, sizeof e) != 0) throw_image_error(path, "cannot read the snapshot table");
+    if (read_bytes(file, pos, e, sizeof e) != 0)
+      throw_image_error(path, "cannot read the snapshot table");
     SnapshotInfo s;
     s.l1_offset = load_be64(e);
     s.l1_size = load_be32(e + 8);
@@ -255,9 +282,12 @@ std::vector<SnapshotInfo> read_snapshots(File& file, const Header& h, uint64_t* 
     uint16_t name_len = load_be16(e + 14);
     uint32_t extra = load_be32(e + 36);
     std::string where = "snapshot table entry " + std::to_string(i) + ": ";
-    if (extra > 1024) bad(path, where + "extra_data_size " + std::to_string(extra) + " is above 1024");
-    if (h.version == 3 && extra < 16) bad(path, where + "extra_data_size " + std::to_string(extra) + " is below 16");
-    if (uint64_t{s.l1_size} * 8 > kMaxL1Bytes) bad(path, where + "l1_size " + std::to_string(s.l1_size) + " is too large");
+    if (extra > 1024)
+      bad(path, where + "extra_data_size " + std::to_string(extra) + " is above 1024");
+    if (h.version == 3 && extra < 16)
+      bad(path, where + "extra_data_size " + std::to_string(extra) + " is below 16");
+    if (uint64_t{s.l1_size} * 8 > kMaxL1Bytes)
+      bad(path, where + "l1_size " + std::to_string(s.l1_size) + " is too large");
     if (s.l1_size > 0) {
       check_aligned(path, (where + "l1_table_offset").c_str(), s.l1_offset, cs);
       check_range(path, (where + "l1_table_offset").c_str(), s.l1_offset, uint64_t{s.l1_size} * 8);

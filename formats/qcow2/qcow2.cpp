@@ -83,8 +83,10 @@ void Qcow2Device::open_children(ChainContext& ctx) {
     std::string name = h_.data_file;
     if (ctx.depth == 0 && ctx.options.data_file) name = *ctx.options.data_file;
     if (name.empty()) {
-      throw_image_error(path(), "incompatible feature bit 2 (external data file) is set but no data file name "
-                                "is recorded; configure one (data_file)");
+      throw_image_error(
+          path(),
+          "incompatible feature bit 2 (external data file) is set but no data file name "
+          "is recorded; configure one (data_file)");
     }
     data_file_name_ = name;
     std::string p = resolve_child_path(ctx, path(), name, ChildRole::data_file);
@@ -115,7 +117,8 @@ void Qcow2Device::open_children(ChainContext& ctx) {
 }
 
 void Qcow2Device::setup_caches(uint64_t budget) {
-  const uint64_t tables_needed = std::max<uint64_t>(1, l1_entries_needed(size_, cluster_bits_, ext_));
+  const uint64_t tables_needed =
+      std::max<uint64_t>(1, l1_entries_needed(size_, cluster_bits_, ext_));
   uint64_t l2_tables;
   uint64_t rb_tables = 4;
   if (budget == 0) {
@@ -154,7 +157,8 @@ Capabilities Qcow2Device::capabilities() const {
 
 BlockSizes Qcow2Device::block_sizes() const {
   BlockSizes b;
-  b.preferred = static_cast<uint32_t>(std::max<uint64_t>(4096, std::min<uint64_t>(cs_, 2ull << 20)));
+  b.preferred =
+      static_cast<uint32_t>(std::max<uint64_t>(4096, std::min<uint64_t>(cs_, 2ull << 20)));
   return b;
 }
 
@@ -196,7 +200,8 @@ int Qcow2Device::load_table(TableCache& cache, uint64_t offset, CachedTable*& ou
   if (int r = make_room_locked(cache)) return r;
   std::vector<uint8_t> d(cs_);
   if (!fresh) {
-    if (int r = file_->read_at(offset, {reinterpret_cast<std::byte*>(d.data()), d.size()})) return r;
+    if (int r = file_->read_at(offset, {reinterpret_cast<std::byte*>(d.data()), d.size()}))
+      return r;
   }
   out = cache.insert(offset, std::move(d), fresh);
   return 0;
@@ -262,7 +267,8 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
       epoch = l2_epoch_;
     }
     std::vector<uint8_t> table(cs_);
-    if (int r = file_->read_at(missing, {reinterpret_cast<std::byte*>(table.data()), table.size()})) {
+    if (int r =
+            file_->read_at(missing, {reinterpret_cast<std::byte*>(table.data()), table.size()})) {
       return r;
     }
     std::lock_guard lk(mu_);
@@ -362,7 +368,8 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
         bool alloc = (bm >> sc) & 1;
         bool zero = (bm >> (32 + sc)) & 1;
         if (raw_ && has_host) {
-          push_run(out, {pos, scend - pos, zero && !alloc ? Kind::zero : Kind::data, host + (pos - cstart)});
+          push_run(out, {pos, scend - pos, zero && !alloc ? Kind::zero : Kind::data,
+                         host + (pos - cstart)});
         } else if (alloc && (zero || !has_host)) {
           push_run(out, {pos, scend - pos, Kind::invalid, 0});
         } else if (alloc) {
@@ -535,8 +542,8 @@ void Qcow2Device::describe(nlohmann::json& out) const {
 
 std::string Qcow2Device::stats_locked_free() const {
   return l2_cache_->stats() + "; " + rb_cache_->stats() + "; compressed cluster reads " +
-         std::to_string(compressed_reads_) + ", cluster allocations " + std::to_string(cow_allocations_) +
-         ", metadata writebacks " + std::to_string(writebacks_);
+         std::to_string(compressed_reads_) + ", cluster allocations " +
+         std::to_string(cow_allocations_) + ", metadata writebacks " + std::to_string(writebacks_);
 }
 
 std::string Qcow2Device::stats() const {

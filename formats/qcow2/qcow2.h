@@ -109,7 +109,7 @@ class Qcow2Device final : public BlockDevice {
   // L2 tables without holding it.
   int map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
   int load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh);
-  int make_room_locked(TableCache& cache);  // evicts (writing back) when full
+  int make_room_locked(TableCache& cache);                  // evicts (writing back) when full
   int get_l2_locked(uint64_t l1_index, CachedTable*& out);  // nullptr if unallocated
   bool host_cluster_valid(uint64_t host) const;
   uint64_t entry_at(const CachedTable& t, uint64_t i) const;
@@ -218,8 +218,8 @@ class Qcow2Device final : public BlockDevice {
   std::unique_ptr<TableCache> l2_cache_;
   std::unique_ptr<TableCache> rb_cache_;
 
-  uint64_t end_ = 0;        // first never-used cluster index
-  uint64_t free_hint_ = 0;  // lowest cluster index that may be free
+  uint64_t end_ = 0;                     // first never-used cluster index
+  uint64_t free_hint_ = 0;               // lowest cluster index that may be free
   std::vector<uint64_t> pending_frees_;  // cluster indices to decrement
   std::atomic<bool> data_dirty_{false};
   std::atomic<bool> autoclear_cleared_{false};

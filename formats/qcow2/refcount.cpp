@@ -229,7 +229,8 @@ int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
     if (int r = set_refcount_locked(k, 0)) return r;
   }
   free_hint_ = std::min(free_hint_, old_off / cs_);
-  spdlog::info("{}: refcount table grown to {} clusters at offset {}", path(), clusters, reftable_offset_);
+  spdlog::info("{}: refcount table grown to {} clusters at offset {}", path(), clusters,
+               reftable_offset_);
   return 0;
 }
 
@@ -350,7 +351,8 @@ void Qcow2Device::rebuild_refcounts() {
     nb = nb2;
     nt = nt2;
   }
-  if (nt * cs_ > kMaxRefcountTableBytes) throw_image_error(path(), "dirty image: refcount table would be too large");
+  if (nt * cs_ > kMaxRefcountTableBytes)
+    throw_image_error(path(), "dirty image: refcount table would be too large");
   counts.resize(e0 + nb + nt, 0);
   for (uint64_t k = e0; k < e0 + nb + nt; ++k) counts[k] = 1;
   std::vector<uint8_t> blk(cs_);
@@ -358,10 +360,13 @@ void Qcow2Device::rebuild_refcounts() {
     std::fill(blk.begin(), blk.end(), 0);
     for (uint64_t i = 0; i < epb && j * epb + i < counts.size(); ++i) {
       uint64_t v = counts[j * epb + i];
-      if (v > rc_max_) throw_image_error(path(), "dirty image: refcount overflow for cluster " + std::to_string(j * epb + i));
+      if (v > rc_max_)
+        throw_image_error(
+            path(), "dirty image: refcount overflow for cluster " + std::to_string(j * epb + i));
       rb_set(blk.data(), h_.refcount_order, i, v);
     }
-    if (write_bytes(*file_, (e0 + j) * cs_, blk.data(), cs_) != 0) throw_image_error(path(), "cannot write refcount block");
+    if (write_bytes(*file_, (e0 + j) * cs_, blk.data(), cs_) != 0)
+      throw_image_error(path(), "cannot write refcount block");
   }
   std::vector<uint8_t> table(nt * cs_);
   for (uint64_t j = 0; j < nb; ++j) store_be64(table.data() + j * 8, (e0 + j) * cs_);

@@ -61,8 +61,8 @@ bool TableCache::any_dirty() const {
 
 std::string TableCache::stats() const {
   return name_ + " cache: " + std::to_string(lru_.size()) + "/" + std::to_string(capacity_) +
-         " tables, hits " + std::to_string(hits + shared_hits()) + ", misses " + std::to_string(misses) +
-         ", evictions " + std::to_string(evictions);
+         " tables, hits " + std::to_string(hits + shared_hits()) + ", misses " +
+         std::to_string(misses) + ", evictions " + std::to_string(evictions);
 }
 
 }  // namespace strata::qcow2

@@ -28,7 +28,8 @@ struct CachedTable {
 
 class TableCache {
  public:
-  TableCache(std::string name, size_t capacity) : name_(std::move(name)), capacity_(capacity < 1 ? 1 : capacity) {}
+  TableCache(std::string name, size_t capacity)
+      : name_(std::move(name)), capacity_(capacity < 1 ? 1 : capacity) {}
 
   // A hit moves the entry to the front and counts a hit; a miss returns nullptr
   // and counts a miss.

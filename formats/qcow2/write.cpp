@@ -55,7 +55,8 @@ int Qcow2Device::free_entry_locked(uint64_t e) {
     uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
     uint64_t start = coff & ~uint64_t{511};
     uint64_t last = start + nsec * 512 - 1;
-    for (uint64_t c = start >> cluster_bits_; c <= last >> cluster_bits_; ++c) pending_frees_.push_back(c);
+    for (uint64_t c = start >> cluster_bits_; c <= last >> cluster_bits_; ++c)
+      pending_frees_.push_back(c);
     return 0;
   }
   uint64_t host = e & kL2OffsetMask;
@@ -137,12 +138,13 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
       }
       uint64_t e = entry_at(*t, gc % l2_entries_);
       uint64_t host = e & kL2OffsetMask;
-      bool ok = (e & kCopied) && !(e & kCompressed) && !(e & kL2StdReservedMask) && !(e & kZeroFlag) &&
-                host % cs_ == 0 && (external_ || host_cluster_valid(host));
+      bool ok = (e & kCopied) && !(e & kCompressed) && !(e & kL2StdReservedMask) &&
+                !(e & kZeroFlag) && host % cs_ == 0 && (external_ || host_cluster_valid(host));
       if (ok && ext_) {
         uint64_t bm = bitmap_at(*t, gc % l2_entries_);
         uint64_t s0 = (pos - cstart) / sc_size, s1 = (cend - 1 - cstart) / sc_size;
-        uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) & ~((uint64_t{1} << s0) - 1);
+        uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) &
+                        ~((uint64_t{1} << s0) - 1);
         ok = (bm & mask) == mask && (bm >> 32 & mask) == 0;
       }
       if (ok && overlaps_metadata(host)) ok = false;  // write_cluster() reports it
@@ -262,7 +264,8 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   const bool compressed = e & kCompressed;
   const uint64_t old_host = compressed ? 0 : e & kL2OffsetMask;
   const bool has_host = !compressed && (old_host != 0 || (external_ && (e & kCopied)));
-  if (!compressed && ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || old_host % cs_ != 0)) return EIO;
+  if (!compressed && ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || old_host % cs_ != 0))
+    return EIO;
   if (compressed && external_) return EIO;
   const bool copied = e & kCopied;
   const bool zero_flag = !ext_ && !compressed && (e & kZeroFlag);
@@ -289,7 +292,8 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
     uint64_t s0 = in_off / sc_size, s1 = (in_off + n - 1) / sc_size;
     lo = s0 * sc_size;
     hi = (s1 + 1) * sc_size;
-    uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) & ~((uint64_t{1} << s0) - 1);
+    uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) &
+                    ~((uint64_t{1} << s0) - 1);
     new_bm = (bm | mask) & ~(mask << 32);
     if (!has_host) new_bm &= ~uint64_t{0xffffffff} | mask;  // no stale allocation bits
   } else {
@@ -298,7 +302,8 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
     new_bm = ext_ ? 0xffffffffull : 0;
   }
   // Old contents are zeros (no copy needed into a fresh cluster) when:
-  bool old_zero = zero_flag || (!has_host && !compressed && !ext_ && (!backing_ || cstart >= backing_size_));
+  bool old_zero =
+      zero_flag || (!has_host && !compressed && !ext_ && (!backing_ || cstart >= backing_size_));
   const uint64_t new_entry = host | kCopied;
 
   lk.unlock();
@@ -393,7 +398,8 @@ int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, 
   const uint64_t gc = guest >> cluster_bits_;
   const uint64_t cstart = gc << cluster_bits_;
   const uint64_t in_off = guest - cstart;
-  const uint64_t in_end = (guest + length >= size_) ? cs_ : in_off + length;  // past size counts as covered
+  const uint64_t in_end =
+      (guest + length >= size_) ? cs_ : in_off + length;  // past size counts as covered
   const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
   const bool v3 = h_.version >= 3;
   const bool backing_visible = backing_ && cstart < backing_size_;
@@ -461,7 +467,8 @@ int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, 
     }
   } else {
     uint64_t s0 = a / unit, s1 = b / unit;  // [s0, s1)
-    uint64_t mask = (s1 >= 32 ? 0xffffffffull : (uint64_t{1} << s1) - 1) & ~((uint64_t{1} << s0) - 1);
+    uint64_t mask =
+        (s1 >= 32 ? 0xffffffffull : (uint64_t{1} << s1) - 1) & ~((uint64_t{1} << s0) - 1);
     if (compressed && !whole) {
       // Partially zeroing a compressed cluster: copy-on-write with zeros.
       unlock_cluster(gc);
@@ -469,7 +476,8 @@ int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, 
       lk.unlock();
       return write_zeros(a, b);
     }
-    if (whole && (compressed || (dealloc && has_host) || (flags.may_trim && has_host && !(e & kCopied)))) {
+    if (whole &&
+        (compressed || (dealloc && has_host) || (flags.may_trim && has_host && !(e & kCopied)))) {
       new_e = 0;
       new_bm = dealloc ? 0 : 0xffffffff00000000ull;
       drop_old = has_host || compressed;

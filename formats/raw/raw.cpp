@@ -125,8 +125,8 @@ std::shared_ptr<BlockDevice> open_raw(std::unique_ptr<File> file, ChainContext& 
 
 void create_raw(const CreateOptions& opts) {
   if (!opts.options.empty()) {
-    throw_image_error(opts.path, "raw images take no -o options (got '" +
-                                     opts.options.begin()->first + "')");
+    throw_image_error(opts.path,
+                      "raw images take no -o options (got '" + opts.options.begin()->first + "')");
   }
   if (opts.backing) throw_image_error(opts.path, "raw images cannot have a backing file");
   if (!opts.size) throw_image_error(opts.path, "a size is required");

@@ -46,7 +46,9 @@ struct Chdir {
   ~Chdir() { fs::current_path(old); }
 };
 
-inline std::string log_path() { return "/tmp/strata-qcow2-last-" + std::to_string(getpid()) + ".log"; }
+inline std::string log_path() {
+  return "/tmp/strata-qcow2-last-" + std::to_string(getpid()) + ".log";
+}
 
 inline struct LogCleanup {
   ~LogCleanup() { std::remove(log_path().c_str()); }
@@ -123,12 +125,14 @@ inline std::vector<std::byte> read_all(strata::BlockDevice& dev, uint64_t chunk 
   return out;
 }
 
-inline std::shared_ptr<strata::BlockDevice> open_ro(const std::string& path, strata::OpenOptions o = {}) {
+inline std::shared_ptr<strata::BlockDevice> open_ro(const std::string& path,
+                                                    strata::OpenOptions o = {}) {
   o.read_only = true;
   return strata::open_image(path, o);
 }
 
-inline std::shared_ptr<strata::BlockDevice> open_rw(const std::string& path, strata::OpenOptions o = {}) {
+inline std::shared_ptr<strata::BlockDevice> open_rw(const std::string& path,
+                                                    strata::OpenOptions o = {}) {
   o.read_only = false;
   return strata::open_image(path, o);
 }
@@ -204,8 +208,8 @@ inline void expect_map_consistent(const std::string& img, strata::BlockDevice& d
         REQUIRE(oi < ours.size());
       }
       const auto& e = ours[oi];
-      INFO(img << " offset " << pos << " qemu data=" << m.data << " zero=" << m.zero << " ours hole=" << e.hole
-               << " zero=" << e.zero);
+      INFO(img << " offset " << pos << " qemu data=" << m.data << " zero=" << m.zero
+               << " ours hole=" << e.hole << " zero=" << e.zero);
       CHECK(m.data == !e.hole);
       if (!m.data) CHECK(m.zero == e.zero);
       pos = std::min(m.start + m.length, opos + e.length);

@@ -10,7 +10,9 @@
 using namespace qtest;
 
 // Keep freed memory out of ASan's quarantine so RSS reflects live memory.
-extern "C" const char* __asan_default_options() { return "quarantine_size_mb=0:thread_local_quarantine_size_kb=0:detect_leaks=1"; }
+extern "C" const char* __asan_default_options() {
+  return "quarantine_size_mb=0:thread_local_quarantine_size_kb=0:detect_leaks=1";
+}
 
 namespace {
 
@@ -118,7 +120,8 @@ TEST_CASE("qcow2 tables hit under the shared lock get a second chance at evictio
   // 4 KiB clusters: one L2 table maps 2 MiB. Tables A, B and C map 0, 2 and 4 MiB.
   sh("qemu-img create -q -f qcow2 -o cluster_size=4k " + img + " 16M");
   sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x0a 0 4k' -c 'write -P 0x0b 2M 4k' "
-     "-c 'write -P 0x0c 4M 4k' " + img);
+     "-c 'write -P 0x0c 4M 4k' " +
+     img);
   strata::OpenOptions o;
   o.metadata_cache_bytes = 6 * 4096;  // 4 refcount blocks + 2 L2 tables
   auto dev = open_ro(img, o);

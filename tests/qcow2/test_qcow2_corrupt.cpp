@@ -143,7 +143,9 @@ TEST_CASE("qcow2 fuzzed headers and tables never crash") {
   TempDir d;
   std::string good = d / "good.qcow2";
   sh("qemu-img create -q -f qcow2 -o cluster_size=4k " + good + " 4M");
-  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 64k' -c 'write -c -P 3 1M 64k' -c 'write -z 2M 8k' " + good);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 64k' -c 'write -c -P 3 1M 64k' -c 'write -z 2M "
+     "8k' " +
+     good);
   const auto orig = file_bytes(good);
   std::mt19937_64 rng(99);
   int opened = 0, refused = 0;
@@ -151,7 +153,8 @@ TEST_CASE("qcow2 fuzzed headers and tables never crash") {
     std::string img = d / "fz.qcow2";
     {
       std::ofstream f(img, std::ios::binary | std::ios::trunc);
-      f.write(reinterpret_cast<const char*>(orig.data()), static_cast<std::streamsize>(orig.size()));
+      f.write(reinterpret_cast<const char*>(orig.data()),
+              static_cast<std::streamsize>(orig.size()));
     }
     int nmut = 1 + static_cast<int>(rng() % 4);
     for (int k = 0; k < nmut; ++k) {
@@ -204,7 +207,8 @@ TEST_CASE("qcow2 backing chain safety: loops, json:, escapes, depth, raw probing
   err = open_error(d / "c.qcow2");
   CHECK(err.find("loop") != std::string::npos);
   // json: and protocol names.
-  sh("qemu-img create -q -f qcow2 -u -b 'json:{\"file.filename\":\"/etc/passwd\"}' -F raw j.qcow2 1M");
+  sh("qemu-img create -q -f qcow2 -u -b 'json:{\"file.filename\":\"/etc/passwd\"}' -F raw j.qcow2 "
+     "1M");
   err = open_error(d / "j.qcow2");
   CHECK(err.find("json:") != std::string::npos);
   sh("qemu-img create -q -f qcow2 -u -b 'nbd://127.0.0.1/x' -F raw p.qcow2 1M");
@@ -219,8 +223,8 @@ TEST_CASE("qcow2 backing chain safety: loops, json:, escapes, depth, raw probing
   // Depth limit.
   sh("qemu-img create -q -f qcow2 l0.qcow2 1M");
   for (int i = 1; i <= 20; ++i) {
-    sh("qemu-img create -q -f qcow2 -u -b l" + std::to_string(i - 1) + ".qcow2 -F qcow2 l" + std::to_string(i) +
-       ".qcow2 1M");
+    sh("qemu-img create -q -f qcow2 -u -b l" + std::to_string(i - 1) + ".qcow2 -F qcow2 l" +
+       std::to_string(i) + ".qcow2 1M");
   }
   err = open_error(d / "l20.qcow2");
   CHECK(err.find("deeper than") != std::string::npos);
@@ -230,8 +234,8 @@ TEST_CASE("qcow2 backing chain safety: loops, json:, escapes, depth, raw probing
   auto drop_backing_format = [&](const std::string& img) {
     auto bytes = file_bytes(img);
     for (size_t i = 0; i + 4 < 4096; ++i) {
-      if (bytes[i] == std::byte{0xE2} && bytes[i + 1] == std::byte{0x79} && bytes[i + 2] == std::byte{0x2A} &&
-          bytes[i + 3] == std::byte{0xCA}) {
+      if (bytes[i] == std::byte{0xE2} && bytes[i + 1] == std::byte{0x79} &&
+          bytes[i + 2] == std::byte{0x2A} && bytes[i + 3] == std::byte{0xCA}) {
         poke(img, i, {0x12, 0x34, 0x56, 0x78});
         return;
       }

@@ -13,8 +13,11 @@ void populate(const std::string& img, uint64_t cluster, bool compressed = true, 
   c += " -c 'write -P 0x22 " + std::to_string(cluster * 3 + 512) + " 1536'";
   c += " -c 'write -P 0x33 1M 200k'";
   c += " -c 'write -P 0x44 5000k 3000'";
-  if (zeros) c += " -c 'write -z " + std::to_string(cluster * 20) + " " + std::to_string(cluster * 2) + "'";
-  if (compressed) c += " -c 'write -c -P 0x55 " + std::to_string(cluster * 40) + " " + std::to_string(cluster) + "'";
+  if (zeros)
+    c += " -c 'write -z " + std::to_string(cluster * 20) + " " + std::to_string(cluster * 2) + "'";
+  if (compressed)
+    c += " -c 'write -c -P 0x55 " + std::to_string(cluster * 40) + " " + std::to_string(cluster) +
+         "'";
   sh(c + " '" + img + "'");
 }
 
@@ -50,7 +53,9 @@ TEST_CASE("qcow2 compressed images: zlib, zstd, v2") {
   TempDir d;
   std::string src = d / "src.raw";
   sh("qemu-img create -q -f raw " + src + " 8M");
-  sh("qemu-io -t unsafe -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 3M 100k' -c 'write -P 0x63 7M 1000' " + src);
+  sh("qemu-io -t unsafe -f raw -c 'write -P 0x61 0 1M' -c 'write -P 0x62 3M 100k' -c 'write -P "
+     "0x63 7M 1000' " +
+     src);
   // Some incompressible data too (stored as a normal cluster).
   sh("head -c 300000 /dev/urandom | dd of=" + src + " bs=1 seek=4500000 conv=notrunc status=none");
   for (std::string opt : {"", "-o compression_type=zstd", "-o compat=0.10"}) {
@@ -69,16 +74,21 @@ TEST_CASE("qcow2 extended L2: subclusters over a backing file") {
   sh("qemu-img create -q -f qcow2 " + base + " 64M");
   sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x77 0 4M' " + base);
   for (std::string cs : {"64k", "2M"}) {
-    sh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o extended_l2=on,cluster_size=" + cs + " " + ov);
-    sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x12 4k 2k' -c 'write -z 16k 4k' -c 'write -P 0x13 1M 100k' "
-       "-c 'write -z 2M 1M' -c 'write -P 0x14 3M 512' " + ov);
+    sh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 -o extended_l2=on,cluster_size=" + cs +
+       " " + ov);
+    sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x12 4k 2k' -c 'write -z 16k 4k' -c 'write -P 0x13 "
+       "1M 100k' "
+       "-c 'write -z 2M 1M' -c 'write -P 0x14 3M 512' " +
+       ov);
     expect_same_as_qemu(ov, d / "out.raw");
     auto dev = open_ro(ov);
     expect_map_consistent(ov, *dev);
   }
   std::string zx = d / "zx.qcow2";
-  sh("qemu-img create -q -f qcow2 -o compression_type=zstd,extended_l2=on,cluster_size=128k,lazy_refcounts=on,"
-     "refcount_bits=64 " + zx + " 64M");
+  sh("qemu-img create -q -f qcow2 -o "
+     "compression_type=zstd,extended_l2=on,cluster_size=128k,lazy_refcounts=on,"
+     "refcount_bits=64 " +
+     zx + " 64M");
   populate(zx, 128 << 10);
   expect_same_as_qemu(zx, d / "out.raw");
 }
@@ -89,9 +99,14 @@ TEST_CASE("qcow2 backing chains: depth, zero clusters over data, sizes") {
   sh("qemu-img create -q -f raw " + base + " 32M");
   sh("qemu-io -t unsafe -f raw -c 'write -P 0xa1 0 8M' -c 'write -P 0xa2 20M 1M' " + base);
   sh("qemu-img create -q -f qcow2 -b base.raw -F raw " + mid + " 48M");  // larger than its backing
-  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xb1 1M 1M' -c 'write -z 4M 1M' -c 'write -P 0xb2 40M 64k' " + mid);
-  sh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 " + top + " 40M");  // smaller than its backing
-  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xc1 1536k 64k' -c 'write -z 0 64k' -c 'write -P 0xc2 39M 1000' " + top);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xb1 1M 1M' -c 'write -z 4M 1M' -c 'write -P 0xb2 "
+     "40M 64k' " +
+     mid);
+  sh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 " + top +
+     " 40M");  // smaller than its backing
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xc1 1536k 64k' -c 'write -z 0 64k' -c 'write -P "
+     "0xc2 39M 1000' " +
+     top);
   expect_same_as_qemu(top, d / "out.raw");
   auto dev = open_ro(top);
   CHECK(dev->size() == 40ull << 20);
@@ -106,13 +121,13 @@ TEST_CASE("qcow2 backing chains: depth, zero clusters over data, sizes") {
   CHECK(depth_at(0).depth == 1);  // zero cluster in top
   CHECK(depth_at(0).zero);
   CHECK(depth_at(1536 << 10).depth == 1);
-  CHECK(depth_at(1 << 20).depth == 2);           // mid data
-  CHECK(depth_at(4 << 20).depth == 2);           // mid zero cluster over base data
+  CHECK(depth_at(1 << 20).depth == 2);  // mid data
+  CHECK(depth_at(4 << 20).depth == 2);  // mid zero cluster over base data
   CHECK(depth_at(4 << 20).zero);
-  CHECK(depth_at(6 << 20).depth == 3);           // base data
-  CHECK(depth_at(12 << 20).depth == 3);          // raw hole: allocated in the base (qemu: 3)
+  CHECK(depth_at(6 << 20).depth == 3);   // base data
+  CHECK(depth_at(12 << 20).depth == 3);  // raw hole: allocated in the base (qemu: 3)
   CHECK(depth_at(12 << 20).hole);
-  CHECK(depth_at(34ull << 20).depth == 0);       // beyond the raw base
+  CHECK(depth_at(34ull << 20).depth == 0);  // beyond the raw base
   CHECK(dev->children().size() == 1);
 }
 
@@ -121,15 +136,20 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   Chdir cd(d.path);
   std::string img = d / "d.qcow2", raw = d / "d.raw";
   sh("cd " + d.path + " && qemu-img create -q -f qcow2 -o data_file=d.raw d.qcow2 64M");
-  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x31 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x32 7M 4k' " + img);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x31 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x32 "
+     "7M 4k' " +
+     img);
   expect_same_as_qemu(img, d / "out.raw");
   {
     auto dev = open_ro(img);
     expect_map_consistent(img, *dev);
   }
   std::string imgr = d / "dr.qcow2", rawr = d / "dr.raw";
-  sh("cd " + d.path + " && qemu-img create -q -f qcow2 -o data_file=dr.raw,data_file_raw=on dr.qcow2 64M");
-  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x41 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x42 7M 4k' " + imgr);
+  sh("cd " + d.path +
+     " && qemu-img create -q -f qcow2 -o data_file=dr.raw,data_file_raw=on dr.qcow2 64M");
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0x41 0 100k' -c 'write -z 1M 64k' -c 'write -P 0x42 "
+     "7M 4k' " +
+     imgr);
   expect_same_as_qemu(imgr, d / "out.raw");
   {
     auto dev = open_ro(imgr);
@@ -139,7 +159,9 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
   // data_file_raw with extended L2: the raw file is authoritative even where
   // QEMU 7.2 reads zeros (empty subcluster bitmaps, FORMATS.md B10).
   std::string imgx = d / "drx.qcow2", rawx = d / "drx.raw";
-  sh("cd " + d.path + " && qemu-img create -q -f qcow2 -o data_file=drx.raw,data_file_raw=on,extended_l2=on drx.qcow2 64M");
+  sh("cd " + d.path +
+     " && qemu-img create -q -f qcow2 -o data_file=drx.raw,data_file_raw=on,extended_l2=on "
+     "drx.qcow2 64M");
   sh("qemu-io -t unsafe -f raw -c 'write -P 0x5a 2M 64k' " + rawx);
   {
     auto dev = open_ro(imgx);

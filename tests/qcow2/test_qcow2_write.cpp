@@ -29,8 +29,8 @@ struct Workload {
 
 // Runs the workload on `img` (opened read-write with `o`), mirrors it in an
 // expected image, then checks with qemu-img.
-void run_workload(const std::string& img, const std::string& dir, const Workload& w, strata::OpenOptions o = {},
-                  const std::string& qemu_img_opts = "") {
+void run_workload(const std::string& img, const std::string& dir, const Workload& w,
+                  strata::OpenOptions o = {}, const std::string& qemu_img_opts = "") {
   sh("qemu-img convert " + qemu_img_opts + " -O raw '" + img + "' '" + dir + "/expected.raw'");
   auto expected = file_bytes(dir + "/expected.raw");
   {
@@ -59,7 +59,8 @@ void run_workload(const std::string& img, const std::string& dir, const Workload
         if (kind < 6 || (!w.zero && kind < 8) || (!w.trim && kind == 8)) {
           buf.resize(len);
           uint8_t pat = static_cast<uint8_t>(rng());
-          for (uint64_t k = 0; k < len; ++k) buf[k] = std::byte(static_cast<uint8_t>(pat + k * 7 + (k >> 9)));
+          for (uint64_t k = 0; k < len; ++k)
+            buf[k] = std::byte(static_cast<uint8_t>(pat + k * 7 + (k >> 9)));
           r = dev->write(off, buf, rng() % 16 == 0);
           if (!r) std::memcpy(expected.data() + off, buf.data(), len);
         } else if (kind < 8) {
@@ -76,7 +77,8 @@ void run_workload(const std::string& img, const std::string& dir, const Workload
             for (uint64_t k = 0; !r && k < len; ++k) {
               if (buf[k] != expected[off + k] && buf[k] != std::byte{0}) {
                 std::lock_guard lk(fail_mu);
-                failures.push_back("trim at " + std::to_string(off) + " exposed other data at +" + std::to_string(k));
+                failures.push_back("trim at " + std::to_string(off) + " exposed other data at +" +
+                                   std::to_string(k));
                 break;
               }
             }
@@ -90,13 +92,14 @@ void run_workload(const std::string& img, const std::string& dir, const Workload
           r = dev->read(sstart, buf);
           if (!r && std::memcmp(buf.data(), expected.data() + sstart, buf.size()) != 0) {
             std::lock_guard lk(fail_mu);
-            failures.push_back("read-back mismatch in stripe " + std::to_string(s) + " after op " + std::to_string(i));
+            failures.push_back("read-back mismatch in stripe " + std::to_string(s) + " after op " +
+                               std::to_string(i));
           }
         }
         if (r) {
           std::lock_guard lk(fail_mu);
-          failures.push_back("op " + std::to_string(kind) + " at " + std::to_string(off) + "+" + std::to_string(len) +
-                             " failed: " + std::strerror(r));
+          failures.push_back("op " + std::to_string(kind) + " at " + std::to_string(off) + "+" +
+                             std::to_string(len) + " failed: " + std::strerror(r));
           return;
         }
       }
@@ -116,7 +119,8 @@ void run_workload(const std::string& img, const std::string& dir, const Workload
   int st = sh_status("qemu-img check " + qemu_img_opts + " '" + img + "'");
   INFO("qemu-img check: " << last_log());
   CHECK(st == 0);
-  st = sh_status("qemu-img compare " + qemu_img_opts + " -F raw '" + img + "' '" + dir + "/expected.raw'");
+  st = sh_status("qemu-img compare " + qemu_img_opts + " -F raw '" + img + "' '" + dir +
+                 "/expected.raw'");
   INFO("qemu-img compare: " << last_log());
   CHECK(st == 0);
   // Our own check agrees.
@@ -128,7 +132,9 @@ void run_workload(const std::string& img, const std::string& dir, const Workload
 }
 
 std::string prep(const std::string& img) {
-  return "qemu-io -t unsafe -f qcow2 -c 'write -P 0x5e 0 3M' -c 'write -c -P 0x6c 6M 2M' -c 'write -z 5M 1M' '" + img + "'";
+  return "qemu-io -t unsafe -f qcow2 -c 'write -P 0x5e 0 3M' -c 'write -c -P 0x6c 6M 2M' -c 'write "
+         "-z 5M 1M' '" +
+         img + "'";
 }
 
 }  // namespace
@@ -139,12 +145,16 @@ TEST_CASE("qcow2 random workload: v3, v2, cluster sizes, refcount widths") {
     std::string opts;
     uint64_t seed;
   };
-  for (const V& v : {V{"", 1}, V{"compat=0.10", 2}, V{"cluster_size=512", 3}, V{"cluster_size=4k,refcount_bits=1", 4},
-                     V{"cluster_size=2M", 5}, V{"refcount_bits=64,cluster_size=1k", 6},
-                     V{"compression_type=zstd,extended_l2=on,cluster_size=128k,lazy_refcounts=on,refcount_bits=64", 7}}) {
+  for (const V& v : {V{"", 1}, V{"compat=0.10", 2}, V{"cluster_size=512", 3},
+                     V{"cluster_size=4k,refcount_bits=1", 4}, V{"cluster_size=2M", 5},
+                     V{"refcount_bits=64,cluster_size=1k", 6},
+                     V{"compression_type=zstd,extended_l2=on,cluster_size=128k,lazy_refcounts=on,"
+                       "refcount_bits=64",
+                       7}}) {
     INFO("options: " << v.opts);
     std::string img = d / "w.qcow2";
-    sh("qemu-img create -q -f qcow2 " + (v.opts.empty() ? "" : "-o " + v.opts) + " " + img + " 64M");
+    sh("qemu-img create -q -f qcow2 " + (v.opts.empty() ? "" : "-o " + v.opts) + " " + img +
+       " 64M");
     sh(prep(img));
     Workload w;
     w.seed = v.seed;
@@ -158,13 +168,16 @@ TEST_CASE("qcow2 random workload over backing files (raw, qcow2, extended L2)") 
   sh("qemu-img create -q -f raw " + base + " 24M");
   sh("qemu-io -t unsafe -f raw -c 'write -P 0xa1 0 20M' " + base);
   sh("qemu-img create -q -f qcow2 -b base.raw -F raw " + mid + " 32M");
-  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xb1 1M 2M' -c 'write -z 6M 1M' -c 'write -c -P 0xb2 8M 128k' " + mid);
+  sh("qemu-io -t unsafe -f qcow2 -c 'write -P 0xb1 1M 2M' -c 'write -z 6M 1M' -c 'write -c -P 0xb2 "
+     "8M 128k' " +
+     mid);
   auto base_before = file_bytes(base);
   auto mid_before = file_bytes(mid);
-  for (std::string opts : {"", "compat=0.10", "extended_l2=on", "extended_l2=on,cluster_size=2M", "cluster_size=4k"}) {
+  for (std::string opts :
+       {"", "compat=0.10", "extended_l2=on", "extended_l2=on,cluster_size=2M", "cluster_size=4k"}) {
     INFO("overlay options: " << opts);
-    sh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 " + (opts.empty() ? "" : "-o " + opts) + " " + top +
-       " 32M");
+    sh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 " + (opts.empty() ? "" : "-o " + opts) +
+       " " + top + " 32M");
     Workload w;
     w.seed = 11 + opts.size();
     w.span = 30 << 20;
@@ -212,7 +225,8 @@ TEST_CASE("qcow2 dirty image: refcounts rebuilt on a read-write open") {
   TempDir d;
   std::string img = d / "lazy.qcow2";
   sh("qemu-img create -q -f qcow2 -o lazy_refcounts=on " + img + " 64M");
-  sh_status("qemu-io -f qcow2 -c 'write -P 0x44 0 128k' -c 'write -P 0x45 5M 3M' -c 'sigraise 9' " + img);
+  sh_status("qemu-io -f qcow2 -c 'write -P 0x44 0 128k' -c 'write -P 0x45 5M 3M' -c 'sigraise 9' " +
+            img);
   CHECK(sh_status("qemu-img check " + img) != 0);  // the oracle sees the stale refcounts
   Workload w;
   w.seed = 41;
@@ -297,7 +311,8 @@ TEST_CASE("qcow2 create: images qemu-img accepts, writable by both") {
       std::vector<std::byte> b(100000, std::byte{0x6d});
       REQUIRE(dev->write(70000, b, false) == 0);
     }
-    sh("qemu-io -t unsafe -f qcow2 -c 'read -P 0x6d 70000 100000' -c 'write -P 0x6e 1M 64k' n.qcow2");
+    sh("qemu-io -t unsafe -f qcow2 -c 'read -P 0x6d 70000 100000' -c 'write -P 0x6e 1M 64k' "
+       "n.qcow2");
     CHECK(sh_status("qemu-img check n.qcow2") == 0);
     auto dev = open_ro(c.path);
     std::vector<std::byte> b(65536);
@@ -313,7 +328,8 @@ TEST_CASE("qcow2 create: images qemu-img accepts, writable by both") {
   bad.path = d / "bad.qcow2";
   bad.size = 1 << 20;
   bad.options = {{"cluster_size", "3000"}};
-  CHECK_THROWS_WITH_AS(strata::create_image(bad), doctest::Contains("cluster_size"), strata::ImageError);
+  CHECK_THROWS_WITH_AS(strata::create_image(bad), doctest::Contains("cluster_size"),
+                       strata::ImageError);
 }
 
 TEST_CASE("qcow2 persistent bitmaps: autoclear bit cleared before the first write") {
@@ -347,7 +363,8 @@ TEST_CASE("qcow2 random workload with a tiny metadata cache (dirty evictions)") 
   TempDir d;
   strata::OpenOptions o;
   o.metadata_cache_bytes = 1;  // clamps to the minimum: 2 L2 tables, 4 refcount blocks
-  for (std::string opts : {"cluster_size=4k", "cluster_size=16k,extended_l2=on", "cluster_size=512,refcount_bits=8"}) {
+  for (std::string opts :
+       {"cluster_size=4k", "cluster_size=16k,extended_l2=on", "cluster_size=512,refcount_bits=8"}) {
     INFO("options: " << opts);
     std::string img = d / "tiny.qcow2";
     sh("qemu-img create -q -f qcow2 -o " + opts + " " + img + " 32M");

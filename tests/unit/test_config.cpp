@@ -72,7 +72,7 @@ TEST_CASE("the total in-flight bound holds at least the largest request") {
 }
 
 TEST_CASE("errors name the key and the problem") {
-  CHECK(error_of("{") .find("not valid JSON") != std::string::npos);
+  CHECK(error_of("{").find("not valid JSON") != std::string::npos);
   CHECK(error_of(R"({})") == "exports: is required");
   CHECK(error_of(R"({"exports": []})") == "exports: at least one export is needed");
   CHECK(error_of(R"({"exports": [{"path": "/x"}]})") == "exports[0].name: is required");
@@ -89,8 +89,9 @@ TEST_CASE("errors name the key and the problem") {
         "listeners[0].port: 70000 is outside 0..65535");
   CHECK(error_of(R"({"listeners": [{"type": "udp"}], "exports": [{"name": "x", "path": "/x"}]})") ==
         "listeners[0].type: 'udp' is not one of tcp, unix");
-  CHECK(error_of(R"({"listeners": [{"type": "unix"}], "exports": [{"name": "x", "path": "/x"}]})") ==
-        "listeners[0].path: is required");
+  CHECK(
+      error_of(R"({"listeners": [{"type": "unix"}], "exports": [{"name": "x", "path": "/x"}]})") ==
+      "listeners[0].path: is required");
   CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "limits": {"workers": 0}})") ==
         "limits.workers: 0 is outside 1..256");
   CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "limits": {"workers": -1}})") ==

@@ -1,6 +1,5 @@
 // The raw driver, the File layer under fault injection, and format probing.
 #include <doctest/doctest.h>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -159,6 +158,5 @@ TEST_CASE("child paths: json:, protocols and escapes from the allowed directorie
                        doctest::Contains("outside the allowed directories"), ImageError);
   CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "missing.raw", ChildRole::parent),
                        doctest::Contains("missing.raw"), ImageError);
-  CHECK(resolve_child_path(ctx, img, "top.raw", ChildRole::backing) ==
-        fs::canonical(img).string());
+  CHECK(resolve_child_path(ctx, img, "top.raw", ChildRole::backing) == fs::canonical(img).string());
 }
