@@ -91,12 +91,12 @@ BlockSizes VhdDevice::block_sizes() const {
 void VhdDevice::footer_bytes(uint8_t* buf) const { serialize_footer(footer_, buf); }
 
 uint32_t VhdDevice::bat_entry(uint64_t block) const {
-  std::lock_guard lock(meta_mutex_);
+  MutexLock lock(meta_mutex_);
   return block < bat_.size() ? bat_[block] : kUnallocated;
 }
 
 uint64_t VhdDevice::unallocated_run(uint64_t block, uint64_t max_blocks) const {
-  std::lock_guard lock(meta_mutex_);
+  MutexLock lock(meta_mutex_);
   uint64_t n = 0;
   while (n < max_blocks && (block + n >= bat_.size() || bat_[block + n] == kUnallocated)) ++n;
   return n;
@@ -104,7 +104,7 @@ uint64_t VhdDevice::unallocated_run(uint64_t block, uint64_t max_blocks) const {
 
 int VhdDevice::get_bitmap(uint64_t block, uint32_t entry, Bitmap& out) {
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     auto it = bitmaps_.find(block);
     if (it != bitmaps_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second.second);
@@ -116,7 +116,7 @@ int VhdDevice::get_bitmap(uint64_t block, uint32_t entry, Bitmap& out) {
   bitmap_misses_.fetch_add(1, std::memory_order_relaxed);
   auto bm = std::make_shared<std::vector<uint8_t>>(bitmap_bytes_);
   if (int r = read_bytes(*file_, uint64_t{entry} * kSector, bm->data(), bm->size())) return r;
-  std::lock_guard lock(meta_mutex_);
+  MutexLock lock(meta_mutex_);
   auto it = bitmaps_.find(block);
   if (it != bitmaps_.end()) {  // someone else loaded or updated it meanwhile
     out = it->second.first;
@@ -141,7 +141,7 @@ void VhdDevice::evict_bitmaps() {
 }
 
 void VhdDevice::put_bitmap(uint64_t block, Bitmap bm, bool dirty) {
-  std::lock_guard lock(meta_mutex_);
+  MutexLock lock(meta_mutex_);
   if (dirty) dirty_bitmaps_.insert(block);
   auto it = bitmaps_.find(block);
   if (it != bitmaps_.end()) {
@@ -220,12 +220,12 @@ int VhdDevice::read(uint64_t offset, std::span<std::byte> buf) {
 int VhdDevice::write_bat_entry(uint64_t block) {
   // Rewrite only the entries of the 512-byte BAT sector holding this one, and
   // never past the table (a batmap or locator may follow it directly).
-  std::lock_guard wlock(bat_write_mutex_);
+  MutexLock wlock(bat_write_mutex_);
   const uint64_t first = block / 128 * 128;
   std::array<uint8_t, 512> sec{};
   uint64_t count;
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     count = std::min<uint64_t>(128, bat_.size() - first);
     for (uint64_t i = 0; i < count; ++i) store_be32(sec.data() + 4 * i, bat_[first + i]);
   }
@@ -245,7 +245,7 @@ int VhdDevice::allocate_block(uint64_t block, uint64_t s0, uint64_t s1,
   }
   uint64_t pos;
   {
-    std::lock_guard lock(alloc_mutex_);
+    MutexLock lock(alloc_mutex_);
     // Data area 4 KiB aligned, like blktap.
     pos = (next_free_ + bitmap_bytes_ + 4095) / 4096 * 4096 - bitmap_bytes_;
     const uint64_t end = pos + block_bytes();
@@ -269,7 +269,7 @@ int VhdDevice::allocate_block(uint64_t block, uint64_t s0, uint64_t s1,
   // Data (and bitmap) durable before the BAT entry that makes them visible.
   if (int r = file_->sync()) return r;
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     bat_[block] = static_cast<uint32_t>(pos / kSector);
   }
   put_bitmap(block, std::move(bm));
@@ -278,7 +278,7 @@ int VhdDevice::allocate_block(uint64_t block, uint64_t s0, uint64_t s1,
 }
 
 int VhdDevice::write_block(uint64_t block, uint64_t off_in, std::span<const std::byte> buf) {
-  std::lock_guard block_lock(block_locks_[block % block_locks_.size()]);
+  MutexLock block_lock(block_locks_[block % block_locks_.size()]);
   const uint64_t base = block * block_size_;
   const uint64_t end = off_in + buf.size();
   const uint64_t s0 = off_in / kSector;
@@ -434,7 +434,7 @@ int VhdDevice::trim(uint64_t offset, uint64_t length, bool fua) {
 
 int VhdDevice::flush() {
   if (!file_->writable()) return 0;
-  std::lock_guard flush_lock(flush_mutex_);
+  MutexLock flush_lock(flush_mutex_);
   // Take the dirty bitmaps first: the data behind every bit in them was
   // written before the bit was set, so the sync below makes it durable
   // before the bitmaps go to disk. Bits set later wait for the next flush.
@@ -445,7 +445,7 @@ int VhdDevice::flush() {
   };
   std::vector<Pending> dirty;
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     for (uint64_t block : dirty_bitmaps_) {
       auto it = bitmaps_.find(block);
       if (it != bitmaps_.end()) dirty.push_back({block, bat_[block], it->second.first});
@@ -460,7 +460,7 @@ int VhdDevice::flush() {
   if (r == 0 && !dirty.empty()) r = file_->sync();
   if (r != 0 && !dirty.empty()) {
     // Not known to be on disk: keep them dirty for the next attempt.
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     for (const auto& p : dirty) dirty_bitmaps_.insert(p.block);
   }
   return r;
@@ -469,7 +469,7 @@ int VhdDevice::flush() {
 VhdDevice::~VhdDevice() {
   bool pending;
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     pending = !dirty_bitmaps_.empty();
   }
   if (pending && flush() != 0) {

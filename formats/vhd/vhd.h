@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -33,6 +32,7 @@
 
 #include "formats/block_device.h"
 #include "formats/file.h"
+#include "formats/mutex.h"
 #include "formats/vhd/vhd_format.h"
 
 namespace strata::vhd {
@@ -98,7 +98,7 @@ class VhdDevice final : public BlockDevice {
   int get_bitmap(uint64_t block, uint32_t entry, Bitmap& out);
   // dirty: the bits are not on disk yet (flush() writes them).
   void put_bitmap(uint64_t block, Bitmap bm, bool dirty = false);
-  void evict_bitmaps();  // REQUIRES: meta_mutex_ held
+  void evict_bitmaps() REQUIRES(meta_mutex_);
   void footer_bytes(uint8_t* buf) const;
 
   std::unique_ptr<File> file_;
@@ -110,7 +110,7 @@ class VhdDevice final : public BlockDevice {
   uint32_t block_size_ = 0;
   uint32_t sectors_per_block_ = 0;
   uint32_t bitmap_bytes_ = 0;  // padded to 512
-  std::vector<uint32_t> bat_;  // guarded by meta_mutex_
+  std::vector<uint32_t> bat_ GUARDED_BY(meta_mutex_);
   uint64_t metadata_end_ = 0;  // end of header, BAT, batmap and locator blobs
   std::vector<std::pair<uint64_t, uint64_t>> metadata_ranges_;  // [start, end) for check
   // Metadata the header declares past the end of the image data (vhd_open.cpp,
@@ -121,21 +121,22 @@ class VhdDevice final : public BlockDevice {
   bool has_batmap_ = false;
   std::string opened_notes_;  // what open repaired or warned about
 
-  mutable std::mutex meta_mutex_;
+  mutable Mutex meta_mutex_;
   // Next free byte for a new block (bitmap start); grows with each allocation.
-  uint64_t next_free_ = 0;  // guarded by alloc_mutex_
-  std::mutex alloc_mutex_;
-  std::mutex bat_write_mutex_;
-  std::array<std::mutex, 64> block_locks_;
+  uint64_t next_free_ GUARDED_BY(alloc_mutex_) = 0;
+  Mutex alloc_mutex_;
+  Mutex bat_write_mutex_;
+  std::array<Mutex, 64> block_locks_;
 
   // Bounded bitmap cache: block -> bitmap bytes, LRU. Entries are immutable;
   // an update replaces the pointer, so readers copy only a shared_ptr.
   size_t bitmap_cache_max_ = 4096;
-  std::list<uint64_t> lru_;
-  std::unordered_map<uint64_t, std::pair<Bitmap, std::list<uint64_t>::iterator>> bitmaps_;
+  std::list<uint64_t> lru_ GUARDED_BY(meta_mutex_);
+  std::unordered_map<uint64_t, std::pair<Bitmap, std::list<uint64_t>::iterator>> bitmaps_
+      GUARDED_BY(meta_mutex_);
   // Blocks whose cached bitmap has bits not yet written to disk; pinned in the cache.
-  std::set<uint64_t> dirty_bitmaps_;
-  std::mutex flush_mutex_;
+  std::set<uint64_t> dirty_bitmaps_ GUARDED_BY(meta_mutex_);
+  Mutex flush_mutex_;
   mutable std::atomic<uint64_t> bitmap_hits_{0}, bitmap_misses_{0}, allocations_{0};
 };
 

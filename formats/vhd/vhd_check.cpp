@@ -20,9 +20,9 @@ void VhdDevice::describe(nlohmann::json& out) const {
   if (!opened_notes_.empty()) out["notes"] = opened_notes_;
   if (!dynamic()) return;
   out["block-size"] = block_size_;
-  out["max-table-entries"] = bat_.size();
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
+    out["max-table-entries"] = bat_.size();
     out["allocated-blocks"] =
         std::count_if(bat_.begin(), bat_.end(), [](uint32_t e) { return e != kUnallocated; });
   }
@@ -79,7 +79,7 @@ void VhdDevice::check(CheckReport& report) {
   // BAT on disk must equal the BAT in memory, and blocks must not overlap.
   std::vector<uint32_t> bat;
   {
-    std::lock_guard lock(meta_mutex_);
+    MutexLock lock(meta_mutex_);
     bat = bat_;
   }
   std::vector<uint8_t> raw(bat.size() * 4);

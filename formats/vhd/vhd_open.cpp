@@ -162,6 +162,10 @@ std::shared_ptr<BlockDevice> Opener::open() {
 }
 
 void Opener::read_dynamic(VhdDevice& d) {
+  // The device is not shared yet: its locks are free, and holding them lets
+  // the thread-safety analysis check the fields they guard here too.
+  MutexLock bat_lock(d.meta_mutex_);
+  MutexLock alloc_lock(d.alloc_mutex_);
   File& f = *d.file_;
   const uint64_t hoff = footer_.data_offset;
   if (hoff < 512 || hoff % kSector != 0 || hoff > fsize_ || fsize_ - hoff < 1024) {
