@@ -20,7 +20,7 @@ namespace strata {
 
 namespace {
 
-constexpr size_t kReadBufferSize = 64 * 1024;
+constexpr size_t kReadBufferSize = size_t{64} * 1024;
 // Reads at least this long look for holes so sparse regions send no zeros.
 constexpr uint32_t kSparseReadThreshold = 64 * 1024;
 // A WRITE payload we refuse is read and dropped up to this size, else we close.
@@ -30,7 +30,7 @@ constexpr int kSendTimeoutMs = 120 * 1000;
 // Requests one thread takes from the read buffer at a time, and the payload
 // bytes after which it takes no more: their replies go out in one write.
 constexpr size_t kBatch = 16;
-constexpr uint64_t kBatchBytes = 256 * 1024;
+constexpr uint64_t kBatchBytes = uint64_t{256} * 1024;
 
 constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
@@ -208,7 +208,14 @@ asio::awaitable<bool> Connection::handshake() {
   });
   struct CancelTimer {
     std::shared_ptr<asio::steady_timer> t;
-    ~CancelTimer() { t->cancel(); }
+    // cancel() reports failure by throwing; a destructor must not, and a
+    // timer that could not be cancelled only fires into a finished handshake.
+    ~CancelTimer() {
+      try {
+        t->cancel();
+      } catch (...) {
+      }
+    }
   } cancel_timer{timer};
 
   auto greeting = handshake_.greeting();
