@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdio>
 #include <filesystem>
 #include <iostream>
 
@@ -140,9 +141,7 @@ int serve(ServeArgs& args) {
   return server.run();
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_command_line(int argc, char** argv) {
   auto logger = spdlog::stderr_color_mt("strata");
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
@@ -258,4 +257,19 @@ int main(int argc, char** argv) {
     return 1;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Everything is caught inside, except a failure to set up logging or the
+  // parser itself: that still gets a message and an exit code, not an abort.
+  try {
+    return run_command_line(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "strata: %s\n", e.what());
+  } catch (...) {
+    std::fprintf(stderr, "strata: unexpected error\n");
+  }
+  return 1;
 }

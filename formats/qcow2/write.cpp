@@ -310,10 +310,11 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   std::vector<std::byte> buf;
   std::span<const std::byte> out;
   uint64_t out_off;
-  if (fresh && old_zero) {
-    out = data;
-    out_off = in_off;
-  } else if (in_place && !zero_flag && (!ext_ || (in_off == lo && in_off + n == hi))) {
+  // The guest data goes out as it is into a fresh cluster over zeros, or in
+  // place when no zero flag or partial subcluster needs the old contents.
+  const bool write_as_is = (fresh && old_zero) || (in_place && !zero_flag &&
+                                                   (!ext_ || (in_off == lo && in_off + n == hi)));
+  if (write_as_is) {
     out = data;
     out_off = in_off;
   } else {

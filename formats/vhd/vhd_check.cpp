@@ -109,7 +109,7 @@ void VhdDevice::check(CheckReport& report) {
       report.notes.push_back(p + ": BAT entry " + std::to_string(i) +
                              " is allocated past the virtual size");
     }
-    used.push_back({start, end});
+    used.emplace_back(start, end);
   }
   std::sort(used.begin(), used.end());
   uint64_t covered = 0;

@@ -259,7 +259,7 @@ void create(const CreateOptions& opts) {
       loc.data_length = static_cast<uint32_t>(blob.size());
       loc.data_space = static_cast<uint32_t>(space_in_sectors ? space / kSector : space);
       loc.data_offset = pos;
-      blobs.push_back({pos, std::move(blob)});
+      blobs.emplace_back(pos, std::move(blob));
       pos += space;
     }
   }

@@ -1,6 +1,7 @@
 #include "formats/vhd/vhd_format.h"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cstdio>
 #include <cstring>
@@ -9,6 +10,12 @@
 #include "formats/endian.h"
 
 namespace strata::vhd {
+
+namespace {
+// The cookies open the footer and the dynamic header; 8 bytes, no terminator.
+constexpr std::array<char, 8> kFooterCookie = {'c', 'o', 'n', 'e', 'c', 't', 'i', 'x'};
+constexpr std::array<char, 8> kHeaderCookie = {'c', 'x', 's', 'p', 'a', 'r', 's', 'e'};
+}  // namespace
 
 uint32_t checksum(const uint8_t* data, size_t len, size_t checksum_off) {
   uint32_t sum = 0;
@@ -20,7 +27,8 @@ uint32_t checksum(const uint8_t* data, size_t len, size_t checksum_off) {
 }
 
 std::string parse_footer(const uint8_t* b, Footer& f) {
-  if (std::memcmp(b, "conectix", 8) != 0) return "cookie is not 'conectix'";
+  if (std::memcmp(b, kFooterCookie.data(), kFooterCookie.size()) != 0)
+    return "cookie is not 'conectix'";
   f.features = load_be32(b + 8);
   f.version = load_be32(b + 12);
   f.data_offset = load_be64(b + 16);
@@ -62,7 +70,7 @@ std::string parse_footer(const uint8_t* b, Footer& f) {
 
 void serialize_footer(const Footer& f, uint8_t* b) {
   std::memset(b, 0, 512);
-  std::memcpy(b, "conectix", 8);
+  std::memcpy(b, kFooterCookie.data(), kFooterCookie.size());
   store_be32(b + 8, f.features);
   store_be32(b + 12, f.version);
   store_be64(b + 16, f.data_offset);
@@ -83,7 +91,8 @@ void serialize_footer(const Footer& f, uint8_t* b) {
 }
 
 std::string parse_header(const uint8_t* b, DynHeader& h) {
-  if (std::memcmp(b, "cxsparse", 8) != 0) return "cookie is not 'cxsparse'";
+  if (std::memcmp(b, kHeaderCookie.data(), kHeaderCookie.size()) != 0)
+    return "cookie is not 'cxsparse'";
   h.data_offset = load_be64(b + 8);
   h.table_offset = load_be64(b + 16);
   h.version = load_be32(b + 24);
@@ -94,7 +103,7 @@ std::string parse_header(const uint8_t* b, DynHeader& h) {
   h.parent_timestamp = load_be32(b + 56);
   std::memcpy(h.parent_name_raw.data(), b + 64, 512);
   for (int i = 0; i < 8; ++i) {
-    const uint8_t* e = b + 576 + 24 * i;
+    const uint8_t* e = b + 576 + size_t{24} * i;
     h.locators[i] = {load_be32(e), load_be32(e + 4), load_be32(e + 8), load_be64(e + 16)};
   }
   uint32_t want = checksum(b, 1024, 36);
@@ -110,7 +119,7 @@ std::string parse_header(const uint8_t* b, DynHeader& h) {
 
 void serialize_header(const DynHeader& h, uint8_t* b) {
   std::memset(b, 0, 1024);
-  std::memcpy(b, "cxsparse", 8);
+  std::memcpy(b, kHeaderCookie.data(), kHeaderCookie.size());
   store_be64(b + 8, h.data_offset);
   store_be64(b + 16, h.table_offset);
   store_be32(b + 24, h.version);
@@ -120,7 +129,7 @@ void serialize_header(const DynHeader& h, uint8_t* b) {
   store_be32(b + 56, h.parent_timestamp);
   std::memcpy(b + 64, h.parent_name_raw.data(), 512);
   for (int i = 0; i < 8; ++i) {
-    uint8_t* e = b + 576 + 24 * i;
+    uint8_t* e = b + 576 + size_t{24} * i;
     const Locator& l = h.locators[i];
     store_be32(e, l.platform);
     store_be32(e + 4, l.data_space);

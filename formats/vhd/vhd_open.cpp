@@ -223,9 +223,9 @@ void Opener::read_dynamic(VhdDevice& d) {
   // Where the footer is, or must be: the data may not run into it.
   const uint64_t limit_end = from_head_copy_ ? fsize_ : fsize_ - 512;
   auto& ranges = d.metadata_ranges_;
-  ranges.push_back({0, 512});
-  ranges.push_back({hoff, hoff + 1024});
-  ranges.push_back({h.table_offset, (bat_end + kSector - 1) / kSector * kSector});
+  ranges.emplace_back(0, 512);
+  ranges.emplace_back(hoff, hoff + 1024);
+  ranges.emplace_back(h.table_offset, (bat_end + kSector - 1) / kSector * kSector);
   // blktap batmap right after the padded BAT.
   uint64_t bm_off = (bat_end + kSector - 1) / kSector * kSector;
   std::array<uint8_t, 512> bmh{};
@@ -239,7 +239,7 @@ void Opener::read_dynamic(VhdDevice& d) {
     uint32_t map_secs;
     std::memcpy(&map_secs, bmh.data() + 16, 4);
     map_secs = __builtin_bswap32(map_secs);
-    ranges.push_back({bm_off, bm_off + 512});
+    ranges.emplace_back(bm_off, bm_off + 512);
     reserve_declared_area(d, map_off, add_saturating(map_off, uint64_t{map_secs} * kSector),
                           limit_end, "blktap batmap");
     d.has_batmap_ = true;
@@ -283,7 +283,7 @@ void Opener::read_dynamic(VhdDevice& d) {
              std::to_string(r.second));
       }
     }
-    blocks.push_back({start, i});
+    blocks.emplace_back(start, i);
     data_end = std::max(data_end, end);
   }
   std::sort(blocks.begin(), blocks.end());
@@ -344,7 +344,7 @@ void Opener::reserve_declared_area(VhdDevice& d, uint64_t start, uint64_t end, u
     end = data_end;
     if (end <= start) return;
   }
-  d.metadata_ranges_.push_back({start, end});
+  d.metadata_ranges_.emplace_back(start, end);
 }
 
 void Opener::read_locators(VhdDevice& d, uint64_t data_end) {
