@@ -14,7 +14,7 @@ bool in_range(const Request& r, const Session& s) {
 uint32_t validate_read(const Request& r, const Session& s) {
   if (r.flags & (kCmdFlagNoHole | kCmdFlagReqOne | kCmdFlagFastZero)) return kEINVAL;
   if ((r.flags & kCmdFlagDf) && (r.type != kCmdRead || !s.structured)) return kEINVAL;
-  if (r.type == kCmdRead && r.length > kMaxRequestBytes) return kEINVAL;
+  if (r.type == kCmdRead && r.length > s.max_payload) return kEINVAL;
   return in_range(r, s) ? 0 : out_of_range_error(r.type);
 }
 
@@ -24,7 +24,7 @@ uint32_t validate_write(const Request& r, const Session& s) {
   uint16_t allowed = kCmdFlagFua;
   if (r.type == kCmdWriteZeroes) allowed |= kCmdFlagNoHole | kCmdFlagFastZero;
   if (r.flags & ~allowed) return kEINVAL;
-  if (r.type == kCmdWrite && r.length > kMaxRequestBytes) return kEINVAL;
+  if (r.type == kCmdWrite && r.length > s.max_payload) return kEINVAL;
   if (s.read_only) return kEPERM;
   if (r.type == kCmdTrim && !(s.tx_flags & kTxSendTrim)) return kEINVAL;
   if (r.type == kCmdWriteZeroes && !(s.tx_flags & kTxSendWriteZeroes)) return kEINVAL;
@@ -68,7 +68,7 @@ Verdict judge_request(const Request& r, const Session& s, bool stopping) {
   if (r.type == kCmdDisc) return {Next::kDisconnect};
   const uint32_t error = stopping ? kESHUTDOWN : validate_request(r, s);
   if (!error) return {Next::kExecute};
-  if (payload_length(r) > kMaxSkippedPayload) return {Next::kRefuseLast, error};
+  if (payload_length(r) > max_skipped_payload(s)) return {Next::kRefuseLast, error};
   return {Next::kRefuse, error};
 }
 

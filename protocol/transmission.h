@@ -22,9 +22,10 @@ namespace strata::nbd {
 // What the transmission rules depend on: the export and what the client
 // negotiated for it.
 struct Session {
-  uint64_t size = 0;       // bytes of the export
-  uint16_t tx_flags = 0;   // as sent to the client (SEND_TRIM, SEND_WRITE_ZEROES...)
-  bool read_only = false;  // writes are refused with EPERM
+  uint64_t size = 0;         // bytes of the export
+  uint16_t tx_flags = 0;     // as sent to the client (SEND_TRIM, SEND_WRITE_ZEROES...)
+  bool read_only = false;    // writes are refused with EPERM
+  uint32_t max_payload = 0;  // longest READ or WRITE accepted
   bool structured = false;
   bool base_allocation = false;   // meta context selected
   bool allocation_depth = false;  // meta context selected
@@ -32,9 +33,9 @@ struct Session {
 
 // ---- Requests ---------------------------------------------------------------
 
-// A refused WRITE's payload is read and dropped up to this size; a longer
-// one cannot be skipped in bounded time and closes the connection.
-inline constexpr uint64_t kMaxSkippedPayload = 2ull * kMaxRequestBytes;
+// A refused WRITE's payload is read and dropped up to twice max_payload; a
+// longer one cannot be skipped in bounded time and closes the connection.
+inline uint64_t max_skipped_payload(const Session& s) { return 2ull * s.max_payload; }
 
 // What the reader does with a request header.
 enum class Next {

@@ -117,6 +117,7 @@ asio::awaitable<bool> Connection::handshake() {
       session_ = nbd::Session{.size = export_->view.size,
                               .tx_flags = handshake_.tx_flags(*step.export_view),
                               .read_only = export_->caps.read_only,
+                              .max_payload = kMaxRequestBytes,
                               .structured = handshake_.structured_replies(),
                               .base_allocation = handshake_.meta_base_allocation(),
                               .allocation_depth = handshake_.meta_allocation_depth()};
