@@ -15,7 +15,7 @@ SocketTransport::SocketTransport(int fd, int send_timeout_ms) : fd_(fd) {
   // not in a reactor.
   const int fl = ::fcntl(fd_, F_GETFL);
   if (fl >= 0) ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK);
-  timeval tv{send_timeout_ms / 1000, (send_timeout_ms % 1000) * 1000};
+  timeval tv{send_timeout_ms / 1000, static_cast<suseconds_t>(send_timeout_ms % 1000) * 1000};
   ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
