@@ -25,26 +25,12 @@
 #include <string_view>
 #include <vector>
 
+#include "formats/extent.h"
+
 namespace strata {
 
 enum class ChildRole { file, backing, parent, data_file };
 std::string_view to_string(ChildRole role);
-
-// One run of the device as seen through the whole stack.
-struct Extent {
-  uint64_t length = 0;
-  // Not allocated in any layer of the stack (NBD base:allocation HOLE).
-  bool hole = false;
-  // Reads as zeros (NBD base:allocation ZERO).
-  bool zero = false;
-  // qemu:allocation-depth: 0 = unallocated everywhere, 1 = this layer,
-  // 2 = its backing/parent, and so on.
-  uint32_t depth = 1;
-
-  bool same_kind(const Extent& o) const {
-    return hole == o.hole && zero == o.zero && depth == o.depth;
-  }
-};
 
 struct Capabilities {
   bool read_only = true;

@@ -1,5 +1,5 @@
 // The stack builder: probes formats, opens images and their children (backing
-// files, VHD parents, qcow2 data files) with the safety rules of DESIGN.md:
+// files, VHD parents, qcow2 data files) with the safety rules of docs/DESIGN.md:
 //  - an image configured as raw is never probed;
 //  - child paths resolve relative to the referencing image's directory, are
 //    canonicalized and must stay inside the allowed directories;

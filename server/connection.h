@@ -25,24 +25,27 @@
 // replies are sent, or when the server's drain timeout calls abort().
 #pragma once
 
-#include <sys/uio.h>
-
 #include <asio.hpp>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "config/config.h"
+#include "formats/mutex.h"
 #include "protocol/handshake.h"
+#include "protocol/transmission.h"
+#include "server/executor.h"
 #include "server/exports.h"
 #include "server/memory_budget.h"
 #include "server/read_side.h"
+#include "server/reply_batch.h"
+#include "server/request_reader.h"
+#include "server/transport.h"
 
 namespace strata {
 
@@ -68,37 +71,36 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
  private:
   struct Request;
-  struct Replies;
+
+  // Handshake phase (server/connection_handshake.cpp): a coroutine on the
+  // io thread; true when the client chose an export and the connection
+  // moves on to transmission.
+  // The reader is the io thread's alone until the transmission threads
+  // start, so these use it without read_mu_ (which a coroutine must not hold
+  // across a suspension).
+  asio::awaitable<bool> handshake();
+  asio::awaitable<bool> async_read_exact(void* dst, size_t n) NO_THREAD_SAFETY_ANALYSIS;
+  asio::awaitable<bool> async_discard(uint64_t n) NO_THREAD_SAFETY_ANALYSIS;
 
   asio::awaitable<void> serve();
-  asio::awaitable<bool> handshake();
-  asio::awaitable<bool> async_read_exact(void* dst, size_t n);
-  asio::awaitable<bool> async_discard(uint64_t n);
+  void start_transmission();
   void stop(int how);  // how: SHUT_RD or SHUT_RDWR
+  void log_closed() const;
 
   // Transmission threads.
   void worker_loop();
-  bool next_request(Request& r, Replies& out, bool may_block);  // REQUIRES: read_mu_ held
-  bool buffered_request_ready() const;                          // REQUIRES: read_mu_ held
-  // The length field of the next buffered request. REQUIRES: read_mu_ held and
-  // buffered_request_ready().
-  uint32_t buffered_request_length() const;
-  bool recv_exact(void* dst, size_t n);  // REQUIRES: read_mu_ held
-  bool recv_discard(uint64_t n);         // REQUIRES: read_mu_ held
+  // Reads a batch into `batch`: one request, waiting for it, plus those
+  // already whole in the buffer. Clears `keep` when one may block long.
+  size_t read_batch(std::span<Request> batch, ReplyBatch& out, bool& keep) REQUIRES(read_mu_);
+  // Reads the next request that needs executing; refused ones are answered
+  // in `out`. False: stop reading (then read_closed_ is set), or, with
+  // may_block false, no further request is complete in the buffer.
+  bool next_request(Request& r, ReplyBatch& out, bool may_block) REQUIRES(read_mu_);
+  // Answers a refused request and skips its payload; false: stop reading.
+  bool refuse(const nbd::Request& h, nbd::Verdict v, ReplyBatch& out) REQUIRES(read_mu_);
   bool take_bytes(uint64_t n, bool may_wait);
   void release_bytes(uint64_t n);
-
-  uint32_t validate(const nbd::Request& r) const;
-  // Execution queues each reply in `out`; send(out) writes them all at once.
-  void execute(Request& r, Replies& out);
-  void execute_read(Request& r, Replies& out);
-  void execute_block_status(Request& r, Replies& out);
-  void reply_error(Replies& out, uint64_t cookie, uint32_t error, std::string_view message = {});
-  // A failed read: ERROR_OFFSET naming the first failing byte when structured.
-  void read_error(Replies& out, uint64_t cookie, int host_errno, uint64_t offset);
-  void reply_ok(Replies& out, uint64_t cookie);
-  void send(Replies& out);
-  bool send(std::span<iovec> iov);
+  void send(ReplyBatch& out) EXCLUDES(write_mu_);
 
   Server& server_;
   Socket socket_;
@@ -108,13 +110,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const Limits& limits_;
   nbd::Handshake handshake_;
   Export* export_ = nullptr;
-  uint16_t tx_flags_ = 0;
+  nbd::Session session_;  // fixed when the handshake ends
 
-  // Buffered reader: the handshake coroutine, then the thread holding read_mu_.
-  std::mutex read_mu_;
-  std::unique_ptr<uint8_t[]> rbuf_;
-  size_t rpos_ = 0, rend_ = 0;
-  bool read_closed_ = false;  // REQUIRES: read_mu_; EOF, DISC, error or shutdown
+  // The handshake coroutine, then the thread holding read_mu_.
+  Mutex read_mu_;
+  RequestReader reader_ GUARDED_BY(read_mu_);
+  bool read_closed_ GUARDED_BY(read_mu_) = false;  // EOF, DISC, error or shutdown
+
+  std::unique_ptr<Transport> transport_;  // from the start of transmission
+  std::unique_ptr<RequestExecutor> executor_;
 
   // Bytes held by this connection's requests in flight (payloads and read
   // buffers); they are also counted in server_.memory().
@@ -127,13 +131,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   ReadSidePolicy read_side_;
   bool in_transmission_ = false;
 
-  // Replies (workers).
-  std::mutex write_mu_;
-  bool dead_ = false;  // REQUIRES: write_mu_
+  // Replies: one thread sends at a time, whole batches.
+  Mutex write_mu_;
+  bool dead_ GUARDED_BY(write_mu_) = false;
 
-  // Totals for the closing log line.
-  std::atomic<uint64_t> n_reads_{0}, n_writes_{0}, n_other_{0}, n_errors_{0};
-  std::atomic<uint64_t> bytes_read_{0}, bytes_written_{0};
+  ConnectionStats stats_;
   std::chrono::steady_clock::time_point started_;
 };
 

@@ -33,7 +33,7 @@ inline constexpr uint64_t kOffRefcountTable = 48;  // u64 offset + u32 clusters
 inline constexpr uint64_t kOffIncompat = 72;
 inline constexpr uint64_t kOffAutoclear = 88;
 
-// Limits (QEMU's, see FORMATS.md B15).
+// Limits (QEMU's, see docs/FORMATS.md B15).
 inline constexpr uint64_t kMaxL1Bytes = 32ull << 20;
 inline constexpr uint64_t kMaxRefcountTableBytes = 8ull << 20;
 inline constexpr uint64_t kMaxSnapshots = 65536;

@@ -15,7 +15,7 @@
 // entry marks its guest cluster in inflight_ so only that cluster is
 // serialized.
 //
-// Crash safety (DESIGN.md): metadata is cached write-back and written by
+// Crash safety (docs/DESIGN.md): metadata is cached write-back and written by
 // writeback_locked() in dependency order — guest data synced, then refcount
 // blocks, refcount table entries, L2 tables, L1 entries, each stage synced.
 // Freed clusters are only decremented after the L2/L1 changes that dropped

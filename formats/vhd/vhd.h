@@ -1,4 +1,4 @@
-// The VHD driver: fixed, dynamic and differencing images (FORMATS.md Part A).
+// The VHD driver: fixed, dynamic and differencing images (docs/FORMATS.md Part A).
 //
 // Layout: fixed = [data][footer]; dynamic/differencing = [footer copy][header]
 // [BAT][locators, batmap][blocks...][footer]. A block is a sector bitmap

@@ -1,6 +1,6 @@
 // On-disk structures of VHD (v1): the 512-byte hard-disk footer, the 1024-byte
 // dynamic disk header with its parent locators, CHS geometry and the helpers
-// to decode locator payloads. Pure code: no I/O. See FORMATS.md Part A.
+// to decode locator payloads. Pure code: no I/O. See docs/FORMATS.md Part A.
 //
 // All integers are big-endian on disk. Parse functions never throw: they return
 // an error string (empty on success) naming the field that is wrong, and the

@@ -1,6 +1,6 @@
 // Opening a VHD: footer (trailing copy, else the copy at offset 0), dynamic
 // header, BAT and locator validation, and parent resolution for differencing
-// disks. Every refusal names the file and the field (FORMATS.md A2-A11, C2).
+// disks. Every refusal names the file and the field (docs/FORMATS.md A2-A11, C2).
 //
 // Parent resolution order (first usable one wins; a candidate is usable when
 // it exists inside the allowed directories, opens as a VHD, and its footer

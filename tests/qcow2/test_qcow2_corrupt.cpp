@@ -1,4 +1,4 @@
-// Hostile and corrupt qcow2 images (FORMATS.md Part C, QEMU iotest 080 field
+// Hostile and corrupt qcow2 images (docs/FORMATS.md Part C, QEMU iotest 080 field
 // set, fuzzed headers and tables): refused with a message naming the file and
 // the field, or served with EIO for the bad region; never a crash or a hang.
 #include "formats/errors.h"

@@ -320,7 +320,7 @@ def test_data_file_raw_zero_flags_read_as_zeros():
                     assert h.pread(n, 1000) == want[1000:1000 + n], (opts, step)
                 h.shutdown()
                 # Past 128k the extended L2 entries have empty bitmaps, which
-                # QEMU reads as zeros and Strata as the data file (FORMATS.md B10).
+                # QEMU reads as zeros and Strata as the data file (docs/FORMATS.md B10).
                 check_maps_agree(img, srv.uri, cwd=d, end=128 * k)
                 out = os.path.join(d, "copy.raw")
                 run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri, out])

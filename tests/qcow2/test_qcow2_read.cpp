@@ -1,4 +1,4 @@
-// Read paths of every FORMATS.md Part D qcow2 variant, compared byte for byte
+// Read paths of every docs/FORMATS.md Part D qcow2 variant, compared byte for byte
 // with `qemu-img convert -O raw`, and allocation maps with `qemu-img map`.
 #include "qcow2_helpers.h"
 
@@ -157,7 +157,7 @@ TEST_CASE("qcow2 external data file, with and without data_file_raw") {
     expect_map_consistent(imgr, *dev);
   }
   // data_file_raw with extended L2: the raw file is authoritative even where
-  // QEMU 7.2 reads zeros (empty subcluster bitmaps, FORMATS.md B10).
+  // QEMU 7.2 reads zeros (empty subcluster bitmaps, docs/FORMATS.md B10).
   std::string imgx = d / "drx.qcow2", rawx = d / "drx.raw";
   sh("cd " + d.path +
      " && qemu-img create -q -f qcow2 -o data_file=drx.raw,data_file_raw=on,extended_l2=on "

@@ -1,7 +1,7 @@
 """VHD exports through a real `strata serve` and real NBD clients.
 
 Oracles: qemu-img (fixed/dynamic), pyvhdi (differencing, 4 KiB-aligned data
-only: FORMATS.md A13), vhdread.py (an independent reader written from the
+only: docs/FORMATS.md A13), vhdread.py (an independent reader written from the
 spec) and expected buffers computed here.
 """
 import hashlib

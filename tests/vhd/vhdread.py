@@ -1,7 +1,7 @@
 """A small, independent VHD reader for tests (written from the spec, shares no
 code with the C++ driver): fixed, dynamic and differencing images, with the
 parent given explicitly. Sector bitmaps are honoured per sector, MSB first,
-which libvhdi gets wrong (FORMATS.md A13).
+which libvhdi gets wrong (docs/FORMATS.md A13).
 
     img = Vhd("child.vhd", parent=Vhd("base.vhd"))
     data = img.read(0, img.size)

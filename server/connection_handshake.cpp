@@ -1,0 +1,131 @@
+// The handshake phase of a Connection: a coroutine on the io thread that
+// feeds the client's bytes to nbd::Handshake (protocol/handshake.h, where
+// every rule lives) and sends its replies, under the handshake timeout.
+#include <spdlog/spdlog.h>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <cstring>
+#include <vector>
+
+#include "formats/endian.h"
+#include "server/connection.h"
+#include "server/server.h"
+
+namespace strata {
+
+namespace {
+
+constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
+
+}  // namespace
+
+asio::awaitable<bool> Connection::async_discard(uint64_t n) {
+  n -= reader_.skip(n);
+  while (n > 0) {
+    auto space = reader_.free_space();
+    auto [ec, got] =
+        co_await socket_.async_read_some(asio::buffer(space.data(), space.size()), use_nothrow);
+    if (ec) co_return false;
+    reader_.appended(got);
+    n -= reader_.skip(n);  // bytes past the payload stay buffered for what follows
+  }
+  co_return true;
+}
+
+asio::awaitable<bool> Connection::async_read_exact(void* dst, size_t n) {
+  auto* out = static_cast<uint8_t*>(dst);
+  const size_t have = reader_.take(out, n);
+  out += have;
+  n -= have;
+  if (n == 0) co_return true;
+  if (n >= RequestReader::kCapacity / 2) {
+    auto [ec, got] = co_await asio::async_read(socket_, asio::buffer(out, n), use_nothrow);
+    co_return !ec;
+  }
+  while (reader_.buffered() < n) {
+    auto space = reader_.free_space();
+    auto [ec, got] =
+        co_await socket_.async_read_some(asio::buffer(space.data(), space.size()), use_nothrow);
+    if (ec) co_return false;
+    reader_.appended(got);
+  }
+  reader_.take(out, n);
+  co_return true;
+}
+
+asio::awaitable<bool> Connection::handshake() {
+  auto timer = std::make_shared<asio::steady_timer>(
+      socket_.get_executor(), std::chrono::milliseconds(limits_.handshake_timeout_ms));
+  timer->async_wait([this, self = shared_from_this()](std::error_code ec) {
+    if (!ec && !in_transmission_) {
+      spdlog::warn("conn {}: handshake timed out", id_);
+      std::error_code ignored;
+      socket_.close(ignored);
+    }
+  });
+  struct CancelTimer {
+    std::shared_ptr<asio::steady_timer> t;
+    // cancel() reports failure by throwing; a destructor must not, and a
+    // timer that could not be cancelled only fires into a finished handshake.
+    ~CancelTimer() {
+      try {
+        t->cancel();
+      } catch (...) {
+      }
+    }
+  } cancel_timer{timer};
+
+  auto greeting = handshake_.greeting();
+  auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(greeting), use_nothrow);
+  if (ec) co_return false;
+  uint8_t flags_buf[4];
+  if (!co_await async_read_exact(flags_buf, 4)) co_return false;
+  std::string why;
+  if (!handshake_.accept_client_flags(load_be32(flags_buf), &why)) {
+    spdlog::warn("conn {}: {}", id_, why);
+    co_return false;
+  }
+  for (;;) {
+    uint8_t hdr[nbd::kOptionHeaderSize];
+    if (!co_await async_read_exact(hdr, sizeof hdr)) co_return false;
+    auto opt = nbd::decode_option_header(std::span<const uint8_t, nbd::kOptionHeaderSize>(hdr));
+    if (opt.magic != nbd::kOptMagic) {
+      spdlog::warn("conn {}: bad option magic {:#x}", id_, opt.magic);
+      co_return false;
+    }
+    nbd::Handshake::Step step;
+    if (opt.length > nbd::Handshake::kMaxOptionLength) {
+      step = handshake_.on_oversized_option(opt.option, opt.length);
+      if (step.action == nbd::Handshake::Action::kClose) {
+        spdlog::warn("conn {}: {}, closing", id_, step.note);
+        co_return false;
+      }
+      if (!co_await async_discard(opt.length)) co_return false;
+    } else {
+      std::vector<uint8_t> data(opt.length);
+      if (!co_await async_read_exact(data.data(), data.size())) co_return false;
+      step = handshake_.on_option(opt.option, data);
+    }
+    if (!step.note.empty()) spdlog::debug("conn {}: {}", id_, step.note);
+    if (!step.reply.empty()) {
+      auto [wec, wn] = co_await asio::async_write(socket_, asio::buffer(step.reply), use_nothrow);
+      if (wec) co_return false;
+    }
+    if (step.action == nbd::Handshake::Action::kClose) co_return false;
+    if (step.action == nbd::Handshake::Action::kTransmit) {
+      export_ = server_.exports().by_view(step.export_view);
+      session_ = nbd::Session{.size = export_->view.size,
+                              .tx_flags = handshake_.tx_flags(*step.export_view),
+                              .read_only = export_->caps.read_only,
+                              .max_payload = kMaxRequestBytes,
+                              .structured = handshake_.structured_replies(),
+                              .base_allocation = handshake_.meta_base_allocation(),
+                              .allocation_depth = handshake_.meta_allocation_depth()};
+      spdlog::info("conn {}: peer={} export='{}' structured={} flags={:#x}", id_, peer_,
+                   export_->config.name, session_.structured, session_.tx_flags);
+      co_return !stopping_;
+    }
+  }
+}
+
+}  // namespace strata

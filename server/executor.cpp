@@ -1,0 +1,135 @@
+#include "server/executor.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace strata {
+
+void RequestExecutor::execute(const nbd::Request& h, const std::byte* payload, ReplyBatch& out) {
+  using namespace nbd;
+  int e = 0;
+  switch (h.type) {
+    case kCmdRead:
+      ++stats_.reads;
+      return read(h, out);
+    case kCmdBlockStatus:
+      ++stats_.other;
+      return block_status(h, out);
+    case kCmdWrite:
+      ++stats_.writes;
+      e = device_.write(h.offset, {payload, h.length}, h.flags & kCmdFlagFua);
+      if (!e) stats_.bytes_written += h.length;
+      break;
+    case kCmdFlush:
+      ++stats_.other;
+      e = device_.flush();
+      break;
+    case kCmdTrim:
+      ++stats_.other;
+      e = device_.trim(h.offset, h.length, h.flags & kCmdFlagFua);
+      break;
+    case kCmdWriteZeroes:
+      ++stats_.writes;
+      e = device_.write_zeroes(h.offset, h.length,
+                               ZeroFlags{.may_trim = !(h.flags & kCmdFlagNoHole),
+                                         .fast_only = (h.flags & kCmdFlagFastZero) != 0,
+                                         .fua = (h.flags & kCmdFlagFua) != 0});
+      break;
+    case kCmdCache:
+      ++stats_.other;
+      e = device_.cache(h.offset, h.length);
+      break;
+  }
+  if (e) return device_failed(h, e, out);
+  Bytes reply;
+  append_ok(reply, h.cookie, session_);
+  out.add_header(std::move(reply));
+}
+
+void RequestExecutor::refuse(const nbd::Request& h, uint32_t error, std::string_view message,
+                             ReplyBatch& out) {
+  ++stats_.errors;
+  nbd::Bytes reply;
+  nbd::append_error(reply, h.cookie, session_, error, message);
+  out.add_header(std::move(reply));
+}
+
+void RequestExecutor::device_failed(const nbd::Request& h, int host_errno, ReplyBatch& out) {
+  // A fast zero the device cannot do is an answer the client asked for.
+  if (!(h.type == nbd::kCmdWriteZeroes && host_errno == ENOTSUP)) {
+    spdlog::warn("conn {}: command {} offset={} length={} failed: {}", conn_id_, h.type, h.offset,
+                 h.length, std::strerror(host_errno));
+  }
+  refuse(h, nbd::errno_to_nbd(host_errno), std::strerror(host_errno), out);
+}
+
+void RequestExecutor::read_failed(const nbd::Request& h, int host_errno, uint64_t offset,
+                                  ReplyBatch& out) {
+  spdlog::warn("conn {}: read at offset {} failed: {}", conn_id_, offset,
+               std::strerror(host_errno));
+  ++stats_.errors;
+  nbd::Bytes reply;
+  nbd::append_read_error(reply, h, session_, nbd::errno_to_nbd(host_errno),
+                         std::strerror(host_errno), offset);
+  out.add_header(std::move(reply));
+}
+
+void RequestExecutor::read(const nbd::Request& h, ReplyBatch& out) {
+  auto owned = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+  std::byte* buf = owned.get();
+  if (has_extents_ && nbd::wants_sparse_read(h, session_)) {
+    std::vector<Extent> extents;
+    std::vector<nbd::ReadChunk> chunks;
+    if (device_.extents(h.offset, h.length, extents) == 0) {
+      chunks = nbd::plan_sparse_read(extents, h.length);
+    }
+    if (!chunks.empty()) {
+      if (!read_chunks(h, chunks, buf, out)) return;
+      out.keep(std::move(owned));
+      out.read_bytes += h.length;
+      return;
+    }
+  }
+  if (int e = device_.read(h.offset, {buf, h.length})) return read_failed(h, e, h.offset, out);
+  nbd::Bytes header;
+  nbd::append_read_reply(header, h, session_);
+  out.add_header(std::move(header));
+  if (h.length > 0) out.add_data(buf, h.length);
+  out.keep(std::move(owned));
+  out.read_bytes += h.length;
+}
+
+bool RequestExecutor::read_chunks(const nbd::Request& h, std::span<const nbd::ReadChunk> chunks,
+                                  std::byte* buf, ReplyBatch& out) {
+  for (const auto& c : chunks) {
+    if (c.hole) continue;
+    if (int e = device_.read(h.offset + c.pos, {buf + c.pos, c.length})) {
+      read_failed(h, e, h.offset + c.pos, out);
+      return false;
+    }
+  }
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    nbd::Bytes header;
+    nbd::append_read_chunk(header, h, chunks[i], i + 1 == chunks.size());
+    out.add_header(std::move(header));
+    if (!chunks[i].hole) out.add_data(buf + chunks[i].pos, chunks[i].length);
+  }
+  return true;
+}
+
+void RequestExecutor::block_status(const nbd::Request& h, ReplyBatch& out) {
+  std::vector<Extent> extents;
+  int e = device_.extents(h.offset, h.length, extents);
+  if (e == 0 && extents.empty()) e = EIO;  // a device must describe what it was asked
+  if (e) return refuse(h, nbd::errno_to_nbd(e), std::strerror(e), out);
+  nbd::Bytes reply;
+  nbd::append_block_status(reply, h, session_, extents);
+  out.add_header(std::move(reply));
+}
+
+}  // namespace strata

@@ -1,0 +1,59 @@
+// RequestExecutor: runs one validated request on the export's BlockDevice
+// and queues its reply in a ReplyBatch. The rules for what a reply looks
+// like are protocol/transmission.h's; this file only connects them to the
+// device: which device call a command is, how a sparse read is read, which
+// errors are logged.
+//
+// Threads: execute() runs on every transmission thread of the connection at
+// once; the device is thread-safe and the counters are atomics.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <string_view>
+
+#include "formats/block_device.h"
+#include "protocol/transmission.h"
+#include "server/reply_batch.h"
+
+namespace strata {
+
+// Totals of one connection, for its closing log line.
+struct ConnectionStats {
+  std::atomic<uint64_t> reads{0}, writes{0}, other{0}, errors{0};
+  std::atomic<uint64_t> bytes_read{0}, bytes_written{0};
+};
+
+class RequestExecutor {
+ public:
+  RequestExecutor(uint64_t conn_id, BlockDevice& device, bool has_extents,
+                  const nbd::Session& session, ConnectionStats& stats)
+      : conn_id_(conn_id),
+        device_(device),
+        has_extents_(has_extents),
+        session_(session),
+        stats_(stats) {}
+
+  // REQUIRES: validate_request(h) == 0; `payload` holds a WRITE's data.
+  void execute(const nbd::Request& h, const std::byte* payload, ReplyBatch& out);
+  // Answers a request that will not run with `error` (an NBD error value).
+  void refuse(const nbd::Request& h, uint32_t error, std::string_view message, ReplyBatch& out);
+
+ private:
+  void read(const nbd::Request& h, ReplyBatch& out);
+  // A sparse read along `chunks`; false when a data chunk failed to read
+  // (its error is queued).
+  bool read_chunks(const nbd::Request& h, std::span<const nbd::ReadChunk> chunks, std::byte* buf,
+                   ReplyBatch& out);
+  void block_status(const nbd::Request& h, ReplyBatch& out);
+  void read_failed(const nbd::Request& h, int host_errno, uint64_t offset, ReplyBatch& out);
+  void device_failed(const nbd::Request& h, int host_errno, ReplyBatch& out);
+
+  const uint64_t conn_id_;
+  BlockDevice& device_;
+  const bool has_extents_;
+  const nbd::Session& session_;
+  ConnectionStats& stats_;
+};
+
+}  // namespace strata
