@@ -1,6 +1,12 @@
 // The handshake phase of a Connection: a coroutine on the io thread that
 // feeds the client's bytes to nbd::Handshake (protocol/handshake.h, where
 // every rule lives) and sends its replies, under the handshake timeout.
+// clang-format off
+// First, as in every server file: asio.hpp must come before spdlog's headers,
+// or GCC frees this file's coroutine frames with the wrong operator delete.
+#include "server/connection.h"
+// clang-format on
+
 #include <spdlog/spdlog.h>
 
 #include <asio/experimental/as_tuple.hpp>
@@ -8,7 +14,6 @@
 #include <vector>
 
 #include "formats/endian.h"
-#include "server/connection.h"
 #include "server/server.h"
 
 namespace strata {
