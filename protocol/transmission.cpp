@@ -6,6 +6,13 @@ namespace strata::nbd {
 
 namespace {
 
+// A 16-byte simple reply appended to out.
+void append_simple_reply(Bytes& out, uint32_t error, uint64_t cookie) {
+  const size_t at = out.size();
+  out.resize(at + kSimpleReplySize);
+  encode_simple_reply(out.data() + at, error, cookie);
+}
+
 bool in_range(const Request& r, const Session& s) {
   return r.offset <= s.size && r.length <= s.size - r.offset;
 }
@@ -128,9 +135,7 @@ void append_ok(Bytes& out, uint64_t cookie, const Session& s) {
     append_chunk_none(out, cookie);
     return;
   }
-  const size_t at = out.size();
-  out.resize(at + kSimpleReplySize);
-  encode_simple_reply(out.data() + at, 0, cookie);
+  append_simple_reply(out, 0, cookie);
 }
 
 void append_error(Bytes& out, uint64_t cookie, const Session& s, uint32_t error,
@@ -139,9 +144,7 @@ void append_error(Bytes& out, uint64_t cookie, const Session& s, uint32_t error,
     append_chunk_error(out, cookie, error, message);
     return;
   }
-  const size_t at = out.size();
-  out.resize(at + kSimpleReplySize);
-  encode_simple_reply(out.data() + at, error, cookie);
+  append_simple_reply(out, error, cookie);
 }
 
 std::vector<BlockStatusDescriptor> describe_extents(std::span<const Extent> extents,
