@@ -71,13 +71,44 @@ uint64_t get_uint(const json& obj, const std::string& where, const std::string& 
   return v;
 }
 
-ListenerConfig parse_listener(const json& j, const std::string& where) {
-  check_keys(j, where, {"type", "address", "port", "path"});
+TlsConfig parse_tls(const json& j, const std::string& where) {
+  check_keys(j, where, {"mode", "certificates", "psk_file", "verify_peer", "priority"});
+  TlsConfig t;
+  const std::string mode = get_string(j, where, "mode", "off");
+  auto m = parse_tls_mode(mode);
+  if (!m) fail(where + ".mode", "'" + mode + "' is not one of off, on, require");
+  t.mode = *m;
+  t.certificates = get_string(j, where, "certificates", "");
+  t.psk_file = get_string(j, where, "psk_file", "");
+  t.verify_peer = get_bool(j, where, "verify_peer", false);
+  t.priority = get_string(j, where, "priority", "");
+  return t;
+}
+
+std::vector<std::string> get_string_list(const json& obj, const std::string& where,
+                                         const std::string& key) {
+  std::vector<std::string> out;
+  auto it = obj.find(key);
+  if (it == obj.end()) return out;
+  if (!it->is_array()) fail(where + "." + key, "must be an array of strings");
+  for (size_t i = 0; i < it->size(); ++i) {
+    const auto& v = (*it)[i];
+    const std::string k = where + "." + key + "[" + std::to_string(i) + "]";
+    if (!v.is_string() || v.get<std::string>().empty()) fail(k, "must be a non-empty string");
+    out.push_back(v.get<std::string>());
+  }
+  return out;
+}
+
+ListenerConfig parse_listener(const json& j, const std::string& where, const TlsConfig& tls) {
+  check_keys(j, where, {"type", "address", "port", "path", "tls"});
   ListenerConfig l;
+  l.own_tls = j.contains("tls");
+  l.tls = l.own_tls ? parse_tls(j["tls"], where + ".tls") : tls;
   std::string type = get_string(j, where, "type", "tcp");
   if (type == "tcp") {
     l.kind = ListenerConfig::Kind::tcp;
-    l.address = get_string(j, where, "address", "0.0.0.0");
+    l.address = get_string(j, where, "address", kDefaultListenAddress);
     l.port = static_cast<uint16_t>(get_uint(j, where, "port", 10809, 0, 65535));
     if (j.contains("path")) fail(where + ".path", "only for unix listeners");
   } else if (type == "unix") {
@@ -98,7 +129,7 @@ ExportConfig parse_export(const json& j, const std::string& where) {
   check_keys(j, where,
              {"name", "path", "format", "read_only", "description", "allowed_dirs", "cache_size",
               "data_file", "allow_raw_backing", "vhd_strict_parent_timestamp", "vhd_size_mode",
-              "vhd_size", "max_chain_depth"});
+              "vhd_size", "max_chain_depth", "tls_required", "allow"});
   ExportConfig e;
   e.name = get_string(j, where, "name", "", true);
   if (e.name.size() > 4096) fail(where + ".name", "longer than 4096 bytes");
@@ -132,10 +163,47 @@ ExportConfig parse_export(const json& j, const std::string& where) {
     if (*e.vhd_size % 512) fail(where + ".vhd_size", "must be a multiple of 512");
   }
   e.max_chain_depth = static_cast<int>(get_uint(j, where, "max_chain_depth", 16, 1, 256));
+  e.tls_required = get_bool(j, where, "tls_required", false);
+  e.allow = get_string_list(j, where, "allow");
   return e;
 }
 
+void validate_tls(const TlsConfig& t, const std::string& where) {
+  if (t.mode == TlsMode::off) return;
+  if (t.certificates.empty() && t.psk_file.empty()) {
+    fail(where, "TLS mode " + std::string(to_string(t.mode)) +
+                    " needs certificates (a directory) or psk_file");
+  }
+  if (t.verify_peer && t.certificates.empty()) {
+    fail(where + ".verify_peer", "checks X.509 client certificates: give certificates too");
+  }
+}
+
 }  // namespace
+
+std::optional<TlsMode> parse_tls_mode(std::string_view name) {
+  if (name == "off") return TlsMode::off;
+  if (name == "on") return TlsMode::on;
+  if (name == "require") return TlsMode::require;
+  return std::nullopt;
+}
+
+std::string_view to_string(TlsMode m) {
+  switch (m) {
+    case TlsMode::off:
+      return "off";
+    case TlsMode::on:
+      return "on";
+    case TlsMode::require:
+      return "require";
+  }
+  return "?";
+}
+
+bool is_loopback(const ListenerConfig& l) {
+  if (l.kind == ListenerConfig::Kind::unix_socket) return true;
+  return l.address.rfind("127.", 0) == 0 || l.address == "::1" || l.address == "localhost";
+}
 
 OpenOptions ExportConfig::open_options() const {
   OpenOptions o;
@@ -153,15 +221,17 @@ OpenOptions ExportConfig::open_options() const {
 }
 
 Config parse_config(const json& j) {
-  check_keys(j, "", {"listeners", "exports", "limits", "log_level"});
+  check_keys(j, "", {"listeners", "exports", "limits", "log_level", "tls"});
   Config c;
+  if (auto it = j.find("tls"); it != j.end()) c.tls = parse_tls(*it, "tls");
   if (auto it = j.find("listeners"); it != j.end()) {
     if (!it->is_array()) fail("listeners", "must be an array");
     for (size_t i = 0; i < it->size(); ++i) {
-      c.listeners.push_back(parse_listener((*it)[i], "listeners[" + std::to_string(i) + "]"));
+      c.listeners.push_back(
+          parse_listener((*it)[i], "listeners[" + std::to_string(i) + "]", c.tls));
     }
   } else {
-    c.listeners.push_back(ListenerConfig{});
+    c.listeners.push_back(ListenerConfig{.tls = c.tls});
   }
   auto ex = j.find("exports");
   if (ex == j.end()) fail("exports", "is required");
@@ -202,6 +272,10 @@ void validate(const Config& c) {
                                                 std::to_string(kMaxRequestBytes) + ")");
   }
   if (c.listeners.empty()) fail("listeners", "at least one listener is needed");
+  validate_tls(c.tls, "tls");
+  for (size_t i = 0; i < c.listeners.size(); ++i) {
+    validate_tls(c.listeners[i].tls, "listeners[" + std::to_string(i) + "].tls");
+  }
   if (c.exports.empty()) fail("exports", "at least one export is needed");
   std::set<std::string> names;
   for (size_t i = 0; i < c.exports.size(); ++i) {

@@ -9,6 +9,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "formats/open.h"
@@ -20,13 +21,43 @@ class ConfigError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// TLS of a listener (docs/CONFIG.md, "TLS"). off: plain only; on: plain and
+// TLS clients, exports with tls_required refuse plain ones; require: no
+// export before NBD_OPT_STARTTLS.
+enum class TlsMode { off, on, require };
+std::optional<TlsMode> parse_tls_mode(std::string_view name);
+std::string_view to_string(TlsMode m);
+
+struct TlsConfig {
+  TlsMode mode = TlsMode::off;
+  // X.509: ca-cert.pem, server-cert.pem, server-key.pem, optional ca-crl.pem
+  // (the layout qemu and nbdkit read).
+  std::string certificates;
+  // PSK: psktool's "username:hexkey" lines.
+  std::string psk_file;
+  // X.509: a client certificate signed by the CA is required; its subject DN
+  // is the client's identity.
+  bool verify_peer = false;
+  // GnuTLS priority string; empty: the system's default.
+  std::string priority;
+};
+
+// The loopback address a TCP listener binds when none is given: a server
+// that serves writable disks must be opened to the network on purpose.
+inline constexpr const char* kDefaultListenAddress = "127.0.0.1";
+
 struct ListenerConfig {
   enum class Kind { tcp, unix_socket };
   Kind kind = Kind::tcp;
-  std::string address = "0.0.0.0";  // tcp: IPv4 or IPv6 literal
-  uint16_t port = 10809;            // tcp
-  std::string path;                 // unix
+  std::string address = kDefaultListenAddress;  // tcp: IPv4 or IPv6 literal
+  uint16_t port = 10809;                        // tcp
+  std::string path;                             // unix
+  TlsConfig tls;                                // the listener's own "tls", else the top-level one
+  bool own_tls = false;                         // "tls" was given for this listener
 };
+
+// True for 127.0.0.0/8 and ::1 (and unix sockets, which never leave the host).
+bool is_loopback(const ListenerConfig& l);
 
 struct ExportConfig {
   std::string name;
@@ -42,6 +73,11 @@ struct ExportConfig {
   std::string vhd_size_mode = "current";
   std::optional<uint64_t> vhd_size;
   int max_chain_depth = 16;
+  // Only clients that started TLS see this export (listeners in mode on).
+  bool tls_required = false;
+  // Client identities allowed (X.509 subject DN, RFC 4514, or PSK username;
+  // exact or fnmatch glob). Empty: everyone.
+  std::vector<std::string> allow;
 
   OpenOptions open_options() const;
 };
@@ -60,6 +96,7 @@ struct Limits {
 inline constexpr uint32_t kMaxRequestBytes = 32 * 1024 * 1024;
 
 struct Config {
+  TlsConfig tls;  // the default of every listener
   std::vector<ListenerConfig> listeners;
   std::vector<ExportConfig> exports;
   Limits limits;

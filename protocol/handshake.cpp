@@ -1,5 +1,9 @@
 #include "protocol/handshake.h"
 
+#include <fnmatch.h>
+
+#include <algorithm>
+
 namespace strata::nbd {
 namespace {
 
@@ -13,7 +17,77 @@ std::string unknown_export_message(std::string_view name) {
          std::to_string(name.size()) + " bytes)";
 }
 
+bool identity_matches(const std::string& pattern, const std::string& identity) {
+  return pattern == identity || ::fnmatch(pattern.c_str(), identity.c_str(), 0) == 0;
+}
+
 }  // namespace
+
+void Handshake::tls_established(std::string identity) {
+  tls_ = true;
+  identity_ = std::move(identity);
+  structured_ = false;
+  meta_base_allocation_ = meta_allocation_depth_ = false;
+  meta_export_.clear();
+}
+
+bool Handshake::over_limits(uint64_t payload_bytes, Step& step) {
+  ++options_seen_;
+  option_bytes_ += payload_bytes;
+  if (options_seen_ <= kMaxOptions && option_bytes_ <= kMaxOptionBytes) return false;
+  step.action = Action::kClose;
+  step.note = options_seen_ > kMaxOptions
+                  ? "more than " + std::to_string(kMaxOptions) + " options in one handshake"
+                  : "more than " + std::to_string(kMaxOptionBytes) +
+                        " bytes of option payload in one handshake";
+  return true;
+}
+
+bool Handshake::tls_needed_first(uint32_t option, Step& step) const {
+  if (tls_policy_ != TlsPolicy::kRequired || tls_) return false;
+  if (option == kOptStartTls || option == kOptAbort) return false;
+  step.refused = true;
+  if (option == kOptExportName || !fixed_newstyle_) {
+    step.action = Action::kClose;  // no reply can say why
+    step.note = "option " + std::to_string(option) + " before STARTTLS, TLS is required";
+    return true;
+  }
+  step.reply = encode_option_error(option, kRepErrTlsReqd, "TLS is required: start it first");
+  step.note = "option " + std::to_string(option) + " refused before STARTTLS";
+  return true;
+}
+
+uint32_t Handshake::refusal(const ExportView& e, std::string* why) const {
+  if (e.tls_required && !tls_) {
+    *why = "export '" + e.name + "' requires TLS";
+    return kRepErrTlsReqd;
+  }
+  if (e.allow.empty()) return 0;
+  if (!identity_.empty() && std::any_of(e.allow.begin(), e.allow.end(), [&](const std::string& p) {
+        return identity_matches(p, identity_);
+      })) {
+    return 0;
+  }
+  *why =
+      "export '" + e.name + "' is not allowed for " +
+      (identity_.empty() ? std::string("a client without a TLS identity") : "'" + identity_ + "'");
+  return kRepErrPolicy;
+}
+
+Handshake::Step Handshake::start_tls(uint32_t option, std::span<const uint8_t> data) {
+  Step step;
+  if (tls_policy_ == TlsPolicy::kOff) {
+    step.reply = encode_option_error(option, kRepErrUnsup, "TLS is not configured");
+  } else if (tls_) {
+    step.reply = encode_option_error(option, kRepErrInvalid, "TLS is already on");
+  } else if (!data.empty()) {
+    step.reply = encode_option_error(option, kRepErrInvalid, "payload must be empty");
+  } else {
+    step.reply = encode_option_reply(option, kRepAck);
+    step.action = Action::kStartTls;
+  }
+  return step;
+}
 
 bool Handshake::accept_client_flags(uint32_t flags, std::string* why) {
   if (flags & ~(kClientFixedNewstyle | kClientNoZeroes)) {
@@ -30,6 +104,7 @@ bool Handshake::known_option(uint32_t option) {
     case kOptExportName:
     case kOptAbort:
     case kOptList:
+    case kOptStartTls:
     case kOptInfo:
     case kOptGo:
     case kOptStructuredReply:
@@ -41,14 +116,16 @@ bool Handshake::known_option(uint32_t option) {
   }
 }
 
-Handshake::Step Handshake::on_oversized_option(uint32_t option, uint32_t length) const {
+Handshake::Step Handshake::on_oversized_option(uint32_t option, uint32_t length) {
   Step step;
+  if (over_limits(length, step)) return step;
   step.note =
       "option " + std::to_string(option) + " with " + std::to_string(length) + " bytes of payload";
   if (!fixed_newstyle_ || option == kOptExportName || length > kMaxSkippedOptionLength) {
     step.action = Action::kClose;
     return step;
   }
+  if (tls_needed_first(option, step)) return step;
   step.reply = known_option(option)
                    ? encode_option_error(option, kRepErrTooBig, "option payload too large")
                    : encode_option_error(option, kRepErrUnsup, "option not supported");
@@ -63,11 +140,13 @@ uint16_t Handshake::tx_flags(const ExportView& e) const {
 
 Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> data) {
   Step step;
+  if (over_limits(data.size(), step)) return step;
   if (!fixed_newstyle_ && option != kOptExportName) {
     step.action = Action::kClose;
     step.note = "option " + std::to_string(option) + " from a client without fixed newstyle";
     return step;
   }
+  if (tls_needed_first(option, step)) return step;
   switch (option) {
     case kOptExportName: {
       std::string name(data.begin(), data.end());
@@ -75,6 +154,11 @@ Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> d
       if (!e) {
         step.action = Action::kClose;
         step.note = unknown_export_message(name);
+        return step;
+      }
+      if (refusal(*e, &step.note)) {
+        step.action = Action::kClose;
+        step.refused = true;
         return step;
       }
       step.reply = encode_export_name_reply(e->size, tx_flags(*e), no_zeroes_);
@@ -89,6 +173,8 @@ Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> d
       return step;
     case kOptList:
       return list(option, data);
+    case kOptStartTls:
+      return start_tls(option, data);
     case kOptInfo:
     case kOptGo:
       return info_or_go(option, data);
@@ -119,6 +205,8 @@ Handshake::Step Handshake::list(uint32_t option, std::span<const uint8_t> data) 
     return step;
   }
   for (const ExportView* e : exports_.all()) {
+    std::string why;
+    if (refusal(*e, &why)) continue;  // hidden from this client
     Bytes payload;
     Writer(payload).u32(static_cast<uint32_t>(e->name.size())).bytes(e->name).bytes(e->description);
     auto r = encode_option_reply(option, kRepServer, payload);
@@ -140,6 +228,11 @@ Handshake::Step Handshake::info_or_go(uint32_t option, std::span<const uint8_t> 
   if (!e) {
     step.reply = encode_option_error(option, kRepErrUnknown, unknown_export_message(req->name));
     step.note = unknown_export_message(req->name);
+    return step;
+  }
+  if (uint32_t error = refusal(*e, &step.note)) {
+    step.reply = encode_option_error(option, error, step.note);
+    step.refused = true;
     return step;
   }
   auto append = [&](const Bytes& b) { step.reply.insert(step.reply.end(), b.begin(), b.end()); };
@@ -191,9 +284,15 @@ Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t
     step.reply = encode_option_error(option, kRepErrInvalid, "malformed request");
     return step;
   }
-  if (!exports_.find(req->export_name)) {
+  const ExportView* e = exports_.find(req->export_name);
+  if (!e) {
     step.reply =
         encode_option_error(option, kRepErrUnknown, unknown_export_message(req->export_name));
+    return step;
+  }
+  if (uint32_t error = refusal(*e, &step.note)) {
+    step.reply = encode_option_error(option, error, step.note);
+    step.refused = true;
     return step;
   }
   bool base = false, depth = false;

@@ -6,6 +6,25 @@
 // (NBD_FLAG_C_FIXED_NEWSTYLE is only a SHOULD) speaks plain newstyle: its one
 // option is NBD_OPT_EXPORT_NAME, and any other option closes the connection,
 // since plain newstyle has no option replies to refuse it with.
+//
+// TLS (doc/proto.md, "TLS support"): the listener's policy is off, optional
+// (SELECTIVETLS: exports marked tls_required refuse plain clients with
+// ERR_TLS_REQD and are left out of LIST) or required (FORCEDTLS: before
+// STARTTLS every option but STARTTLS and ABORT gets ERR_TLS_REQD, and
+// EXPORT_NAME closes). STARTTLS answers ACK and Action::kStartTls; the server
+// then throws away every byte it holds from the client, runs the TLS
+// handshake and calls tls_established(). What was negotiated in plain text
+// (structured replies, meta contexts) is forgotten then, so nothing a
+// man in the middle injected before TLS survives it.
+//
+// Authorization: an export with an allow list is only for clients whose TLS
+// identity (X.509 subject DN or PSK username) matches one of its entries
+// (exact, or an fnmatch(3) glob); others get ERR_POLICY and do not see it in
+// LIST.
+//
+// Bounds: a connection may send kMaxOptions options with kMaxOptionBytes of
+// payload in all before it is closed, so a client cannot keep a handshake
+// going (and the server busy) for ever.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +47,14 @@ struct ExportView {
   uint32_t min_block = 1;
   uint32_t pref_block = 4096;
   uint32_t max_block = 32 * 1024 * 1024;
+  // Only for clients that started TLS (under TlsPolicy::kOptional; under
+  // kRequired every client has).
+  bool tls_required = false;
+  // Identities allowed to see and use the export; empty: everyone.
+  std::vector<std::string> allow;
 };
+
+enum class TlsPolicy { kOff, kOptional, kRequired };
 
 class ExportCatalog {
  public:
@@ -46,16 +72,25 @@ class Handshake {
   // Longer option payloads than this are not even skipped: the connection is
   // closed (the limit qemu-nbd applies, NBD_MAX_BUFFER_SIZE).
   static constexpr uint32_t kMaxSkippedOptionLength = 32 * 1024 * 1024;
+  // Per connection: more options, or more payload bytes in all, close it.
+  // nbdinfo --list asks about three options per export; this leaves room for
+  // a thousand exports.
+  static constexpr uint32_t kMaxOptions = 4096;
+  static constexpr uint64_t kMaxOptionBytes = uint64_t{64} * 1024 * 1024;
 
-  enum class Action { kContinue, kTransmit, kClose };
+  // kStartTls: send the reply, drop every buffered client byte, run the TLS
+  // handshake, then call tls_established() (or close if it fails).
+  enum class Action { kContinue, kTransmit, kStartTls, kClose };
   struct Step {
     Bytes reply;
     Action action = Action::kContinue;
     const ExportView* export_view = nullptr;  // set with kTransmit
     std::string note;                         // for logs
+    bool refused = false;  // an export was refused by TLS or authorization policy
   };
 
-  explicit Handshake(const ExportCatalog& exports) : exports_(exports) {}
+  explicit Handshake(const ExportCatalog& exports, TlsPolicy tls = TlsPolicy::kOff)
+      : exports_(exports), tls_policy_(tls) {}
 
   Bytes greeting() const { return encode_greeting(kFlagFixedNewstyle | kFlagNoZeroes); }
   // False: the client sent unknown flags; close.
@@ -66,7 +101,12 @@ class Handshake {
   // an unknown option, ERR_TOO_BIG for a known one). kClose when no reply is
   // possible (EXPORT_NAME, plain newstyle) or the payload is over
   // kMaxSkippedOptionLength.
-  Step on_oversized_option(uint32_t option, uint32_t length) const;
+  Step on_oversized_option(uint32_t option, uint32_t length);
+  // TLS is up after kStartTls; `identity` is the client's verified X.509
+  // subject DN or PSK username, "" when it has none.
+  void tls_established(std::string identity);
+  bool tls() const { return tls_; }
+  const std::string& identity() const { return identity_; }
 
   bool structured_replies() const { return structured_; }
   bool meta_base_allocation() const { return meta_base_allocation_; }
@@ -78,9 +118,24 @@ class Handshake {
   Step info_or_go(uint32_t option, std::span<const uint8_t> data);
   Step list(uint32_t option, std::span<const uint8_t> data);
   Step meta_context(uint32_t option, std::span<const uint8_t> data);
+  Step start_tls(uint32_t option, std::span<const uint8_t> data);
+  // A close when this option takes the connection past kMaxOptions or
+  // kMaxOptionBytes.
+  bool over_limits(uint64_t payload_bytes, Step& step);
+  // Before STARTTLS under kRequired: the refusal every option but STARTTLS
+  // and ABORT gets.
+  bool tls_needed_first(uint32_t option, Step& step) const;
+  // Why `e` is not for this client: 0 (it is), kRepErrTlsReqd or
+  // kRepErrPolicy, with a message for the client and the log.
+  uint32_t refusal(const ExportView& e, std::string* why) const;
   static bool known_option(uint32_t option);
 
   const ExportCatalog& exports_;
+  const TlsPolicy tls_policy_;
+  bool tls_ = false;
+  std::string identity_;
+  uint32_t options_seen_ = 0;
+  uint64_t option_bytes_ = 0;
   bool fixed_newstyle_ = true;  // until the client's flags say otherwise
   bool no_zeroes_ = false;
   bool structured_ = false;

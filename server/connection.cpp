@@ -1,5 +1,6 @@
 #include "server/connection.h"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -42,14 +43,16 @@ struct Connection::Request {
   uint64_t accounted = 0;                // bytes taken from the budgets
 };
 
-Connection::Connection(Server& server, Socket socket, uint64_t id, std::string peer)
+Connection::Connection(Server& server, Socket socket, uint64_t id, std::string peer,
+                       nbd::TlsPolicy policy, std::shared_ptr<const TlsCredentials> tls)
     : server_(server),
       socket_(std::move(socket)),
       fd_(socket_.native_handle()),
       id_(id),
       peer_(std::move(peer)),
       limits_(server.config().limits),
-      handshake_(server.exports()),
+      handshake_(server.exports(), policy),
+      tls_credentials_(std::move(tls)),
       budget_(limits_.max_inflight_bytes),
       done_(socket_.get_executor(), asio::steady_timer::time_point::max()),
       started_(std::chrono::steady_clock::now()) {}
@@ -93,6 +96,12 @@ asio::awaitable<void> Connection::serve() {
   }
   std::error_code ec;
   if (in_transmission_ && !socket_.is_open()) {
+    if (tls_) {
+      // close_notify, if the socket takes it at once: never wait for a
+      // client that does not read.
+      ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) | O_NONBLOCK);
+      tls_->bye();
+    }
     ::shutdown(fd_, SHUT_RDWR);
     ::close(fd_);
   } else {
@@ -113,7 +122,11 @@ void Connection::start_transmission() {
     fd_ = fd;
   else
     spdlog::warn("conn {}: cannot take the socket from the reactor: {}", id_, rec.message());
-  transport_ = std::make_unique<SocketTransport>(fd_, kSendTimeoutMs);
+  if (tls_) {
+    transport_ = std::make_unique<TlsTransport>(*tls_, fd_, kSendTimeoutMs);
+  } else {
+    transport_ = std::make_unique<SocketTransport>(fd_, kSendTimeoutMs);
+  }
   executor_ = std::make_unique<RequestExecutor>(id_, *export_->device, export_->caps.has_extents,
                                                 session_, stats_);
   in_transmission_ = true;

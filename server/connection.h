@@ -45,6 +45,7 @@
 #include "server/read_side.h"
 #include "server/reply_batch.h"
 #include "server/request_reader.h"
+#include "server/tls.h"
 #include "server/transport.h"
 
 namespace strata {
@@ -55,7 +56,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
  public:
   using Socket = asio::generic::stream_protocol::socket;
 
-  Connection(Server& server, Socket socket, uint64_t id, std::string peer);
+  // `tls`: the listener's credentials, null when its TLS mode is off.
+  Connection(Server& server, Socket socket, uint64_t id, std::string peer, nbd::TlsPolicy policy,
+             std::shared_ptr<const TlsCredentials> tls);
   ~Connection();
 
   // Runs the whole connection; completes when it is closed. `self` keeps the
@@ -81,6 +84,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<bool> handshake();
   asio::awaitable<bool> async_read_exact(void* dst, size_t n) NO_THREAD_SAFETY_ANALYSIS;
   asio::awaitable<bool> async_discard(uint64_t n) NO_THREAD_SAFETY_ANALYSIS;
+  // The client's bytes, through TLS once it started: 0 at end of stream, on
+  // an error or when the socket was closed (timeout, stop).
+  asio::awaitable<size_t> async_receive(std::span<uint8_t> space);
+  asio::awaitable<bool> async_send(std::span<const uint8_t> bytes);
+  asio::awaitable<bool> async_wait_tls();
+  // After STARTTLS was acknowledged: drops what the client sent before, runs
+  // the TLS handshake. False: close.
+  asio::awaitable<bool> start_tls() NO_THREAD_SAFETY_ANALYSIS;
+  void log_step(const nbd::Handshake::Step& step) const;
 
   asio::awaitable<void> serve();
   void start_transmission();
@@ -117,6 +129,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   RequestReader reader_ GUARDED_BY(read_mu_);
   bool read_closed_ GUARDED_BY(read_mu_) = false;  // EOF, DISC, error or shutdown
 
+  const std::shared_ptr<const TlsCredentials> tls_credentials_;
+  std::unique_ptr<TlsSession> tls_;       // from STARTTLS; outlives transport_
   std::unique_ptr<Transport> transport_;  // from the start of transmission
   std::unique_ptr<RequestExecutor> executor_;
 

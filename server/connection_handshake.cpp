@@ -24,13 +24,54 @@ constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
 }  // namespace
 
+asio::awaitable<bool> Connection::async_wait_tls() {
+  const auto way =
+      tls_->wants_write() ? asio::socket_base::wait_write : asio::socket_base::wait_read;
+  auto [ec] = co_await socket_.async_wait(way, use_nothrow);
+  co_return !ec;  // a timeout or stop closed the socket
+}
+
+asio::awaitable<size_t> Connection::async_receive(std::span<uint8_t> space) {
+  if (!tls_) {
+    auto [ec, got] =
+        co_await socket_.async_read_some(asio::buffer(space.data(), space.size()), use_nothrow);
+    co_return ec ? 0 : got;
+  }
+  for (;;) {
+    const ssize_t got = tls_->recv(space.data(), space.size());
+    if (got >= 0) co_return static_cast<size_t>(got);
+    if (got == TlsSession::kFailed) {
+      spdlog::warn("conn {}: peer={} TLS: {}", id_, peer_, tls_->error());
+      co_return 0;
+    }
+    if (!co_await async_wait_tls()) co_return 0;
+  }
+}
+
+asio::awaitable<bool> Connection::async_send(std::span<const uint8_t> bytes) {
+  if (!tls_) {
+    auto [ec, n] =
+        co_await asio::async_write(socket_, asio::buffer(bytes.data(), bytes.size()), use_nothrow);
+    co_return !ec;
+  }
+  while (!bytes.empty()) {
+    const ssize_t n = tls_->send(bytes.data(), bytes.size());
+    if (n == TlsSession::kFailed) co_return false;
+    if (n == TlsSession::kAgain) {
+      if (!co_await async_wait_tls()) co_return false;
+      continue;
+    }
+    bytes = bytes.subspan(static_cast<size_t>(n));
+  }
+  co_return true;
+}
+
 asio::awaitable<bool> Connection::async_discard(uint64_t n) {
   n -= reader_.skip(n);
   while (n > 0) {
     auto space = reader_.free_space();
-    auto [ec, got] =
-        co_await socket_.async_read_some(asio::buffer(space.data(), space.size()), use_nothrow);
-    if (ec) co_return false;
+    const size_t got = co_await async_receive(space);
+    if (got == 0) co_return false;
     reader_.appended(got);
     n -= reader_.skip(n);  // bytes past the payload stay buffered for what follows
   }
@@ -42,20 +83,62 @@ asio::awaitable<bool> Connection::async_read_exact(void* dst, size_t n) {
   const size_t have = reader_.take(out, n);
   out += have;
   n -= have;
-  if (n == 0) co_return true;
-  if (n >= RequestReader::kCapacity / 2) {
-    auto [ec, got] = co_await asio::async_read(socket_, asio::buffer(out, n), use_nothrow);
-    co_return !ec;
+  while (n >= RequestReader::kCapacity / 2) {  // a long payload: straight to its buffer
+    const size_t got = co_await async_receive({out, n});
+    if (got == 0) co_return false;
+    out += got;
+    n -= got;
   }
   while (reader_.buffered() < n) {
-    auto space = reader_.free_space();
-    auto [ec, got] =
-        co_await socket_.async_read_some(asio::buffer(space.data(), space.size()), use_nothrow);
-    if (ec) co_return false;
+    const size_t got = co_await async_receive(reader_.free_space());
+    if (got == 0) co_return false;
     reader_.appended(got);
   }
   reader_.take(out, n);
   co_return true;
+}
+
+asio::awaitable<bool> Connection::start_tls() {
+  // Every byte the client sent before our ACK was sent before it could know
+  // TLS would start: it is not part of the TLS stream, and acting on it
+  // would let a man in the middle inject options (CVE-2021-3716).
+  if (const size_t dropped = reader_.skip(reader_.buffered())) {
+    spdlog::warn("conn {}: peer={} dropped {} bytes sent before the TLS handshake", id_, peer_,
+                 dropped);
+  }
+  std::error_code ec;
+  socket_.native_non_blocking(true, ec);
+  try {
+    tls_ = std::make_unique<TlsSession>(tls_credentials_, fd_);
+  } catch (const std::exception& e) {
+    spdlog::error("conn {}: {}", id_, e.what());
+    co_return false;
+  }
+  for (;;) {
+    const ssize_t r = tls_->handshake_step();
+    if (r == 0) break;
+    if (r == TlsSession::kFailed) {
+      spdlog::warn("conn {}: peer={} TLS handshake failed: {}", id_, peer_, tls_->error());
+      co_return false;
+    }
+    if (!co_await async_wait_tls()) co_return false;
+  }
+  handshake_.tls_established(tls_->identity());
+  spdlog::info("conn {}: peer={} TLS {} identity='{}'", id_, peer_, tls_->describe(),
+               handshake_.identity());
+  co_return true;
+}
+
+void Connection::log_step(const nbd::Handshake::Step& step) const {
+  if (step.note.empty()) return;
+  if (step.refused) {
+    spdlog::warn("conn {}: peer={} identity='{}' refused: {}", id_, peer_, handshake_.identity(),
+                 step.note);
+  } else if (step.action == nbd::Handshake::Action::kClose) {
+    spdlog::info("conn {}: peer={} closing: {}", id_, peer_, step.note);
+  } else {
+    spdlog::debug("conn {}: {}", id_, step.note);
+  }
 }
 
 asio::awaitable<bool> Connection::handshake() {
@@ -80,9 +163,7 @@ asio::awaitable<bool> Connection::handshake() {
     }
   } cancel_timer{timer};
 
-  auto greeting = handshake_.greeting();
-  auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(greeting), use_nothrow);
-  if (ec) co_return false;
+  if (!co_await async_send(handshake_.greeting())) co_return false;
   uint8_t flags_buf[4];
   if (!co_await async_read_exact(flags_buf, 4)) co_return false;
   std::string why;
@@ -111,12 +192,12 @@ asio::awaitable<bool> Connection::handshake() {
       if (!co_await async_read_exact(data.data(), data.size())) co_return false;
       step = handshake_.on_option(opt.option, data);
     }
-    if (!step.note.empty()) spdlog::debug("conn {}: {}", id_, step.note);
-    if (!step.reply.empty()) {
-      auto [wec, wn] = co_await asio::async_write(socket_, asio::buffer(step.reply), use_nothrow);
-      if (wec) co_return false;
-    }
+    log_step(step);
+    if (!step.reply.empty() && !co_await async_send(step.reply)) co_return false;
     if (step.action == nbd::Handshake::Action::kClose) co_return false;
+    if (step.action == nbd::Handshake::Action::kStartTls && !co_await start_tls()) {
+      co_return false;
+    }
     if (step.action == nbd::Handshake::Action::kTransmit) {
       export_ = server_.exports().by_view(step.export_view);
       session_ = nbd::Session{.size = export_->view.size,
@@ -126,8 +207,9 @@ asio::awaitable<bool> Connection::handshake() {
                               .structured = handshake_.structured_replies(),
                               .base_allocation = handshake_.meta_base_allocation(),
                               .allocation_depth = handshake_.meta_allocation_depth()};
-      spdlog::info("conn {}: peer={} export='{}' structured={} flags={:#x}", id_, peer_,
-                   export_->config.name, session_.structured, session_.tx_flags);
+      spdlog::info("conn {}: peer={} export='{}' structured={} flags={:#x} tls={}", id_, peer_,
+                   export_->config.name, session_.structured, session_.tx_flags,
+                   tls_ ? "yes" : "no");
       co_return !stopping_;
     }
   }

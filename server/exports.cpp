@@ -43,6 +43,8 @@ ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& configs) {
     e->view.min_block = std::max<uint32_t>(bs.minimum, 1);
     e->view.pref_block = std::max(bs.preferred, e->view.min_block);
     e->view.max_block = std::min<uint32_t>(bs.maximum, kMaxRequestBytes);
+    e->view.tls_required = cfg.tls_required;
+    e->view.allow = cfg.allow;
     spdlog::info("export '{}': {} {} ({} bytes){}", cfg.name, e->device->format(), cfg.path,
                  e->view.size, e->caps.read_only ? ", read-only" : "");
     exports_.push_back(std::move(e));

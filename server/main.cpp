@@ -29,7 +29,7 @@ struct ServeArgs {
   std::string export_name = "default";
   std::string description;
   int port = -1;
-  std::string bind = "0.0.0.0";
+  std::string bind = kDefaultListenAddress;
   std::vector<std::string> sockets;
   bool read_only = false;
   std::vector<std::string> allowed_dirs;
@@ -41,7 +41,36 @@ struct ServeArgs {
   uint32_t handshake_timeout_ms = 0;
   uint32_t workers = 0;
   std::string max_total_inflight;
+  std::string tls;
+  std::string tls_certificates;
+  std::string tls_psk;
+  bool tls_verify_peer = false;
+  std::string tls_priority;
 };
+
+// The --tls* options, over the config file's top-level "tls" when both are
+// given (then every listener without its own "tls" takes them).
+void apply_tls_args(const ServeArgs& a, Config& c) {
+  const bool given = !a.tls.empty() || !a.tls_certificates.empty() || !a.tls_psk.empty() ||
+                     a.tls_verify_peer || !a.tls_priority.empty();
+  if (!given) return;
+  TlsConfig t = c.tls;
+  if (!a.tls.empty()) {
+    auto m = parse_tls_mode(a.tls);
+    if (!m) throw ConfigError("--tls: '" + a.tls + "' is not one of off, on, require");
+    t.mode = *m;
+  } else if (t.mode == TlsMode::off) {
+    t.mode = TlsMode::require;  // credentials alone mean TLS, as in qemu-nbd
+  }
+  if (!a.tls_certificates.empty()) t.certificates = a.tls_certificates;
+  if (!a.tls_psk.empty()) t.psk_file = a.tls_psk;
+  if (a.tls_verify_peer) t.verify_peer = true;
+  if (!a.tls_priority.empty()) t.priority = a.tls_priority;
+  for (auto& l : c.listeners) {
+    if (!l.own_tls) l.tls = t;
+  }
+  c.tls = t;
+}
 
 // CLI11 lets an option that fills a vector swallow every following word, so
 // `serve --allowed-dir /srv IMAGE` took IMAGE for a second directory and
@@ -115,6 +144,7 @@ Config config_from_args(ServeArgs& a) {
       c.listeners.push_back(l);
     }
   }
+  apply_tls_args(a, c);
   if (!a.log_level.empty()) c.log_level = a.log_level;
   if (a.max_connections) c.limits.max_connections = a.max_connections;
   if (a.handshake_timeout_ms) c.limits.handshake_timeout_ms = a.handshake_timeout_ms;
@@ -177,6 +207,16 @@ int run_command_line(int argc, char** argv) {
   serve_cmd->add_option("--max-total-inflight-bytes", sa.max_total_inflight,
                         "Request and reply payload held in memory by all connections "
                         "together (default 1G)");
+  serve_cmd->add_option("--tls", sa.tls, "off, on (plain and TLS clients) or require")
+      ->check(CLI::IsMember({"off", "on", "require"}));
+  serve_cmd->add_option("--tls-certificates", sa.tls_certificates,
+                        "Directory with ca-cert.pem, server-cert.pem, server-key.pem "
+                        "(and ca-crl.pem)");
+  serve_cmd->add_option("--tls-psk", sa.tls_psk, "PSK file (psktool's username:hexkey lines)");
+  serve_cmd->add_flag("--tls-verify-peer", sa.tls_verify_peer,
+                      "Require a client certificate signed by the CA");
+  serve_cmd->add_option("--tls-priority", sa.tls_priority,
+                        "GnuTLS priority string (default: the system's)");
 
   ToolOptions topt;
   std::string tool_format = "auto";

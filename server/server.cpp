@@ -18,7 +18,40 @@ Server::Server(Config config)
     : config_(std::move(config)),
       memory_(config_.limits.max_total_inflight_bytes),
       signals_(io_, SIGINT, SIGTERM) {
+  // Credentials first: a bad key or certificate is refused before any
+  // image is opened.
+  for (const auto& l : config_.listeners) listener_tls_.push_back(load_tls(l.tls));
   exports_ = std::make_unique<ExportRegistry>(config_.exports);
+}
+
+Server::ListenerTls Server::load_tls(const TlsConfig& config) {
+  ListenerTls t;
+  switch (config.mode) {
+    case TlsMode::off:
+      return t;
+    case TlsMode::on:
+      t.policy = nbd::TlsPolicy::kOptional;
+      break;
+    case TlsMode::require:
+      t.policy = nbd::TlsPolicy::kRequired;
+      break;
+  }
+  t.credentials = TlsCredentials::load(config);
+  return t;
+}
+
+void Server::warn_if_exposed(const ListenerConfig& l) const {
+  if (is_loopback(l) || l.tls.mode != TlsMode::off) return;
+  std::string writable;
+  for (const auto& e : config_.exports) {
+    if (!e.read_only) writable += (writable.empty() ? "'" : ", '") + e.name + "'";
+  }
+  if (writable.empty()) return;
+  spdlog::warn(
+      "listening on {}:{} without TLS while serving writable exports {}: anyone who can reach "
+      "this address can read and write them. Turn on TLS (--tls=require with "
+      "--tls-certificates DIR or --tls-psk FILE) or bind to 127.0.0.1",
+      l.address, l.port, writable);
 }
 
 Server::~Server() {
@@ -26,7 +59,8 @@ Server::~Server() {
 }
 
 void Server::listen() {
-  for (const auto& l : config_.listeners) {
+  for (size_t i = 0; i < config_.listeners.size(); ++i) {
+    const auto& l = config_.listeners[i];
     if (l.kind == ListenerConfig::Kind::tcp) {
       std::error_code ec;
       auto addr = asio::ip::make_address(l.address, ec);
@@ -41,8 +75,10 @@ void Server::listen() {
         throw std::system_error(ec, "cannot listen on " + l.address + ":" + std::to_string(l.port));
       }
       a->listen(asio::socket_base::max_listen_connections);
-      spdlog::info("listening on {}:{}", l.address, a->local_endpoint().port());
-      tcp_.push_back(std::move(a));
+      spdlog::info("listening on {}:{} (TLS {})", l.address, a->local_endpoint().port(),
+                   to_string(l.tls.mode));
+      warn_if_exposed(l);
+      tcp_.emplace_back(std::move(a), listener_tls_[i]);
     } else {
       std::error_code ec;
       struct stat st;
@@ -53,9 +89,9 @@ void Server::listen() {
       a->bind(ep, ec);
       if (ec) throw std::system_error(ec, "cannot listen on unix socket " + l.path);
       a->listen(asio::socket_base::max_listen_connections);
-      spdlog::info("listening on unix socket {}", l.path);
+      spdlog::info("listening on unix socket {} (TLS {})", l.path, to_string(l.tls.mode));
       unix_paths_.push_back(l.path);
-      unix_.push_back(std::move(a));
+      unix_.emplace_back(std::move(a), listener_tls_[i]);
     }
   }
 }
@@ -63,19 +99,20 @@ void Server::listen() {
 std::vector<std::string> Server::uris() const {
   std::vector<std::string> out;
   std::string name = config_.exports.front().name;
-  for (const auto& a : tcp_) {
+  for (const auto& [a, tls] : tcp_) {
     auto ep = a->local_endpoint();
     std::string host = ep.address().to_string();
     if (ep.address().is_unspecified()) host = "localhost";
     if (ep.address().is_v6() && host != "localhost") host = "[" + host + "]";
-    out.push_back("nbd://" + host + ":" + std::to_string(ep.port()) + "/" + name);
+    const char* scheme = tls.policy == nbd::TlsPolicy::kRequired ? "nbds://" : "nbd://";
+    out.push_back(scheme + host + ":" + std::to_string(ep.port()) + "/" + name);
   }
   for (const auto& p : unix_paths_) out.push_back("nbd+unix:///" + name + "?socket=" + p);
   return out;
 }
 
 template <class Acceptor>
-asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what) {
+asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, ListenerTls tls) {
   for (;;) {
     auto [ec, sock] =
         co_await acceptor.async_accept(asio::experimental::as_tuple(asio::use_awaitable));
@@ -99,7 +136,8 @@ asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what) 
       continue;
     }
     uint64_t id = next_id_++;
-    auto conn = std::make_shared<Connection>(*this, Connection::Socket(std::move(sock)), id, peer);
+    auto conn = std::make_shared<Connection>(*this, Connection::Socket(std::move(sock)), id, peer,
+                                             tls.policy, tls.credentials);
     connections_[id] = conn;
     asio::co_spawn(io_, Connection::run(conn), asio::detached);
   }
@@ -120,8 +158,8 @@ void Server::begin_shutdown() {
   stopping_ = true;
   spdlog::info("shutting down: {} connection(s) to finish", connections_.size());
   std::error_code ec;
-  for (auto& a : tcp_) a->close(ec);
-  for (auto& a : unix_) a->close(ec);
+  for (auto& [a, tls] : tcp_) a->close(ec);
+  for (auto& [a, tls] : unix_) a->close(ec);
   signals_.cancel(ec);
   for (auto& [id, weak] : connections_) {
     if (auto c = weak.lock()) c->shutdown();
@@ -152,8 +190,8 @@ int Server::run() {
     spdlog::info("received signal {}", sig);
     begin_shutdown();
   });
-  for (auto& a : tcp_) asio::co_spawn(io_, accept_loop(*a, "tcp"), asio::detached);
-  for (auto& a : unix_) asio::co_spawn(io_, accept_loop(*a, "unix"), asio::detached);
+  for (auto& [a, tls] : tcp_) asio::co_spawn(io_, accept_loop(*a, "tcp", tls), asio::detached);
+  for (auto& [a, tls] : unix_) asio::co_spawn(io_, accept_loop(*a, "unix", tls), asio::detached);
   io_.run();
   int status = 0;
   for (auto& e : exports_->exports()) {

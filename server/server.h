@@ -17,6 +17,7 @@
 #include "config/config.h"
 #include "server/exports.h"
 #include "server/memory_budget.h"
+#include "server/tls.h"
 
 namespace strata {
 
@@ -47,8 +48,16 @@ class Server {
   void connection_closed(uint64_t id);
 
  private:
+  // What a listener's connections need to know about TLS.
+  struct ListenerTls {
+    nbd::TlsPolicy policy = nbd::TlsPolicy::kOff;
+    std::shared_ptr<const TlsCredentials> credentials;  // null when off
+  };
+  static ListenerTls load_tls(const TlsConfig& config);
+  void warn_if_exposed(const ListenerConfig& l) const;
+
   template <class Acceptor>
-  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what);
+  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what, ListenerTls tls);
   void begin_shutdown();
   void drain_timed_out();
 
@@ -57,8 +66,10 @@ class Server {
   asio::io_context io_{1};
   asio::steady_timer drain_timer_{io_};
   std::unique_ptr<ExportRegistry> exports_;
-  std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
-  std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_;
+  std::vector<ListenerTls> listener_tls_;  // by config_.listeners index
+  std::vector<std::pair<std::unique_ptr<asio::ip::tcp::acceptor>, ListenerTls>> tcp_;
+  std::vector<std::pair<std::unique_ptr<asio::local::stream_protocol::acceptor>, ListenerTls>>
+      unix_;
   std::vector<std::string> unix_paths_;
   asio::signal_set signals_;
   std::map<uint64_t, std::weak_ptr<Connection>> connections_;

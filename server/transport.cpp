@@ -10,13 +10,17 @@
 
 namespace strata {
 
-SocketTransport::SocketTransport(int fd, int send_timeout_ms) : fd_(fd) {
+void make_blocking_with_send_timeout(int fd, int send_timeout_ms) {
   // Blocking from here on: the transmission threads wait in recv and send,
   // not in a reactor.
-  const int fl = ::fcntl(fd_, F_GETFL);
-  if (fl >= 0) ::fcntl(fd_, F_SETFL, fl & ~O_NONBLOCK);
+  const int fl = ::fcntl(fd, F_GETFL);
+  if (fl >= 0) ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   timeval tv{send_timeout_ms / 1000, static_cast<suseconds_t>(send_timeout_ms % 1000) * 1000};
-  ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+SocketTransport::SocketTransport(int fd, int send_timeout_ms) : fd_(fd) {
+  make_blocking_with_send_timeout(fd_, send_timeout_ms);
 }
 
 ssize_t SocketTransport::recv_some(void* dst, size_t n) {

@@ -32,6 +32,10 @@ class Transport {
   virtual void shutdown(int how) = 0;
 };
 
+// Makes a connected socket blocking, with a send timeout so a peer that
+// does not read its replies cannot hold a thread for ever.
+void make_blocking_with_send_timeout(int fd, int send_timeout_ms);
+
 // A connected stream socket (TCP or unix), blocking, with a send timeout so a
 // peer that does not read its replies cannot hold a thread for ever. Does
 // not own the descriptor.
