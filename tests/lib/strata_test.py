@@ -34,7 +34,7 @@ def run(cmd, check=True, **kw):
     return p
 
 
-SERVING_TCP = re.compile(r"^serving nbd://(?:\[[^\]]*\]|[^:/]+):(\d+)/", re.M)
+SERVING_TCP = re.compile(r"^serving nbds?://(?:\[[^\]]*\]|[^:/]+):(\d+)/", re.M)
 
 
 def tcp_port_from_output(text):
