@@ -129,3 +129,54 @@ TEST_CASE("every example config in config/examples parses") {
     CHECK_FALSE(c.listeners.empty());
   }
 }
+
+TEST_CASE("tls: the top-level settings apply to every listener without its own") {
+  auto c = parse_config_text(R"({
+    "tls": {"mode": "require", "certificates": "/etc/strata/tls", "verify_peer": true,
+            "priority": "NORMAL"},
+    "listeners": [{"type": "tcp", "port": 1},
+                  {"type": "unix", "path": "/run/s.sock", "tls": {"mode": "off"}}],
+    "exports": [{"name": "a", "path": "/img/a.raw", "tls_required": true,
+                 "allow": ["CN=backup,O=Example", "alice"]}]})");
+  REQUIRE(c.listeners.size() == 2);
+  CHECK(c.listeners[0].tls.mode == TlsMode::require);
+  CHECK(c.listeners[0].tls.certificates == "/etc/strata/tls");
+  CHECK(c.listeners[0].tls.verify_peer);
+  CHECK(c.listeners[0].tls.priority == "NORMAL");
+  CHECK_FALSE(c.listeners[0].own_tls);
+  CHECK(c.listeners[1].tls.mode == TlsMode::off);
+  CHECK(c.listeners[1].own_tls);
+  CHECK(c.exports[0].tls_required);
+  CHECK(c.exports[0].allow == std::vector<std::string>{"CN=backup,O=Example", "alice"});
+}
+
+TEST_CASE("tls errors name the key") {
+  const std::string ex = R"("exports": [{"name": "a", "path": "/a"}])";
+  CHECK(error_of(R"({"tls": {"mode": "maybe"}, )" + ex + "}") ==
+        "tls.mode: 'maybe' is not one of off, on, require");
+  CHECK(error_of(R"({"tls": {"mode": "on"}, )" + ex + "}") ==
+        "tls: TLS mode on needs certificates (a directory) or psk_file");
+  CHECK(error_of(R"({"tls": {"mode": "require", "psk_file": "/k", "verify_peer": true}, )" + ex +
+                 "}") ==
+        "tls.verify_peer: checks X.509 client certificates: give certificates too");
+  CHECK(error_of(R"({"tls": {"mode": "on", "cert": "/d"}, )" + ex + "}") ==
+        "tls.cert: unknown key");
+  CHECK(error_of(R"({"listeners": [{"tls": {"mode": "require"}}], )" + ex + "}") ==
+        "listeners[0].tls: TLS mode require needs certificates (a directory) or psk_file");
+  CHECK(error_of(R"({"exports": [{"name": "a", "path": "/a", "allow": "alice"}]})") ==
+        "exports[0].allow: must be an array of strings");
+  CHECK(error_of(R"({"exports": [{"name": "a", "path": "/a", "allow": [""]}]})") ==
+        "exports[0].allow[0]: must be a non-empty string");
+}
+
+TEST_CASE("a TCP listener binds loopback unless told otherwise") {
+  auto c = parse_config_text(R"({"listeners": [{"type": "tcp"}],
+                                 "exports": [{"name": "a", "path": "/a"}]})");
+  CHECK(c.listeners[0].address == "127.0.0.1");
+  CHECK(is_loopback(c.listeners[0]));
+  ListenerConfig any;
+  any.address = "0.0.0.0";
+  CHECK_FALSE(is_loopback(any));
+  any.address = "::1";
+  CHECK(is_loopback(any));
+}
