@@ -40,18 +40,22 @@ Server::ListenerTls Server::load_tls(const TlsConfig& config) {
   return t;
 }
 
-void Server::warn_if_exposed(const ListenerConfig& l) const {
-  if (is_loopback(l) || l.tls.mode != TlsMode::off) return;
+void Server::warn_if_exposed(const ListenerConfig& l, uint16_t port) const {
+  // Under TLS mode "on", exports without tls_required are open to plain
+  // clients too.
+  if (is_loopback(l) || l.tls.mode == TlsMode::require) return;
   std::string writable;
   for (const auto& e : config_.exports) {
-    if (!e.read_only) writable += (writable.empty() ? "'" : ", '") + e.name + "'";
+    if (e.read_only || (l.tls.mode == TlsMode::on && e.tls_required)) continue;
+    writable += (writable.empty() ? "'" : ", '") + e.name + "'";
   }
   if (writable.empty()) return;
   spdlog::warn(
-      "listening on {}:{} without TLS while serving writable exports {}: anyone who can reach "
-      "this address can read and write them. Turn on TLS (--tls=require with "
-      "--tls-certificates DIR or --tls-psk FILE) or bind to 127.0.0.1",
-      l.address, l.port, writable);
+      "listening on {}:{} without TLS for writable exports {} (plain-text clients may use "
+      "them): anyone who can reach this address can read and write them. Require TLS "
+      "(--tls=require with --tls-certificates DIR or --tls-psk FILE, or tls_required on the "
+      "export) or bind to 127.0.0.1",
+      l.address, port, writable);
 }
 
 Server::~Server() {
@@ -77,7 +81,7 @@ void Server::listen() {
       a->listen(asio::socket_base::max_listen_connections);
       spdlog::info("listening on {}:{} (TLS {})", l.address, a->local_endpoint().port(),
                    to_string(l.tls.mode));
-      warn_if_exposed(l);
+      warn_if_exposed(l, a->local_endpoint().port());
       tcp_.emplace_back(std::move(a), listener_tls_[i]);
     } else {
       std::error_code ec;

@@ -54,7 +54,9 @@ class Server {
     std::shared_ptr<const TlsCredentials> credentials;  // null when off
   };
   static ListenerTls load_tls(const TlsConfig& config);
-  void warn_if_exposed(const ListenerConfig& l) const;
+  // The start-up warning for a listener that lets plain-text clients from
+  // other hosts write.
+  void warn_if_exposed(const ListenerConfig& l, uint16_t port) const;
 
   template <class Acceptor>
   asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what, ListenerTls tls);

@@ -187,15 +187,12 @@ void TlsCredentials::load_psk(const std::string& file) {
 void TlsCredentials::load_priority(const std::string& priority) {
   std::string extra = kNoOldVersions;
   if (psk_) extra += std::string(":") + kPskExchanges;
+  // error_at points into the string given to GnuTLS: it must outlive the message.
+  const std::string full = priority.empty() ? extra : priority + ":" + extra;
   const char* error_at = nullptr;
-  int rc;
-  if (priority.empty()) {
-    rc = gnutls_priority_init2(&priority_, extra.c_str(), &error_at,
-                               GNUTLS_PRIORITY_INIT_DEF_APPEND);
-  } else {
-    const std::string full = priority + ":" + extra;
-    rc = gnutls_priority_init(&priority_, full.c_str(), &error_at);
-  }
+  const int rc = priority.empty() ? gnutls_priority_init2(&priority_, full.c_str(), &error_at,
+                                                          GNUTLS_PRIORITY_INIT_DEF_APPEND)
+                                  : gnutls_priority_init(&priority_, full.c_str(), &error_at);
   if (rc < 0) {
     throw ConfigError("tls.priority: '" + priority + "' is refused by GnuTLS" +
                       (error_at ? std::string(" at '") + error_at + "'" : std::string()) + ": " +
@@ -265,7 +262,8 @@ ssize_t TlsSession::handshake_step() {
     }
     return kFailed;
   }
-  if (credentials_->verify_peer() && gnutls_certificate_type_get(session_) == GNUTLS_CRT_X509) {
+  // A PSK client proved itself with its key; verify_peer is about certificates.
+  if (credentials_->verify_peer() && gnutls_auth_get_type(session_) == GNUTLS_CRD_CERTIFICATE) {
     unsigned status = 0;
     const int rc = gnutls_certificate_verify_peers2(session_, &status);
     if (rc < 0 || status != 0) {

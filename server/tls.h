@@ -78,7 +78,7 @@ class TlsSession {
   ssize_t handshake_step();
   // The client's identity once the handshake is complete ("" if none).
   std::string identity() const;
-  // A short description of the session ("TLS1.3 AES-256-GCM PSK").
+  // GnuTLS's description of the session, e.g. "(TLS1.3)-(ECDHE-SECP256R1)-...".
   std::string describe() const;
 
   // Non-blocking or blocking, as the socket is: bytes, 0 at a clean end of

@@ -1,16 +1,22 @@
 """python3-libnbd: 64 mixed async reads and writes in flight, every byte verified;
-two connections see each other's flushed writes."""
+two connections see each other's flushed writes. Each runs in plain text and
+over TLS (PSK): one thread receives while another sends on one TLS session."""
 import os
 import random
 
 import nbd
 
-from strata_test import Server, file_bytes, main, workdir
+from strata_test import Server, file_bytes, main, tls_psk, workdir
 
 SIZE = 32 << 20
 
 
-def test_64_async_requests_in_flight():
+def server_args(d, tls):
+    """The extra server arguments and the client's TLS settings."""
+    return tls_psk(d) if tls else ([], None)
+
+
+def test_64_async_requests_in_flight(tls=False):
     rnd = random.Random(42)
     with workdir() as d:
         img = os.path.join(d, "disk.raw")
@@ -18,8 +24,10 @@ def test_64_async_requests_in_flight():
         with open(img, "wb") as f:
             f.write(initial)
         expected = bytearray(initial)
-        with Server(img, "--format", "raw") as srv:
+        args, client = server_args(d, tls)
+        with Server(img, "--format", "raw", *args, tls_client=client) as srv:
             h = nbd.NBD()
+            h.set_uri_allow_local_file(True)
             h.connect_uri(srv.uri)
             # Writes go to disjoint 64K slots so in-flight order cannot matter;
             # reads target slots no write touches, and are checked against `expected`.
@@ -71,15 +79,18 @@ def test_64_async_requests_in_flight():
         assert file_bytes(img) == expected
 
 
-def test_two_connections_see_flushed_writes():
+def test_two_connections_see_flushed_writes(tls=False):
     with workdir() as d:
         img = os.path.join(d, "disk.raw")
         with open(img, "wb") as f:
             f.truncate(4 << 20)
-        with Server(img, "--format", "raw") as srv:
+        args, client = server_args(d, tls)
+        with Server(img, "--format", "raw", *args, tls_client=client) as srv:
             a = nbd.NBD()
+            a.set_uri_allow_local_file(True)
             a.connect_uri(srv.uri)
             b = nbd.NBD()
+            b.set_uri_allow_local_file(True)
             b.connect_uri(srv.uri)
             assert a.can_multi_conn()
             a.pwrite(b"A" * 4096, 8192)
@@ -87,9 +98,21 @@ def test_two_connections_see_flushed_writes():
             assert b.pread(4096, 8192) == b"A" * 4096
             b.pwrite(b"B" * 512, 100000, nbd.CMD_FLAG_FUA)
             assert a.pread(512, 100000) == b"B" * 512
+            if tls:
+                assert a.get_tls_negotiated() and b.get_tls_negotiated()
             a.shutdown()
             b.shutdown()
 
 
+def test_64_async_requests_in_flight_over_tls():
+    test_64_async_requests_in_flight(tls=True)
+
+
+def test_two_connections_see_flushed_writes_over_tls():
+    test_two_connections_see_flushed_writes(tls=True)
+
+
 if __name__ == "__main__":
-    main([test_64_async_requests_in_flight, test_two_connections_see_flushed_writes])
+    main([test_64_async_requests_in_flight, test_two_connections_see_flushed_writes,
+          test_64_async_requests_in_flight_over_tls,
+          test_two_connections_see_flushed_writes_over_tls])

@@ -55,7 +55,10 @@ class Server:
     """
 
     def __init__(self, *args, export="test", tcp=False, unix=True, config=None,
-                 expect_fail=False, env=None, bind="127.0.0.1", cwd=None):
+                 expect_fail=False, env=None, bind="127.0.0.1", cwd=None, tls_client=None):
+        # tls_client: (URI query, username or None) for a server started with
+        # --tls require (see tls_psk); .uri and .tcp_uri are nbds then.
+        self.tls_query, self.tls_user = tls_client or (None, None)
         self.tmp = tempfile.mkdtemp(prefix="strata-srv-")
         self.export = export
         self.sock = os.path.join(self.tmp, "nbd.sock") if unix else None
@@ -123,13 +126,19 @@ class Server:
     @property
     def uri(self):
         if self.sock:
-            return f"nbd+unix:///{self.export}?socket={self.sock}"
-        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+            return self._uri("+unix", "", f"socket={self.sock}")
+        return self._uri("", f"127.0.0.1:{self.port}", None)
 
     @property
     def tcp_uri(self):
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"nbd://{host}:{self.port}/{self.export}"
+        return self._uri("", f"{host}:{self.port}", None)
+
+    def _uri(self, transport, host, query):
+        scheme = ("nbds" if self.tls_query else "nbd") + transport
+        user = f"{self.tls_user}@" if self.tls_user else ""
+        q = "&".join(x for x in (query, self.tls_query) if x)
+        return f"{scheme}://{user}{host}/{self.export}" + (f"?{q}" if q else "")
 
     def connect_raw(self):
         """A plain socket to the server, for hand-made protocol traffic."""
@@ -182,6 +191,17 @@ class Server:
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def tls_psk(d, user="alice"):
+    """A PSK file in d, in psktool's "username:hexkey" format: the server
+    arguments that require TLS with it, and what a libnbd URI needs to use it
+    (pass it as Server(..., tls_client=...)): the query and the username,
+    which libnbd 1.14 takes from the URI's user part only."""
+    path = os.path.join(d, "keys.psk")
+    with open(path, "w") as f:
+        f.write(f"{user}:{os.urandom(32).hex()}\n")
+    return ["--tls", "require", "--tls-psk", path], (f"tls-psk-file={path}", user)
 
 
 @contextlib.contextmanager
