@@ -106,6 +106,7 @@ asio::awaitable<bool> Connection::start_tls() {
     spdlog::warn("conn {}: peer={} dropped {} bytes sent before the TLS handshake", id_, peer_,
                  dropped);
   }
+  if (!tls_credentials_) co_return false;  // STARTTLS is only acknowledged with TLS configured
   std::error_code ec;
   socket_.native_non_blocking(true, ec);
   try {

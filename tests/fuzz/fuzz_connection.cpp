@@ -230,8 +230,8 @@ std::weak_ptr<Connection> start_connection(int fd) {
   asio::post(g_world->server->io(), [&] {
     Connection::Socket sock(g_world->server->io(),
                             asio::generic::stream_protocol(AF_UNIX, SOCK_STREAM), fd);
-    auto conn =
-        std::make_shared<Connection>(*g_world->server, std::move(sock), g_world->next_id++, "fuzz");
+    auto conn = std::make_shared<Connection>(*g_world->server, std::move(sock), g_world->next_id++,
+                                             "fuzz", nbd::TlsPolicy::kOff, nullptr);
     asio::co_spawn(g_world->server->io(), Connection::run(conn), asio::detached);
     made.set_value(conn);
   });

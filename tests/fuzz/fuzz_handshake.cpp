@@ -21,7 +21,13 @@
 //    ones it replied with, and none after it failed (the option replaces
 //    them "including when this command fails");
 //  - the decoders are lossless: a decoded request or option payload, encoded
-//    again, gives the same bytes.
+//    again, gives the same bytes;
+//  - TLS and authorization (the policy is picked from the input's length):
+//    no export is entered before STARTTLS under TlsPolicy::kRequired, and
+//    every option but STARTTLS and ABORT gets ERR_TLS_REQD there; STARTTLS is
+//    acknowledged only once and never without TLS configured; the export
+//    with an allow list is never entered by a client whose identity does not
+//    match it.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -52,6 +58,7 @@ class Catalog final : public ExportCatalog {
     ro_.tx_flags = kTxHasFlags | kTxReadOnly;
     ro_.min_block = 512;
     ro_.pref_block = 64 * 1024;
+    ro_.allow = {"CN=ok*"};
   }
   const ExportView* find(std::string_view name) const override {
     if (name.empty() || name == disk_.name) return &disk_;
@@ -97,7 +104,8 @@ bool is_error(uint32_t type) { return type & 0x80000000u; }
 class Harness {
  public:
   void run(const uint8_t* data, size_t size) {
-    Handshake hs(catalog_);
+    policy_ = static_cast<TlsPolicy>(size % 3);
+    Handshake hs(catalog_, policy_);
     check_greeting(hs.greeting());
     if (size < 4) return;
     uint32_t flags = be32(data);
@@ -114,9 +122,17 @@ class Harness {
       std::span<const uint8_t> payload(data + pos + 16, hdr.length);
       pos += 16 + hdr.length;
       check_decoders(hdr.option, payload);
+      const bool tls_before = hs.tls();
       auto step = hs.on_option(hdr.option, payload);
+      check_tls_rules(tls_before, hdr.option, step);
       check_step(hs, hdr.option, payload, step);
       if (step.action == Handshake::Action::kClose) return;
+      if (step.action == Handshake::Action::kStartTls) {
+        // The identity alternates between one the allow list takes and one
+        // it does not.
+        hs.tls_established(hdr.length % 2 ? "CN=ok-client" : "CN=other");
+        continue;
+      }
       if (step.action == Handshake::Action::kTransmit) return requests(data + pos, size - pos);
     }
   }
@@ -154,6 +170,22 @@ class Harness {
     }
   }
 
+  void check_tls_rules(bool tls_before, uint32_t option, const Handshake::Step& step) const {
+    if (step.action == Handshake::Action::kStartTls) {
+      FUZZ_CHECK(option == kOptStartTls && policy_ != TlsPolicy::kOff && !tls_before,
+                 "TLS started without TLS configured, twice, or by another option");
+    }
+    if (policy_ != TlsPolicy::kRequired || tls_before) return;
+    FUZZ_CHECK(step.action != Handshake::Action::kTransmit, "an export entered before STARTTLS");
+    if (option == kOptStartTls || option == kOptAbort || !fixed_newstyle_ ||
+        option == kOptExportName) {
+      return;
+    }
+    auto replies = split_replies(option, step.reply);
+    FUZZ_CHECK(replies.size() == 1 && replies[0].type == kRepErrTlsReqd,
+               "an option before STARTTLS got more than ERR_TLS_REQD");
+  }
+
   void check_step(const Handshake& hs, uint32_t option, std::span<const uint8_t> payload,
                   const Handshake::Step& step) {
     if (option == kOptExportName) return check_export_name(hs, payload, step);
@@ -184,7 +216,7 @@ class Harness {
         break;
       case kOptInfo:
       case kOptGo:
-        check_info(option, payload, replies, step);
+        check_info(hs, option, payload, replies, step);
         break;
       case kOptSetMetaContext:
         check_set_meta(hs, replies);
@@ -219,9 +251,11 @@ class Harness {
                          const Handshake::Step& step) {
     std::string name(payload.begin(), payload.end());
     const ExportView* e = catalog_.find(name);
-    if (!e) {
+    const bool refused = (policy_ == TlsPolicy::kRequired && !hs.tls()) ||
+                         (e && !e->allow.empty() && hs.identity() != "CN=ok-client");
+    if (!e || refused) {
       FUZZ_CHECK(step.action == Handshake::Action::kClose && step.reply.empty(),
-                 "EXPORT_NAME of an unknown export must close without a reply");
+                 "EXPORT_NAME of an unknown or refused export must close without a reply");
       return;
     }
     FUZZ_CHECK(step.action == Handshake::Action::kTransmit && step.export_view == e,
@@ -232,7 +266,7 @@ class Harness {
     FUZZ_CHECK(f == hs.tx_flags(*e) && (f & kTxHasFlags), "EXPORT_NAME reply: flags");
   }
 
-  void check_info(uint32_t option, std::span<const uint8_t> payload,
+  void check_info(const Handshake& hs, uint32_t option, std::span<const uint8_t> payload,
                   const std::vector<OptionReply>& replies, const Handshake::Step& step) {
     auto req = decode_info_request(payload);
     const ExportView* e = req ? catalog_.find(req->name) : nullptr;
@@ -242,6 +276,8 @@ class Harness {
       return;
     }
     FUZZ_CHECK(e != nullptr, "INFO/GO acknowledged for an unknown export or a malformed request");
+    FUZZ_CHECK(e->allow.empty() || hs.identity() == "CN=ok-client",
+               "INFO/GO acknowledged for an identity not allowed");
     int exports = 0;
     for (const auto& r : replies) {
       if (r.type != kRepInfo) continue;
@@ -314,6 +350,7 @@ class Harness {
   Catalog catalog_;
   bool no_zeroes_ = false;
   bool fixed_newstyle_ = true;
+  TlsPolicy policy_ = TlsPolicy::kOff;
 };
 
 }  // namespace
