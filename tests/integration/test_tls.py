@@ -283,6 +283,19 @@ def test_psk():
             exercise_libnbd_tools(d, srv, img, tls_psk_file=keys, user="alice")
             assert "identity='alice'" in srv.read_log()
 
+    # With certificates and verify_peer as well, a PSK client still gets in:
+    # its key is its proof, verify_peer is about certificates.
+    with workdir() as d:
+        img = make_image(d)
+        pki = make_pki(os.path.join(d, "pki"))
+        keys = make_psk(os.path.join(d, "keys.psk"), "alice")
+        with Server(img, "--format", "raw", "--tls", "require", "--tls-psk", keys,
+                    "--tls-certificates", pki.server, "--tls-verify-peer", tcp=True) as srv:
+            assert_serves(srv, nbds(srv, tls_psk_file=keys, user="alice"), img)
+            assert "identity='alice'" in srv.read_log()
+            assert_serves(srv, nbds(srv, tls_certificates=pki.client), img)
+            assert f"identity='{pki.client_dn}'" in srv.read_log()
+
 
 # ---- 2. qemu's client -----------------------------------------------------------------
 
