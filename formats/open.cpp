@@ -101,30 +101,29 @@ std::shared_ptr<BlockDevice> open_image(const std::string& path, const OpenOptio
 
 std::string resolve_child_path(const ChainContext& ctx, const std::string& referrer,
                                const std::string& name, ChildRole role) {
-  std::string what = std::string(to_string(role));
-  if (name.empty()) throw_image_error(referrer, what + " file name is empty");
+  std::string what = std::string(child_noun(role));
+  if (name.empty()) throw_image_error(referrer, what + " name is empty");
   if (name.rfind("json:", 0) == 0) {
-    throw_image_error(referrer,
-                      what + " file name '" + name + "': json: specifications are refused");
+    throw_image_error(referrer, what + " name '" + name + "': json: specifications are refused");
   }
   auto colon = name.find(':');
   auto slash = name.find('/');
   if (colon != std::string::npos && (slash == std::string::npos || colon < slash) &&
       name.find("://") != std::string::npos) {
-    throw_image_error(referrer, what + " file name '" + name + "': protocol prefixes are refused");
+    throw_image_error(referrer, what + " name '" + name + "': protocol prefixes are refused");
   }
   fs::path p(name);
   if (p.is_relative()) p = fs::absolute(referrer).parent_path() / p;
   std::error_code ec;
   fs::path canon = fs::canonical(p, ec);
   if (ec) {
-    throw_image_error(referrer, what + " file '" + name + "' (" + p.lexically_normal().string() +
+    throw_image_error(referrer, what + " '" + name + "' (" + p.lexically_normal().string() +
                                     "): " + ec.message());
   }
   bool ok = false;
   for (const auto& dir : ctx.allowed_dirs) ok = ok || inside(canon.string(), dir);
   if (!ok) {
-    throw_image_error(referrer, what + " file '" + name + "' resolves to " + canon.string() +
+    throw_image_error(referrer, what + " '" + name + "' resolves to " + canon.string() +
                                     ", outside the allowed directories");
   }
   return canon.string();
@@ -143,7 +142,7 @@ std::shared_ptr<BlockDevice> open_child(ChainContext& ctx, const std::string& re
     auto file = open_file(path, false);
     format = probe_format(*file);
     if (format == Format::raw && !ctx.options.allow_raw_backing_probe) {
-      throw_image_error(referrer, std::string(to_string(role)) + " file '" + name +
+      throw_image_error(referrer, std::string(child_noun(role)) + " '" + name +
                                       "' has no recorded format and is not qcow2 or VHD; "
                                       "set allow_raw_backing_probe to treat it as raw");
     }

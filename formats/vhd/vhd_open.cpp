@@ -404,7 +404,7 @@ void Opener::open_parent(VhdDevice& d) {
     auto seen = ctx_.seen;
     std::shared_ptr<BlockDevice> parent;
     try {
-      parent = open_child(ctx_, path_, c.path, Format::vhd, ChildRole::parent);
+      parent = open_child(ctx_, path_, c.path, Format::vhd, ChildRole::backing);
     } catch (const ImageError& e) {
       ctx_.seen = seen;
       errors.push_back(c.label + " '" + c.path + "': " + e.what());

@@ -156,7 +156,7 @@ TEST_CASE("child paths: json:, protocols and escapes from the allowed directorie
                        doctest::Contains("protocol"), ImageError);
   CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "../outside.raw", ChildRole::backing),
                        doctest::Contains("outside the allowed directories"), ImageError);
-  CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "missing.raw", ChildRole::parent),
+  CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "missing.raw", ChildRole::backing),
                        doctest::Contains("missing.raw"), ImageError);
   CHECK(resolve_child_path(ctx, img, "top.raw", ChildRole::backing) == fs::canonical(img).string());
 }
