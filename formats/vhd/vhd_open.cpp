@@ -11,7 +11,6 @@
 //   3. MacX locators (file:// URL, percent-decoded, relative to the child);
 //   4. the header's parent unicode name, next to the child.
 #include <spdlog/spdlog.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -423,9 +422,9 @@ void Opener::open_parent(VhdDevice& d) {
                        uuid_string(h.parent_id) + " in the dynamic header (parent id mismatch)");
       continue;
     }
-    struct stat st {};
-    if (::stat(parent->path().c_str(), &st) == 0) {
-      int64_t mt = static_cast<int64_t>(st.st_mtime) - kVhdEpoch;
+    FileStat st;
+    if (ctx_.files().stat(parent->path(), st) == 0) {
+      int64_t mt = st.mtime - kVhdEpoch;
       if (mt != static_cast<int64_t>(h.parent_timestamp)) {
         std::string msg = "parent time stamp " + std::to_string(h.parent_timestamp) +
                           " differs from the parent's modification time " + std::to_string(mt);

@@ -128,7 +128,8 @@ TEST_CASE("qcow2 guest data over metadata is refused through a fault-injecting f
   Image img = small_image(d);
   const uint64_t l1e0 = img.l1_entry(0);
   poke(img.path, l1e0 & kOffsetMask, be64(kCopiedFlag | img.l1()));  // guest 0 -> the L1 table
-  auto fault = std::make_unique<strata::test::FaultFile>(strata::open_file(img.path, true));
+  auto fault =
+      std::make_unique<strata::test::FaultFile>(strata::host_file_system()->open(img.path, true));
   auto* f = fault.get();
   strata::ChainContext ctx;
   auto dev = strata::open_qcow2(std::move(fault), ctx);

@@ -41,7 +41,7 @@ std::vector<std::byte> bytes(size_t n) { return std::vector<std::byte>(n); }
 TEST_CASE("raw device reads and writes through its File") {
   TempDir d;
   auto path = write_file(d.path / "a.raw", std::string(8192, 'x'));
-  RawDevice dev(open_file(path, true));
+  RawDevice dev(host_file_system()->open(path, true));
   CHECK(dev.size() == 8192);
   auto buf = bytes(100);
   REQUIRE(dev.read(4000, buf) == 0);
@@ -57,7 +57,7 @@ TEST_CASE("raw device reads and writes through its File") {
 TEST_CASE("raw extents follow the file's holes; zero writes and trims punch holes") {
   TempDir d;
   auto path = write_file(d.path / "s.raw", "", 4 << 20);
-  RawDevice dev(open_file(path, true));
+  RawDevice dev(host_file_system()->open(path, true));
   std::vector<std::byte> w(65536, std::byte{1});
   REQUIRE(dev.write(1 << 20, w, false) == 0);
   std::vector<Extent> ext;
@@ -80,7 +80,7 @@ TEST_CASE("raw extents follow the file's holes; zero writes and trims punch hole
 TEST_CASE("injected faults come back as errno values, never exceptions") {
   TempDir d;
   auto path = write_file(d.path / "f.raw", std::string(65536, 'z'));
-  auto fault = std::make_unique<test::FaultFile>(open_file(path, true));
+  auto fault = std::make_unique<test::FaultFile>(host_file_system()->open(path, true));
   auto* f = fault.get();
   RawDevice dev(std::move(fault));
   auto buf = bytes(512);
@@ -112,7 +112,7 @@ TEST_CASE("injected faults come back as errno values, never exceptions") {
 TEST_CASE("File reads past end of file return zeros") {
   TempDir d;
   auto path = write_file(d.path / "short.raw", "abc");
-  auto f = open_file(path, false);
+  auto f = host_file_system()->open(path, false);
   auto buf = bytes(8);
   REQUIRE(f->read_at(1, buf) == 0);
   CHECK(buf[0] == std::byte{'b'});
@@ -124,15 +124,15 @@ TEST_CASE("File reads past end of file return zeros") {
 TEST_CASE("probing: qcow2 by magic, VHD by footer, else raw; raw exports never probed") {
   TempDir d;
   auto q = write_file(d.path / "q.img", std::string("QFI\xfb", 4), 4096);
-  auto f = open_file(q, false);
+  auto f = host_file_system()->open(q, false);
   CHECK(probe_format(*f) == Format::qcow2);
   std::string footer(512, '\0');
   std::memcpy(footer.data(), "conectix", 8);
   auto v = write_file(d.path / "v.img", std::string(4096, '\0') + footer);
-  f = open_file(v, false);
+  f = host_file_system()->open(v, false);
   CHECK(probe_format(*f) == Format::vhd);
   auto r = write_file(d.path / "r.img", std::string(4096, 'r'));
-  f = open_file(r, false);
+  f = host_file_system()->open(r, false);
   CHECK(probe_format(*f) == Format::raw);
   // A raw export that happens to start with a qcow2 header stays raw.
   OpenOptions o;

@@ -104,8 +104,8 @@ void run_journal_test(bool differencing) {
     strata::ChainContext ctx;
     ctx.options = opts();
     ctx.allowed_dirs = {fs::canonical(t.path).string()};
-    auto dev =
-        strata::open_vhd(std::make_unique<JournalFile>(strata::open_file(img, true), log), ctx);
+    auto dev = strata::open_vhd(
+        std::make_unique<JournalFile>(strata::host_file_system()->open(img, true), log), ctx);
     REQUIRE(log.empty());
     std::mt19937 rng(differencing ? 21 : 12);
     // Disjoint 64 KiB slots, so each range is touched by one operation only;
