@@ -12,12 +12,26 @@ std::string_view to_string(ChildRole role) {
       return "file";
     case ChildRole::backing:
       return "backing";
-    case ChildRole::parent:
-      return "parent";
     case ChildRole::data_file:
       return "data-file";
   }
   return "?";
+}
+
+std::string_view child_noun(ChildRole role) {
+  switch (role) {
+    case ChildRole::file:
+      return "file";
+    case ChildRole::backing:
+      return "backing file";
+    case ChildRole::data_file:
+      return "data file";
+  }
+  return "?";
+}
+
+std::string_view label(const Child& child) {
+  return child.label.empty() ? to_string(child.role) : child.label;
 }
 
 void BlockDevice::describe(nlohmann::json& out) const { (void)out; }

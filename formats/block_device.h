@@ -29,8 +29,17 @@
 
 namespace strata {
 
-enum class ChildRole { file, backing, parent, data_file };
+// What a child is to the image above it, one name per concept whatever the
+// format calls it:
+//  - file: the host file the driver parses;
+//  - backing: the read-only layer unallocated reads fall through to (the qcow2
+//    backing file, the parent of a VHD differencing disk);
+//  - data_file: the qcow2 external data file, where guest data lives.
+enum class ChildRole { file, backing, data_file };
+// The role's name as `info` prints it: "file", "backing", "data-file".
 std::string_view to_string(ChildRole role);
+// The role as a noun for messages: "file", "backing file", "data file".
+std::string_view child_noun(ChildRole role);
 
 struct Capabilities {
   bool read_only = true;
@@ -61,7 +70,12 @@ class BlockDevice;
 struct Child {
   ChildRole role;
   std::shared_ptr<BlockDevice> device;
+  // The format's own word for the child where users read it (`info`, as in
+  // qemu-img info: a VHD's backing layer is its "parent"). Empty: the role's.
+  std::string_view label = {};
 };
+// The key `info` shows the child under: its label, else to_string(role).
+std::string_view label(const Child& child);
 
 // Result of a structural check (`strata check`).
 struct CheckReport {

@@ -1,9 +1,10 @@
 // File: the one narrow door between the drivers and the host file system.
 //
 // Every driver does its I/O through a File so that tests can wrap one
-// (FaultFile in tests/) to inject errors, short writes or crashes.
-// Methods return 0 or a positive errno value and never throw; open() throws
-// ImageError with the path and the reason.
+// (FaultFile in tests/support/) to inject errors, short writes or crashes.
+// Methods return 0 or a positive errno value and never throw. Files are opened
+// through a FileSystem (formats/file_system.h), whose open() throws ImageError
+// with the path and the reason.
 #pragma once
 
 #include <sys/types.h>
@@ -52,18 +53,12 @@ class File {
   virtual int lock() { return 0; }
 };
 
-// Opens a host file. Throws ImageError naming the path when it cannot.
-std::unique_ptr<File> open_file(const std::string& path, bool writable);
-
 // Locks an image file for an export (File::lock): a file written through one
 // open is then never opened by another export or Strata process, and a file
 // read as a parent or backing layer is never written by one. Throws
 // ImageError naming the path on a conflict; where the file system has no
 // locks, goes on without.
 void lock_image(File& file);
-
-// Creates (or truncates) a file for a new image, read-write.
-std::unique_ptr<File> create_file(const std::string& path);
 
 // Helpers over File for exact-size big-endian structures.
 inline int read_bytes(File& f, uint64_t offset, void* buf, size_t len) {

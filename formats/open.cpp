@@ -50,11 +50,13 @@ Format probe_format(File& file) {
 
 namespace {
 
-std::string canonical_dir(const std::string& dir) {
+// Path arithmetic (lexically_*, parent_path, operator/) is pure and stays on
+// std::filesystem::path; whatever asks the host goes through ctx.files().
+std::string canonical_dir(FileSystem& files, const std::string& dir) {
   std::error_code ec;
-  fs::path p = fs::weakly_canonical(fs::absolute(dir), ec);
-  if (ec) return fs::absolute(dir).lexically_normal().string();
-  return p.string();
+  std::string p = files.weakly_canonical(files.absolute(dir), ec);
+  if (ec) return fs::path(files.absolute(dir)).lexically_normal().string();
+  return p;
 }
 
 bool inside(const std::string& path, const std::string& dir) {
@@ -68,7 +70,7 @@ bool inside(const std::string& path, const std::string& dir) {
 
 std::shared_ptr<BlockDevice> open_with_format(ChainContext& ctx, const std::string& path,
                                               Format format, bool writable) {
-  auto file = open_file(path, writable);
+  auto file = ctx.files().open(path, writable);
   auto key = std::make_pair(file->device(), file->inode());
   if (!ctx.seen.insert(key).second) {
     throw_image_error(path, "loop in the backing chain: this file is already part of it");
@@ -92,39 +94,41 @@ std::shared_ptr<BlockDevice> open_image(const std::string& path, const OpenOptio
   ChainContext ctx;
   ctx.options = options;
   if (options.allowed_dirs.empty()) {
-    ctx.allowed_dirs.push_back(canonical_dir(fs::path(fs::absolute(path)).parent_path()));
+    ctx.allowed_dirs.push_back(
+        canonical_dir(ctx.files(), fs::path(ctx.files().absolute(path)).parent_path()));
   } else {
-    for (const auto& d : options.allowed_dirs) ctx.allowed_dirs.push_back(canonical_dir(d));
+    for (const auto& d : options.allowed_dirs) {
+      ctx.allowed_dirs.push_back(canonical_dir(ctx.files(), d));
+    }
   }
   return open_with_format(ctx, path, options.format, !options.read_only);
 }
 
 std::string resolve_child_path(const ChainContext& ctx, const std::string& referrer,
                                const std::string& name, ChildRole role) {
-  std::string what = std::string(to_string(role));
-  if (name.empty()) throw_image_error(referrer, what + " file name is empty");
+  std::string what = std::string(child_noun(role));
+  if (name.empty()) throw_image_error(referrer, what + " name is empty");
   if (name.rfind("json:", 0) == 0) {
-    throw_image_error(referrer,
-                      what + " file name '" + name + "': json: specifications are refused");
+    throw_image_error(referrer, what + " name '" + name + "': json: specifications are refused");
   }
   auto colon = name.find(':');
   auto slash = name.find('/');
   if (colon != std::string::npos && (slash == std::string::npos || colon < slash) &&
       name.find("://") != std::string::npos) {
-    throw_image_error(referrer, what + " file name '" + name + "': protocol prefixes are refused");
+    throw_image_error(referrer, what + " name '" + name + "': protocol prefixes are refused");
   }
   fs::path p(name);
-  if (p.is_relative()) p = fs::absolute(referrer).parent_path() / p;
+  if (p.is_relative()) p = fs::path(ctx.files().absolute(referrer)).parent_path() / p;
   std::error_code ec;
-  fs::path canon = fs::canonical(p, ec);
+  fs::path canon = ctx.files().canonical(p.string(), ec);
   if (ec) {
-    throw_image_error(referrer, what + " file '" + name + "' (" + p.lexically_normal().string() +
+    throw_image_error(referrer, what + " '" + name + "' (" + p.lexically_normal().string() +
                                     "): " + ec.message());
   }
   bool ok = false;
   for (const auto& dir : ctx.allowed_dirs) ok = ok || inside(canon.string(), dir);
   if (!ok) {
-    throw_image_error(referrer, what + " file '" + name + "' resolves to " + canon.string() +
+    throw_image_error(referrer, what + " '" + name + "' resolves to " + canon.string() +
                                     ", outside the allowed directories");
   }
   return canon.string();
@@ -140,10 +144,10 @@ std::shared_ptr<BlockDevice> open_child(ChainContext& ctx, const std::string& re
   bool writable = role == ChildRole::data_file && !ctx.options.read_only;
   if (format == Format::automatic && role != ChildRole::data_file) {
     // Probe for qcow2/VHD only: treating an unnamed format as raw needs an opt-in.
-    auto file = open_file(path, false);
+    auto file = ctx.files().open(path, false);
     format = probe_format(*file);
     if (format == Format::raw && !ctx.options.allow_raw_backing_probe) {
-      throw_image_error(referrer, std::string(to_string(role)) + " file '" + name +
+      throw_image_error(referrer, std::string(child_noun(role)) + " '" + name +
                                       "' has no recorded format and is not qcow2 or VHD; "
                                       "set allow_raw_backing_probe to treat it as raw");
     }

@@ -5,7 +5,10 @@
 //    canonicalized and must stay inside the allowed directories;
 //  - loops (same device+inode twice in one chain) and chains deeper than
 //    max_chain_depth are refused;
-//  - children that are backing files or parents are opened read-only.
+//  - children that are backing files or parents are opened read-only;
+//  - every file of the chain is opened, stat'ed and resolved through
+//    OpenOptions::file_system (formats/file_system.h), so a test file system
+//    can fail any of those opens.
 // Every refusal throws ImageError naming the file, the field and the reason.
 #pragma once
 
@@ -19,6 +22,7 @@
 
 #include "formats/block_device.h"
 #include "formats/file.h"
+#include "formats/file_system.h"
 
 namespace strata {
 
@@ -49,6 +53,8 @@ struct OpenOptions {
   // Lock every file of the chain (lock_image); off only for read-only tools
   // that look at an image in use (like qemu-img -U).
   bool lock = true;
+  // Opens, stats and resolves every file of the chain. Null means the host.
+  std::shared_ptr<FileSystem> file_system = host_file_system();
 };
 
 // State carried down one chain while it is being opened.
@@ -57,6 +63,11 @@ struct ChainContext {
   std::vector<std::string> allowed_dirs;   // canonical
   std::set<std::pair<dev_t, ino_t>> seen;  // loop detection
   int depth = 0;                           // 0 = top image
+
+  // The file system every open in this chain goes through.
+  FileSystem& files() const {
+    return options.file_system ? *options.file_system : *host_file_system();
+  }
 };
 
 // Probes a file's format from its bytes: qcow2 by magic, VHD by footer cookie

@@ -35,7 +35,7 @@ json describe_layer(const BlockDevice& dev) {
   dev.describe(details);
   if (!details.empty()) j["format-specific"] = details;
   for (const auto& c : dev.children()) {
-    if (c.device) j[std::string(to_string(c.role))] = describe_layer(*c.device);
+    if (c.device) j[std::string(label(c))] = describe_layer(*c.device);
   }
   return j;
 }
@@ -59,13 +59,14 @@ void print_layer_text(const json& j, int indent) {
   }
 }
 
-// Path of the layer at `depth` (1 = top) following backing/parent children.
+// Path of the layer at `depth` (1 = top) following backing children (qcow2
+// backing files and VHD parents alike).
 std::string layer_path(const BlockDevice& top, uint32_t depth) {
   const BlockDevice* d = &top;
   for (uint32_t i = 1; i < depth && d; ++i) {
     const BlockDevice* next = nullptr;
     for (const auto& c : d->children()) {
-      if (c.role == ChildRole::backing || c.role == ChildRole::parent) next = c.device.get();
+      if (c.role == ChildRole::backing) next = c.device.get();
     }
     d = next;
   }

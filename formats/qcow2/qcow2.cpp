@@ -90,7 +90,7 @@ void Qcow2Device::open_children(ChainContext& ctx) {
     }
     data_file_name_ = name;
     std::string p = resolve_child_path(ctx, path(), name, ChildRole::data_file);
-    data_file_owned_ = open_file(p, !read_only_);
+    data_file_owned_ = ctx.files().open(p, !read_only_);
     auto key = std::make_pair(data_file_owned_->device(), data_file_owned_->inode());
     if (!ctx.seen.insert(key).second) {
       throw_image_error(path(), "data file '" + name + "' is already part of this chain");

@@ -568,7 +568,7 @@ int VhdDevice::fixed_extents(uint64_t offset, uint64_t length, std::vector<Exten
 }
 
 std::vector<Child> VhdDevice::children() const {
-  if (parent_) return {Child{ChildRole::parent, parent_}};
+  if (parent_) return {Child{ChildRole::backing, parent_, "parent"}};
   return {};
 }
 

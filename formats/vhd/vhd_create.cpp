@@ -8,8 +8,6 @@
 //                                      as qemu-img does, so every reader agrees)
 //   locators=w2ru+w2ku+macx           (which parent locators to write)
 //   data_space=bytes|sectors          (how locator data space is recorded)
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cstring>
@@ -18,6 +16,7 @@
 
 #include "formats/create.h"
 #include "formats/errors.h"
+#include "formats/file_system.h"
 #include "formats/vhd/vhd.h"
 
 namespace fs = std::filesystem;
@@ -134,11 +133,14 @@ void create(const CreateOptions& opts) {
 
   DynHeader h;
   std::string parent_abs;
+  // Creation has no OpenOptions (CreateOptions carries no file system): it
+  // resolves and stats the parent on the host, as create_file() creates there.
+  FileSystem& host = *host_file_system();
   if (opts.backing) {
     fs::path bp(*opts.backing);
-    if (bp.is_relative()) bp = fs::absolute(opts.path).parent_path() / bp;
+    if (bp.is_relative()) bp = fs::path(host.absolute(opts.path)).parent_path() / bp;
     std::error_code ec;
-    fs::path canon = fs::canonical(bp, ec);
+    fs::path canon = host.canonical(bp.string(), ec);
     if (ec) throw_image_error(opts.path, "parent '" + *opts.backing + "': " + ec.message());
     parent_abs = canon.string();
     OpenOptions po;
@@ -173,9 +175,9 @@ void create(const CreateOptions& opts) {
       }
     }
     h.parent_id = pf.unique_id;
-    struct stat st {};
-    if (::stat(parent_abs.c_str(), &st) == 0) {
-      h.parent_timestamp = static_cast<uint32_t>(static_cast<int64_t>(st.st_mtime) - kVhdEpoch);
+    FileStat st;
+    if (host.stat(parent_abs, st) == 0) {
+      h.parent_timestamp = static_cast<uint32_t>(st.mtime - kVhdEpoch);
     }
     auto name16 = utf8_to_utf16(canon.filename().string(), true);
     if (name16.size() > h.parent_name_raw.size()) {
@@ -228,9 +230,9 @@ void create(const CreateOptions& opts) {
 
   std::vector<std::pair<uint64_t, std::vector<uint8_t>>> blobs;
   if (disk_type == kTypeDifferencing) {
-    fs::path child_dir = fs::absolute(opts.path).parent_path();
+    fs::path child_dir = fs::path(host.absolute(opts.path)).parent_path();
     std::error_code ec;
-    fs::path cdir = fs::weakly_canonical(child_dir, ec);
+    fs::path cdir = host.weakly_canonical(child_dir.string(), ec);
     if (ec) cdir = child_dir;
     std::string rel = fs::path(parent_abs).lexically_relative(cdir).string();
     int slot = 0;

@@ -11,7 +11,6 @@
 //   3. MacX locators (file:// URL, percent-decoded, relative to the child);
 //   4. the header's parent unicode name, next to the child.
 #include <spdlog/spdlog.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -404,7 +403,7 @@ void Opener::open_parent(VhdDevice& d) {
     auto seen = ctx_.seen;
     std::shared_ptr<BlockDevice> parent;
     try {
-      parent = open_child(ctx_, path_, c.path, Format::vhd, ChildRole::parent);
+      parent = open_child(ctx_, path_, c.path, Format::vhd, ChildRole::backing);
     } catch (const ImageError& e) {
       ctx_.seen = seen;
       errors.push_back(c.label + " '" + c.path + "': " + e.what());
@@ -423,9 +422,9 @@ void Opener::open_parent(VhdDevice& d) {
                        uuid_string(h.parent_id) + " in the dynamic header (parent id mismatch)");
       continue;
     }
-    struct stat st {};
-    if (::stat(parent->path().c_str(), &st) == 0) {
-      int64_t mt = static_cast<int64_t>(st.st_mtime) - kVhdEpoch;
+    FileStat st;
+    if (ctx_.files().stat(parent->path(), st) == 0) {
+      int64_t mt = st.mtime - kVhdEpoch;
       if (mt != static_cast<int64_t>(h.parent_timestamp)) {
         std::string msg = "parent time stamp " + std::to_string(h.parent_timestamp) +
                           " differs from the parent's modification time " + std::to_string(mt);

@@ -22,6 +22,9 @@
 
 #include "formats/create.h"
 #include "formats/open.h"
+#include "tests/support/images.h"
+#include "tests/support/shell.h"
+#include "tests/support/temp_dir.h"
 
 using namespace strata;
 namespace fs = std::filesystem;
@@ -32,24 +35,8 @@ constexpr uint64_t kSize = uint64_t{4} << 20;
 constexpr int kOps = 10000;
 constexpr int kReopenEvery = 2500;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/strata-contract-XXXXXX";
-    REQUIRE(mkdtemp(tmpl) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-void sh(const std::string& cmd) {
-  INFO(cmd);
-  REQUIRE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0);
-}
+using test::sh;
+using test::TempDir;
 
 using Model = std::vector<uint8_t>;
 using Opener = std::function<std::shared_ptr<BlockDevice>()>;
@@ -78,15 +65,11 @@ void fill_lower(const std::string& path, Model& m, uint32_t seed) {
 
 void create(Format f, const std::string& path, std::map<std::string, std::string> o = {},
             std::optional<std::string> backing = {}) {
-  CreateOptions c;
-  c.format = f;
-  c.path = path;
-  if (!backing) c.size = kSize;
-  c.options = std::move(o);
   // VHD would round the size up to a CHS geometry; the model has kSize bytes.
-  if (f == Format::vhd) c.options["force_size"] = "on";
-  c.backing = std::move(backing);
-  create_image(c);
+  if (f == Format::vhd) o["force_size"] = "on";
+  std::optional<uint64_t> size;
+  if (!backing) size = kSize;
+  test::create_image(f, path, size, std::move(o), std::move(backing));
 }
 
 // Compares the whole device with the model; "" when equal.

@@ -68,7 +68,7 @@ void write_pattern(const std::string& path, uint8_t seed) {
 
 // Gives the image a fixed unique id (both footer copies).
 void set_unique_id(const std::string& path, const vhd::Uuid& id) {
-  auto f = strata::open_file(path, true);
+  auto f = strata::host_file_system()->open(path, true);
   uint64_t end = static_cast<uint64_t>(f->size());
   uint8_t buf[512];
   vhd::Footer footer;

@@ -1,16 +1,12 @@
-// Helpers for the qcow2 unit tests: temp dirs, shell commands (qemu-img,
-// qemu-io are the oracles), reading whole devices, comparing with
-// `qemu-img convert -O raw` and `qemu-img map`.
+// Helpers for the qcow2 unit tests over the shared ones (tests/support: temp
+// dirs, shell commands, byte patches): reading whole devices, comparing with
+// `qemu-img convert -O raw` (qemu-img and qemu-io are the oracles) and
+// `qemu-img map`.
 #pragma once
 
 #include <doctest/doctest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -18,101 +14,18 @@
 #include <vector>
 
 #include "formats/open.h"
+#include "tests/support/bytes.h"
+#include "tests/support/shell.h"
+#include "tests/support/temp_dir.h"
 
 namespace qtest {
 
 namespace fs = std::filesystem;
+using namespace strata::test;
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/strata-qcow2-XXXXXX";
-    char* p = mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-// Runs the enclosing scope in another working directory (QEMU resolves
-// relative data-file names against its working directory).
-struct Chdir {
-  fs::path old;
-  explicit Chdir(const std::string& dir) : old(fs::current_path()) { fs::current_path(dir); }
-  ~Chdir() { fs::current_path(old); }
-};
-
-inline std::string log_path() {
-  return "/tmp/strata-qcow2-last-" + std::to_string(getpid()) + ".log";
-}
-
-inline struct LogCleanup {
-  ~LogCleanup() { std::remove(log_path().c_str()); }
-} log_cleanup;
-
-inline int sh_status(const std::string& cmd) {
-  int st = std::system((cmd + " >" + log_path() + " 2>&1").c_str());
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-inline std::string last_log() {
-  std::ifstream f(log_path());
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-inline void sh(const std::string& cmd) {
-  int st = sh_status(cmd);
-  INFO(cmd << "\n" << last_log());
-  REQUIRE(st == 0);
-}
-
-inline std::string capture(const std::string& cmd) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  pclose(p);
-  return out;
-}
-
+// Whole files as std::byte, to compare with device reads.
 inline std::vector<std::byte> file_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::vector<char> v((std::istreambuf_iterator<char>(f)), {});
-  std::vector<std::byte> out(v.size());
-  std::memcpy(out.data(), v.data(), v.size());
-  return out;
-}
-
-// Overwrites bytes of a file in place (corrupting images on purpose).
-inline void poke(const std::string& path, uint64_t off, const std::vector<uint8_t>& bytes) {
-  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-  REQUIRE(f.good());
-  f.seekp(static_cast<std::streamoff>(off));
-  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-}
-
-inline std::vector<uint8_t> be16(uint16_t v) { return {uint8_t(v >> 8), uint8_t(v)}; }
-inline std::vector<uint8_t> be32(uint32_t v) {
-  return {uint8_t(v >> 24), uint8_t(v >> 16), uint8_t(v >> 8), uint8_t(v)};
-}
-inline std::vector<uint8_t> be64(uint64_t v) {
-  auto a = be32(uint32_t(v >> 32)), b = be32(uint32_t(v));
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
-inline uint64_t peek_be64(const std::string& path, uint64_t off) {
-  auto bytes = file_bytes(path);
-  REQUIRE(off + 8 <= bytes.size());
-  uint64_t v = 0;
-  for (int k = 0; k < 8; ++k) v = v << 8 | uint8_t(bytes[off + k]);
-  return v;
+  return strata::test::file_bytes<std::byte>(path);
 }
 
 inline std::vector<std::byte> read_all(strata::BlockDevice& dev, uint64_t chunk = 3 << 20) {

@@ -63,9 +63,9 @@ TEST_CASE("qcow2 corrupt headers are refused naming the file and the field") {
   for (const auto& c : cases) {
     std::string img = d / "bad.qcow2";
     sh("cp " + good + " " + img);
-    if (std::string(c.what) == "backing name too long") poke(img, 16, be32(4000));
-    if (std::string(c.what) == "snapshots misaligned") poke(img, 64, be64(0x10008));
-    poke(img, c.off, c.bytes);
+    if (std::string(c.what) == "backing name too long") patch(img, 16, be32(4000));
+    if (std::string(c.what) == "snapshots misaligned") patch(img, 64, be64(0x10008));
+    patch(img, c.off, c.bytes);
     std::string err = open_error(img);
     std::string info = std::string(c.what) + ": '" + err + "'";
     INFO(info);
@@ -84,14 +84,14 @@ TEST_CASE("qcow2 unknown incompatible bit is named from the feature table") {
   bool found = false;
   for (size_t i = 112; i + 48 < 65536; i += 48) {
     if (std::memcmp(bytes.data() + i + 2 + 8, "extended L2", 11) == 0) {
-      poke(img, i + 8, {0, 9});
-      poke(img, i + 8 + 2, {'s', 'h', 'i', 'n', 'y', 0, 0, 0, 0, 0, 0, 0});
+      patch(img, i + 8, {0, 9});
+      patch(img, i + 8 + 2, {'s', 'h', 'i', 'n', 'y', 0, 0, 0, 0, 0, 0, 0});
       found = true;
       break;
     }
   }
   REQUIRE(found);
-  poke(img, 72, be64(1ull << 9));
+  patch(img, 72, be64(1ull << 9));
   std::string err = open_error(img);
   INFO(err);
   CHECK(err.find("bit 9 'shiny'") != std::string::npos);
@@ -113,7 +113,7 @@ TEST_CASE("qcow2 corrupt tables: EIO for the bad region, the rest is served") {
   uint64_t l2 = l1e(0);
   REQUIRE(l2 != 0);
   // Entry 1 (guest 64k..128k): reserved bits set.
-  poke(img, l2 + 8, be64(0x8000000000000000ull | 0x0100000000000000ull | 0x50000));
+  patch(img, l2 + 8, be64(0x8000000000000000ull | 0x0100000000000000ull | 0x50000));
   {
     auto dev = open_rw(img);
     std::vector<std::byte> b(65536);
@@ -130,7 +130,7 @@ TEST_CASE("qcow2 corrupt tables: EIO for the bad region, the rest is served") {
   sh("qemu-io -t unsafe -f qcow2 -c 'write -P 1 0 128k' " + img);
   raw = file_bytes(img);
   l2 = l1e(0);
-  poke(img, l2, be64(0x8000000000000000ull | 0x30000));  // guest 0 -> the L1 table
+  patch(img, l2, be64(0x8000000000000000ull | 0x30000));  // guest 0 -> the L1 table
   {
     auto dev = open_rw(img);
     std::vector<std::byte> b(512, std::byte{9});
@@ -161,7 +161,7 @@ TEST_CASE("qcow2 fuzzed headers and tables never crash") {
       // Mostly the header, sometimes anywhere in the metadata clusters.
       uint64_t off = rng() % 3 ? rng() % 112 : rng() % std::min<uint64_t>(orig.size(), 0x8000);
       uint8_t v = rng() % 2 ? uint8_t(rng()) : uint8_t(0xff);
-      poke(img, off, {v});
+      patch(img, off, {v});
     }
     try {
       auto dev = open_rw(img);
@@ -197,7 +197,7 @@ TEST_CASE("qcow2 backing chain safety: loops, json:, escapes, depth, raw probing
     std::string s(reinterpret_cast<const char*>(bytes.data()), bytes.size());
     auto pos = s.find("z.qcow2");
     REQUIRE(pos != std::string::npos);
-    poke(d / "a.qcow2", pos, {'a'});
+    patch(d / "a.qcow2", pos, {'a'});
   }
   std::string err = open_error(d / "a.qcow2");
   CHECK(err.find("loop") != std::string::npos);
@@ -236,7 +236,7 @@ TEST_CASE("qcow2 backing chain safety: loops, json:, escapes, depth, raw probing
     for (size_t i = 0; i + 4 < 4096; ++i) {
       if (bytes[i] == std::byte{0xE2} && bytes[i + 1] == std::byte{0x79} &&
           bytes[i + 2] == std::byte{0x2A} && bytes[i + 3] == std::byte{0xCA}) {
-        poke(img, i, {0x12, 0x34, 0x56, 0x78});
+        patch(img, i, {0x12, 0x34, 0x56, 0x78});
         return;
       }
     }

@@ -8,7 +8,7 @@
 
 #include "formats/errors.h"
 #include "qcow2_helpers.h"
-#include "tests/unit/fault_file.h"
+#include "tests/support/fault_file.h"
 
 using namespace qtest;
 
@@ -29,7 +29,7 @@ struct Image {
   }
   // 16-bit refcounts, all in the first block.
   void set_refcount(uint64_t offset, uint16_t v) const {
-    poke(path, refblock0() + 2 * (offset / cs), be16(v));
+    patch(path, refblock0() + 2 * (offset / cs), be16(v));
   }
   bool corrupt_bit() const { return peek_be64(path, 72) & 2; }
 };
@@ -76,7 +76,7 @@ TEST_CASE("qcow2 freeing a cluster still in use as an L2 table marks the image c
   TempDir d;
   Image img = small_image(d);
   const uint64_t l2 = img.l1_entry(0) & kOffsetMask;
-  poke(img.path, l2 + 16, be64(kCopiedFlag | l2));  // guest 8K -> its own L2 table
+  patch(img.path, l2 + 16, be64(kCopiedFlag | l2));  // guest 8K -> its own L2 table
   {
     auto dev = open_rw(img.path);
     REQUIRE(dev->trim(8192, 4096, false) == 0);
@@ -92,7 +92,7 @@ TEST_CASE("qcow2 freeing a cluster still in use as an L2 table marks the image c
 TEST_CASE("qcow2 an L2 table overlapping the refcount table is never written") {
   TempDir d;
   Image img = small_image(d);
-  poke(img.path, img.l1() + 8, be64(kCopiedFlag | img.reftable()));  // L1[1] -> refcount table
+  patch(img.path, img.l1() + 8, be64(kCopiedFlag | img.reftable()));  // L1[1] -> refcount table
   const auto before = file_bytes(img.path);
   {
     auto dev = open_rw(img.path);
@@ -112,7 +112,7 @@ TEST_CASE("qcow2 an L2 table overlapping the refcount table is never written") {
 TEST_CASE("qcow2 two L1 entries naming one L2 table: a write through one is refused") {
   TempDir d;
   Image img = small_image(d, ",compat=0.10");
-  poke(img.path, img.l1() + 8, be64(img.l1_entry(0)));  // guest 2M maps like guest 0
+  patch(img.path, img.l1() + 8, be64(img.l1_entry(0)));  // guest 2M maps like guest 0
   {
     auto dev = open_rw(img.path);
     CHECK(dev->write(2 << 20, pattern(4096, 5), false) == EIO);
@@ -127,8 +127,9 @@ TEST_CASE("qcow2 guest data over metadata is refused through a fault-injecting f
   TempDir d;
   Image img = small_image(d);
   const uint64_t l1e0 = img.l1_entry(0);
-  poke(img.path, l1e0 & kOffsetMask, be64(kCopiedFlag | img.l1()));  // guest 0 -> the L1 table
-  auto fault = std::make_unique<strata::test::FaultFile>(strata::open_file(img.path, true));
+  patch(img.path, l1e0 & kOffsetMask, be64(kCopiedFlag | img.l1()));  // guest 0 -> the L1 table
+  auto fault =
+      std::make_unique<strata::test::FaultFile>(strata::host_file_system()->open(img.path, true));
   auto* f = fault.get();
   strata::ChainContext ctx;
   auto dev = strata::open_qcow2(std::move(fault), ctx);
@@ -146,7 +147,7 @@ TEST_CASE("qcow2 refcount block past EOF: refused read-write, served read-only")
   TempDir d;
   Image img = small_image(d);
   const uint64_t eof = file_bytes(img.path).size();
-  poke(img.path, img.reftable(), be64(eof + 4096));
+  patch(img.path, img.reftable(), be64(eof + 4096));
   CHECK_THROWS_WITH(open_rw(img.path), doctest::Contains("refcount block 0"));
   CHECK_THROWS_WITH(open_rw(img.path), doctest::Contains("past the end of the file"));
   auto dev = open_ro(img.path);
@@ -165,7 +166,7 @@ TEST_CASE("qcow2 check: references the refcount table cannot reach are reported,
   const uint64_t reftable_clusters = peek_be64(img.path, 56) >> 32;
   REQUIRE(reftable_clusters == 1);
   const uint64_t l2 = img.l1_entry(0) & kOffsetMask;
-  poke(img.path, l2 + 8, be64(kCopiedFlag | (8ull << 20)));
+  patch(img.path, l2 + 8, be64(kCopiedFlag | (8ull << 20)));
   strata::CheckReport report;
   open_ro(img.path)->check(report);
   std::string all;

@@ -9,24 +9,18 @@
 #include <fstream>
 #include <vector>
 
-#include "fault_file.h"
 #include "formats/errors.h"
 #include "formats/open.h"
 #include "formats/raw/raw.h"
+#include "tests/support/fault_file.h"
+#include "tests/support/temp_dir.h"
 
 using namespace strata;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/strata-unit-XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using test::TempDir;
 
 std::string write_file(const fs::path& p, const std::string& content, uint64_t size = 0) {
   std::ofstream(p, std::ios::binary) << content;
@@ -40,8 +34,8 @@ std::vector<std::byte> bytes(size_t n) { return std::vector<std::byte>(n); }
 
 TEST_CASE("raw device reads and writes through its File") {
   TempDir d;
-  auto path = write_file(d.path / "a.raw", std::string(8192, 'x'));
-  RawDevice dev(open_file(path, true));
+  auto path = write_file(d.root() / "a.raw", std::string(8192, 'x'));
+  RawDevice dev(host_file_system()->open(path, true));
   CHECK(dev.size() == 8192);
   auto buf = bytes(100);
   REQUIRE(dev.read(4000, buf) == 0);
@@ -56,8 +50,8 @@ TEST_CASE("raw device reads and writes through its File") {
 
 TEST_CASE("raw extents follow the file's holes; zero writes and trims punch holes") {
   TempDir d;
-  auto path = write_file(d.path / "s.raw", "", 4 << 20);
-  RawDevice dev(open_file(path, true));
+  auto path = write_file(d.root() / "s.raw", "", 4 << 20);
+  RawDevice dev(host_file_system()->open(path, true));
   std::vector<std::byte> w(65536, std::byte{1});
   REQUIRE(dev.write(1 << 20, w, false) == 0);
   std::vector<Extent> ext;
@@ -79,8 +73,8 @@ TEST_CASE("raw extents follow the file's holes; zero writes and trims punch hole
 
 TEST_CASE("injected faults come back as errno values, never exceptions") {
   TempDir d;
-  auto path = write_file(d.path / "f.raw", std::string(65536, 'z'));
-  auto fault = std::make_unique<test::FaultFile>(open_file(path, true));
+  auto path = write_file(d.root() / "f.raw", std::string(65536, 'z'));
+  auto fault = std::make_unique<test::FaultFile>(host_file_system()->open(path, true));
   auto* f = fault.get();
   RawDevice dev(std::move(fault));
   auto buf = bytes(512);
@@ -111,8 +105,8 @@ TEST_CASE("injected faults come back as errno values, never exceptions") {
 
 TEST_CASE("File reads past end of file return zeros") {
   TempDir d;
-  auto path = write_file(d.path / "short.raw", "abc");
-  auto f = open_file(path, false);
+  auto path = write_file(d.root() / "short.raw", "abc");
+  auto f = host_file_system()->open(path, false);
   auto buf = bytes(8);
   REQUIRE(f->read_at(1, buf) == 0);
   CHECK(buf[0] == std::byte{'b'});
@@ -123,16 +117,16 @@ TEST_CASE("File reads past end of file return zeros") {
 
 TEST_CASE("probing: qcow2 by magic, VHD by footer, else raw; raw exports never probed") {
   TempDir d;
-  auto q = write_file(d.path / "q.img", std::string("QFI\xfb", 4), 4096);
-  auto f = open_file(q, false);
+  auto q = write_file(d.root() / "q.img", std::string("QFI\xfb", 4), 4096);
+  auto f = host_file_system()->open(q, false);
   CHECK(probe_format(*f) == Format::qcow2);
   std::string footer(512, '\0');
   std::memcpy(footer.data(), "conectix", 8);
-  auto v = write_file(d.path / "v.img", std::string(4096, '\0') + footer);
-  f = open_file(v, false);
+  auto v = write_file(d.root() / "v.img", std::string(4096, '\0') + footer);
+  f = host_file_system()->open(v, false);
   CHECK(probe_format(*f) == Format::vhd);
-  auto r = write_file(d.path / "r.img", std::string(4096, 'r'));
-  f = open_file(r, false);
+  auto r = write_file(d.root() / "r.img", std::string(4096, 'r'));
+  f = host_file_system()->open(r, false);
   CHECK(probe_format(*f) == Format::raw);
   // A raw export that happens to start with a qcow2 header stays raw.
   OpenOptions o;
@@ -145,18 +139,18 @@ TEST_CASE("probing: qcow2 by magic, VHD by footer, else raw; raw exports never p
 
 TEST_CASE("child paths: json:, protocols and escapes from the allowed directories are refused") {
   TempDir d;
-  fs::create_directories(d.path / "ok");
-  auto img = write_file(d.path / "ok" / "top.raw", "x");
-  write_file(d.path / "outside.raw", "y");
+  fs::create_directories(d.root() / "ok");
+  auto img = write_file(d.root() / "ok" / "top.raw", "x");
+  write_file(d.root() / "outside.raw", "y");
   ChainContext ctx;
-  ctx.allowed_dirs = {(d.path / "ok").string()};
+  ctx.allowed_dirs = {(d.root() / "ok").string()};
   CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "json:{\"file\":1}", ChildRole::backing),
                        doctest::Contains("json:"), ImageError);
   CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "nbd://host/x", ChildRole::backing),
                        doctest::Contains("protocol"), ImageError);
   CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "../outside.raw", ChildRole::backing),
                        doctest::Contains("outside the allowed directories"), ImageError);
-  CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "missing.raw", ChildRole::parent),
+  CHECK_THROWS_WITH_AS(resolve_child_path(ctx, img, "missing.raw", ChildRole::backing),
                        doctest::Contains("missing.raw"), ImageError);
   CHECK(resolve_child_path(ctx, img, "top.raw", ChildRole::backing) == fs::canonical(img).string());
 }

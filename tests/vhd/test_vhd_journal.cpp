@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "formats/file.h"
+#include "tests/support/forwarding_file.h"
 #include "vhd_test_util.h"
 
 using namespace vhdtest;
@@ -24,33 +25,25 @@ struct JournalEntry {
   Bytes data;
 };
 
-class JournalFile final : public strata::File {
+// Records every write and sync, in order, to replay crashes at each point.
+class JournalFile final : public ForwardingFile {
  public:
   JournalFile(std::unique_ptr<strata::File> inner, std::vector<JournalEntry>& log)
-      : inner_(std::move(inner)), log_(log) {}
-  const std::string& path() const override { return inner_->path(); }
-  bool writable() const override { return inner_->writable(); }
-  int read_at(uint64_t off, std::span<std::byte> buf) override { return inner_->read_at(off, buf); }
+      : ForwardingFile(std::move(inner)), log_(log) {}
   int write_at(uint64_t off, std::span<const std::byte> buf) override {
     auto p = reinterpret_cast<const uint8_t*>(buf.data());
     log_.push_back({false, off, Bytes(p, p + buf.size())});
-    return inner_->write_at(off, buf);
+    return ForwardingFile::write_at(off, buf);
   }
   int sync() override {
     log_.push_back({true, 0, {}});
-    return inner_->sync();
+    return ForwardingFile::sync();
   }
+  // No hole punching: every change of the image is a write the journal holds.
   int punch_hole(uint64_t, uint64_t) override { return ENOTSUP; }
   int zero_range(uint64_t, uint64_t) override { return ENOTSUP; }
-  int64_t size() override { return inner_->size(); }
-  int truncate(uint64_t s) override { return inner_->truncate(s); }
-  int64_t seek_data(uint64_t off) override { return inner_->seek_data(off); }
-  int64_t seek_hole(uint64_t off) override { return inner_->seek_hole(off); }
-  dev_t device() const override { return inner_->device(); }
-  ino_t inode() const override { return inner_->inode(); }
 
  private:
-  std::unique_ptr<strata::File> inner_;
   std::vector<JournalEntry>& log_;
 };
 
@@ -104,8 +97,8 @@ void run_journal_test(bool differencing) {
     strata::ChainContext ctx;
     ctx.options = opts();
     ctx.allowed_dirs = {fs::canonical(t.path).string()};
-    auto dev =
-        strata::open_vhd(std::make_unique<JournalFile>(strata::open_file(img, true), log), ctx);
+    auto dev = strata::open_vhd(
+        std::make_unique<JournalFile>(strata::host_file_system()->open(img, true), log), ctx);
     REQUIRE(log.empty());
     std::mt19937 rng(differencing ? 21 : 12);
     // Disjoint 64 KiB slots, so each range is touched by one operation only;

@@ -10,12 +10,12 @@ using namespace vhdtest;
 namespace {
 
 void qemu_write(const std::string& img, const std::string& cmds) {
-  REQUIRE(sh("qemu-io -f vpc " + cmds + " " + img) == 0);
+  REQUIRE(sh_status("qemu-io -f vpc " + cmds + " " + img) == 0);
 }
 
 Bytes qemu_raw(const TempDir& t, const std::string& img) {
   std::string raw = t / "ref.raw";
-  REQUIRE(sh("qemu-img convert -f vpc -O raw " + img + " " + raw) == 0);
+  REQUIRE(sh_status("qemu-img convert -f vpc -O raw " + img + " " + raw) == 0);
   return file_bytes(raw);
 }
 
@@ -24,7 +24,7 @@ Bytes qemu_raw(const TempDir& t, const std::string& img) {
 TEST_CASE("qemu-img dynamic VHD reads byte-identical to qemu-img convert") {
   TempDir t;
   std::string img = t / "dyn.vhd";
-  REQUIRE(sh("qemu-img create -f vpc -o subformat=dynamic " + img + " 24M") == 0);
+  REQUIRE(sh_status("qemu-img create -f vpc -o subformat=dynamic " + img + " 24M") == 0);
   qemu_write(img,
              "-c 'write -P 0xab 0 4k' -c 'write -P 0x11 2M 512' -c 'write -P 0x22 5000k 3M' "
              "-c 'write -P 0x33 20M 1M'");
@@ -45,7 +45,7 @@ TEST_CASE("qemu-img fixed and force_size VHDs read byte-identical") {
   for (std::string sub :
        {"subformat=fixed", "subformat=dynamic,force_size=on", "subformat=fixed,force_size=on"}) {
     std::string img = t / "x.vhd";
-    REQUIRE(sh("qemu-img create -f vpc -o " + sub + " " + img + " 9M") == 0);
+    REQUIRE(sh_status("qemu-img create -f vpc -o " + sub + " " + img + " 9M") == 0);
     qemu_write(img, "-c 'write -P 0x5a 1M 64k' -c 'write -P 0x6b 8M 512'");
     Bytes ref = qemu_raw(t, img);
     // Fixed VHDs are found by their footer, not taken for raw.
@@ -63,13 +63,14 @@ TEST_CASE("strata create sizes VHDs the way qemu-img does") {
     for (std::string type : {"fixed", "dynamic"}) {
       std::string ours = t / "ours.vhd", theirs = t / "theirs.vhd";
       create(ours, size, {{"type", type}});
-      REQUIRE(sh("qemu-img create -f vpc -o subformat=" + type + " " + theirs + " " + size) == 0);
+      REQUIRE(sh_status("qemu-img create -f vpc -o subformat=" + type + " " + theirs + " " +
+                        size) == 0);
       auto a = open(ours, true);
       auto b = open(theirs, true);
       INFO(size, " ", type);
       CHECK(a->size() == b->size());
       // qemu-img opens ours and agrees on the size.
-      std::string js = sh_out("qemu-img info -f vpc --output=json " + ours);
+      std::string js = capture("qemu-img info -f vpc --output=json " + ours);
       CHECK(js.find("\"virtual-size\": " + std::to_string(a->size())) != std::string::npos);
       fs::remove(ours);
       fs::remove(theirs);
@@ -99,7 +100,7 @@ TEST_CASE("writes through Strata read back in qemu-img (dynamic, fixed, qemu-mad
       if (c.name == "ours-dyn-512k") o["block_size"] = "512K";
       create(img, "12M", o);
     } else {
-      REQUIRE(sh("qemu-img create -f vpc -o subformat=" + c.make + " " + img + " 12M") == 0);
+      REQUIRE(sh_status("qemu-img create -f vpc -o subformat=" + c.make + " " + img + " 12M") == 0);
       qemu_write(img, "-c 'write -P 0x77 3M 8k'");
     }
     Bytes expect = qemu_raw(t, img);
@@ -121,7 +122,7 @@ TEST_CASE("writes through Strata read back in qemu-img (dynamic, fixed, qemu-mad
       CHECK(read_all(*d) == expect);
     }
     write_file(t / "expect.raw", expect);
-    CHECK(sh("qemu-img compare -f vpc -F raw " + img + " " + (t / "expect.raw")) == 0);
+    CHECK(sh_status("qemu-img compare -f vpc -F raw " + img + " " + (t / "expect.raw")) == 0);
     CHECK(read_all(*open(img, true)) == expect);
     // The file ends in a valid footer.
     Bytes b = file_bytes(img);
@@ -193,10 +194,10 @@ TEST_CASE("virtual size: current size, CHS, QEMU's rule and an override") {
   CHECK(with_mode("current") == 10u << 20);
   CHECK(with_mode("chs") == chs);
   CHECK(with_mode("qemu") == chs);
-  std::string js = sh_out("qemu-img info -f vpc --output=json " + img);
+  std::string js = capture("qemu-img info -f vpc --output=json " + img);
   CHECK(js.find("\"virtual-size\": " + std::to_string(chs)) != std::string::npos);
-  js = sh_out("qemu-img info --output=json --image-opts driver=vpc,file.filename=" + img +
-              ",force_size_calc=current_size");
+  js = capture("qemu-img info --output=json --image-opts driver=vpc,file.filename=" + img +
+               ",force_size_calc=current_size");
   CHECK(js.find("\"virtual-size\": " + std::to_string(10u << 20)) != std::string::npos);
   strata::OpenOptions o = opts(true);
   o.vhd_size_override = 4u << 20;
@@ -242,7 +243,7 @@ TEST_CASE("a blktap batmap after the BAT is never allocated over") {
   std::fill(expect.begin() + 100, expect.begin() + 5100, 0x44);
   std::fill(expect.begin() + (3 << 20), expect.begin() + (3 << 20) + 512, 0x45);
   write_file(t / "expect.raw", expect);
-  CHECK(sh("qemu-img compare -f vpc -F raw " + img + " " + (t / "expect.raw")) == 0);
+  CHECK(sh_status("qemu-img compare -f vpc -F raw " + img + " " + (t / "expect.raw")) == 0);
   strata::CheckReport rep;
   open(img, true)->check(rep);
   CHECK(rep.errors.empty());

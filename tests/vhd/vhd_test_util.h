@@ -1,17 +1,13 @@
-// Helpers shared by the VHD unit tests: temp directories, shell commands
-// (qemu-img / qemu-io are the independent oracles), whole-image reads, and
-// byte patches of image files.
+// Helpers for the VHD unit tests over the shared ones (tests/support: temp
+// directories, shell commands, byte patches): checksums, whole-image reads
+// and writes, creation and refusals.
 #pragma once
 
 #include <doctest/doctest.h>
-#include <unistd.h>
 
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <random>
 #include <string>
@@ -23,66 +19,15 @@
 #include "formats/errors.h"
 #include "formats/open.h"
 #include "formats/vhd/vhd_format.h"
+#include "tests/support/bytes.h"
+#include "tests/support/images.h"
+#include "tests/support/shell.h"
+#include "tests/support/temp_dir.h"
 
 namespace vhdtest {
 
 namespace fs = std::filesystem;
-using Bytes = std::vector<uint8_t>;
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char t[] = "/tmp/strata-vhd-XXXXXX";
-    path = ::mkdtemp(t);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-inline int sh(const std::string& cmd) {
-  std::string full = cmd + " >/dev/null 2>&1";
-  int r = std::system(full.c_str());
-  return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
-}
-
-// Runs a command and returns its standard output.
-inline std::string sh_out(const std::string& cmd) {
-  std::string out;
-  FILE* p = ::popen((cmd + " 2>/dev/null").c_str(), "r");
-  if (!p) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  ::pclose(p);
-  return out;
-}
-
-inline Bytes file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  Bytes b(fs::file_size(path));
-  in.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(b.size()));
-  return b;
-}
-
-inline void write_file(const std::string& path, const Bytes& b) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
-}
-
-inline void patch(const std::string& path, uint64_t off, const Bytes& b) {
-  std::fstream f(path, std::ios::binary | std::ios::in | std::ios::out);
-  f.seekp(static_cast<std::streamoff>(off));
-  f.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
-}
-
-inline Bytes be32(uint32_t v) {
-  Bytes b(4);
-  strata::store_be32(b.data(), v);
-  return b;
-}
+using namespace strata::test;
 
 // Recomputes the checksum of the footer copies (at 0 for dynamic images, and at
 // EOF-512) and of the dynamic header at 512.
@@ -130,13 +75,9 @@ inline Bytes pattern(size_t n, uint32_t seed) {
 inline void create(const std::string& path, const std::string& size,
                    std::map<std::string, std::string> o = {},
                    std::optional<std::string> backing = std::nullopt) {
-  strata::CreateOptions co;
-  co.format = strata::Format::vhd;
-  co.path = path;
-  if (!size.empty()) co.size = strata::parse_size(size);
-  co.options = std::move(o);
-  co.backing = std::move(backing);
-  strata::create_image(co);
+  std::optional<uint64_t> bytes;
+  if (!size.empty()) bytes = strata::parse_size(size);
+  create_image(strata::Format::vhd, path, bytes, std::move(o), std::move(backing));
 }
 
 // Expects opening to fail with a message naming the file and containing `what`.
