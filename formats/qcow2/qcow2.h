@@ -22,7 +22,7 @@
 // them are durable, so a crash leaks clusters but never leaves a referenced
 // cluster with refcount 0.
 //
-// Corrupt images (docs/CORRUPT-IMAGES.md): a read-write open builds meta_, the
+// Corrupt images (docs/CORRUPT-IMAGES.md): a read-write open builds metadata_map_, the
 // set of clusters holding metadata in use. Every new cluster, every metadata
 // write and every guest data write into the image file is checked against it
 // (QEMU's overlap check), as is every refcount decrement. On an inconsistency
@@ -51,7 +51,7 @@ namespace strata::qcow2 {
 
 // What a guest range maps to.
 enum class Kind : uint8_t {
-  data,        // at `host` in data_ (the data file or the image file)
+  data,        // at `host` in data_file_ (the data file or the image file)
   zero,        // zero flag in this layer
   backing,     // unallocated here: backing file (or zeros)
   compressed,  // `host` holds the L2 entry
@@ -177,48 +177,48 @@ class Qcow2Device final : public BlockDevice {
 
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_owned_;
-  File* data_ = nullptr;  // where guest data lives
+  File* data_file_ = nullptr;  // where guest data lives
   std::shared_ptr<BlockDevice> backing_;
   uint64_t backing_size_ = 0;
   std::string backing_name_, backing_format_, data_file_name_;
 
-  Header h_;
+  Header header_;
   std::vector<SnapshotInfo> snapshots_;
   uint64_t snapshot_table_bytes_ = 0;
-  uint64_t cs_ = 0;
+  uint64_t cluster_size_ = 0;
   uint32_t cluster_bits_ = 0;
   uint64_t l2_entries_ = 0;
-  uint32_t entry_bytes_ = 8;
-  bool ext_ = false;
-  bool external_ = false;  // external data file
-  bool raw_ = false;       // data_file_raw
+  uint32_t l2_entry_bytes_ = 8;
+  bool extended_l2_ = false;
+  bool external_data_file_ = false;  // external data file
+  bool data_file_raw_ = false;       // data_file_raw
   uint64_t size_ = 0;
   std::atomic<bool> read_only_{true};  // read without mu_ by every write
   bool corrupt_ = false;               // the corrupt bit is set, or was found this session
   std::string notes_;
 
   mutable std::shared_mutex mu_;
-  std::condition_variable_any cv_;
+  std::condition_variable_any inflight_changed_;
   std::unordered_set<uint64_t> inflight_;
 
-  std::vector<uint64_t> l1_;
+  std::vector<uint64_t> l1_table_;
   std::set<uint64_t> l1_dirty_;
   // Bumped whenever an L2 table on disk or an L1 entry changes: a table read
   // without mu_ is only cached if no bump happened since its L1 entry was seen.
   uint64_t l2_epoch_ = 0;
-  std::vector<uint64_t> reftable_;
-  std::set<uint64_t> reftable_dirty_;
-  uint64_t reftable_offset_ = 0;
-  uint64_t reftable_clusters_ = 0;
-  uint64_t rb_entries_ = 0;  // refcounts per refcount block
-  uint64_t rc_max_ = 0;
-  bool growing_ = false;
+  std::vector<uint64_t> refcount_table_;
+  std::set<uint64_t> refcount_table_dirty_;
+  uint64_t refcount_table_offset_ = 0;
+  uint64_t refcount_table_clusters_ = 0;
+  uint64_t refblock_entries_ = 0;  // refcounts per refcount block
+  uint64_t refcount_max_ = 0;
+  bool growing_refcount_table_ = false;
 
-  MetadataMap meta_;  // built at a read-write open
+  MetadataMap metadata_map_;  // built at a read-write open
   std::unique_ptr<TableCache> l2_cache_;
-  std::unique_ptr<TableCache> rb_cache_;
+  std::unique_ptr<TableCache> refblock_cache_;
 
-  uint64_t end_ = 0;                     // first never-used cluster index
+  uint64_t first_unused_cluster_ = 0;    // first never-used cluster index
   uint64_t free_hint_ = 0;               // lowest cluster index that may be free
   std::vector<uint64_t> pending_frees_;  // cluster indices to decrement
   std::atomic<bool> data_dirty_{false};

@@ -20,13 +20,13 @@ const std::vector<std::byte>& zero_buffer() {
 }  // namespace
 
 void Qcow2Device::lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc) {
-  cv_.wait(lk, [&] { return inflight_.count(gc) == 0; });
+  inflight_changed_.wait(lk, [&] { return inflight_.count(gc) == 0; });
   inflight_.insert(gc);
 }
 
 void Qcow2Device::unlock_cluster(uint64_t gc) {
   inflight_.erase(gc);
-  cv_.notify_all();
+  inflight_changed_.notify_all();
 }
 
 int Qcow2Device::clear_autoclear_once() {
@@ -34,21 +34,21 @@ int Qcow2Device::clear_autoclear_once() {
   std::lock_guard lk(mu_);
   if (autoclear_cleared_) return 0;
   // We do not maintain persistent bitmaps or unknown autoclear features.
-  uint64_t keep = h_.autoclear & kAutoclearDataFileRaw;
-  if (h_.version >= 3 && keep != h_.autoclear) {
+  uint64_t keep = header_.autoclear & kAutoclearDataFileRaw;
+  if (header_.version >= 3 && keep != header_.autoclear) {
     uint8_t b[8];
     store_be64(b, keep);
     if (int r = write_metadata_locked(kOffAutoclear, b, 8, kMetaHeader)) return r;
     if (int r = file_->sync()) return r;
-    spdlog::info("{}: cleared autoclear features {:#x}", path(), h_.autoclear & ~keep);
-    h_.autoclear = keep;
+    spdlog::info("{}: cleared autoclear features {:#x}", path(), header_.autoclear & ~keep);
+    header_.autoclear = keep;
   }
   autoclear_cleared_ = true;
   return 0;
 }
 
 int Qcow2Device::free_entry_locked(uint64_t e) {
-  if (external_) return 0;  // data clusters of a data file are not refcounted
+  if (external_data_file_) return 0;  // data clusters of a data file are not refcounted
   if (e & kCompressed) {
     const uint32_t x = 62 - (cluster_bits_ - 8);
     uint64_t coff = e & ((uint64_t{1} << x) - 1);
@@ -67,20 +67,20 @@ int Qcow2Device::free_entry_locked(uint64_t e) {
 int Qcow2Device::get_l2_for_write_locked(uint64_t l1i, CachedTable*& out) {
   out = nullptr;
   if (corrupt_) return EIO;
-  if (l1i >= l1_.size()) return EIO;
-  uint64_t e = l1_[l1i];
+  if (l1i >= l1_table_.size()) return EIO;
+  uint64_t e = l1_table_[l1i];
   if (e & kL1ReservedMask) return EIO;
   uint64_t off = e & kL1OffsetMask;
   if (off && !host_cluster_valid(off)) return EIO;
   if (off && (e & kCopied)) {
-    if (int r = check_metadata_write_locked(off, cs_, kMetaActiveL2)) return r;
+    if (int r = check_metadata_write_locked(off, cluster_size_, kMetaActiveL2)) return r;
     return load_table(*l2_cache_, off, out, false);
   }
   if (off) {
     uint64_t rc = 0;
     if (int r = get_refcount_locked(off >> cluster_bits_, rc)) return r;
     if (rc == 1) {
-      if (int r = check_metadata_write_locked(off, cs_, kMetaActiveL2)) return r;
+      if (int r = check_metadata_write_locked(off, cluster_size_, kMetaActiveL2)) return r;
       set_l1_entry_locked(l1i, off | kCopied);
       return load_table(*l2_cache_, off, out, false);
     }
@@ -109,7 +109,7 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   if (read_only_) return EPERM;
   if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + buf.size();
-  if (raw_) {
+  if (data_file_raw_) {
     for (uint64_t pos = offset; pos < end;) {
       uint64_t cend = std::min(end, ((pos >> cluster_bits_) + 1) << cluster_bits_);
       if (int r = write_raw_cluster(pos, buf.subspan(pos - offset, cend - pos))) return r;
@@ -125,22 +125,24 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   {
     std::lock_guard lk(mu_);
     // An L2 table used twice must not be written through: write_cluster() checks.
-    if (meta_.has_duplicates()) inplace = false;
-    const uint64_t sc_size = cs_ / 32;
+    if (metadata_map_.has_duplicates()) inplace = false;
+    const uint64_t sc_size = cluster_size_ / 32;
     for (uint64_t pos = offset; pos < end && inplace;) {
       uint64_t gc = pos >> cluster_bits_;
       uint64_t cstart = gc << cluster_bits_;
-      uint64_t cend = std::min(end, cstart + cs_);
+      uint64_t cend = std::min(end, cstart + cluster_size_);
       CachedTable* t = nullptr;
-      if (get_l2_locked(gc / l2_entries_, t) != 0 || !t || !(l1_[gc / l2_entries_] & kCopied)) {
+      if (get_l2_locked(gc / l2_entries_, t) != 0 || !t ||
+          !(l1_table_[gc / l2_entries_] & kCopied)) {
         inplace = false;
         break;
       }
       uint64_t e = entry_at(*t, gc % l2_entries_);
       uint64_t host = e & kL2OffsetMask;
       bool ok = (e & kCopied) && !(e & kCompressed) && !(e & kL2StdReservedMask) &&
-                !(e & kZeroFlag) && host % cs_ == 0 && (external_ || host_cluster_valid(host));
-      if (ok && ext_) {
+                !(e & kZeroFlag) && host % cluster_size_ == 0 &&
+                (external_data_file_ || host_cluster_valid(host));
+      if (ok && extended_l2_) {
         uint64_t bm = bitmap_at(*t, gc % l2_entries_);
         uint64_t s0 = (pos - cstart) / sc_size, s1 = (cend - 1 - cstart) / sc_size;
         uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) &
@@ -158,7 +160,8 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   }
   if (inplace) {
     for (const Run& r : runs) {
-      if (int err = data_->write_at(r.host, buf.subspan(r.guest - offset, r.length))) return err;
+      if (int err = data_file_->write_at(r.host, buf.subspan(r.guest - offset, r.length)))
+        return err;
     }
     data_dirty_ = true;
     return fua ? flush() : 0;
@@ -176,7 +179,7 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
 // subclusters is all or nothing): the standard zero flag, or an extended L2
 // zero bit without its allocation bit. Everything else reads the data file.
 uint32_t Qcow2Device::raw_zero_subclusters(uint64_t entry, uint64_t bitmap) const {
-  if (!ext_) return (entry & kZeroFlag) ? ~uint32_t{0} : 0;
+  if (!extended_l2_) return (entry & kZeroFlag) ? ~uint32_t{0} : 0;
   return static_cast<uint32_t>(bitmap >> 32) & ~static_cast<uint32_t>(bitmap);
 }
 
@@ -191,7 +194,7 @@ int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> da
   const uint64_t gc = guest >> cluster_bits_;
   const uint64_t cstart = gc << cluster_bits_;
   const uint64_t want = cstart | kCopied;
-  const uint64_t want_bitmap = ext_ ? 0xffffffffull : 0;
+  const uint64_t want_bitmap = extended_l2_ ? 0xffffffffull : 0;
   std::unique_lock lk(mu_);
   CachedTable* t = nullptr;
   int r = get_l2_for_write_locked(gc / l2_entries_, t);
@@ -199,7 +202,7 @@ int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> da
   const uint64_t idx = gc % l2_entries_;
   if (entry_at(*t, idx) == want && bitmap_at(*t, idx) == want_bitmap) {
     lk.unlock();  // Already mapped 1:1: the data file alone changes.
-    return data_->write_at(guest, data);
+    return data_file_->write_at(guest, data);
   }
   lock_cluster(lk, gc);
   r = get_l2_for_write_locked(gc / l2_entries_, t);
@@ -207,7 +210,7 @@ int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> da
     const uint32_t zeros = raw_zero_subclusters(entry_at(*t, idx), bitmap_at(*t, idx));
     lk.unlock();
     r = fill_raw_zero_gaps(cstart, zeros, guest - cstart, guest - cstart + data.size());
-    if (!r) r = data_->write_at(guest, data);
+    if (!r) r = data_file_->write_at(guest, data);
     lk.lock();
     if (!r) r = get_l2_for_write_locked(gc / l2_entries_, t);
     if (!r) set_entry(*t, idx, want, want_bitmap);
@@ -222,13 +225,13 @@ int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> da
 int Qcow2Device::fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from,
                                     uint64_t skip_to) {
   if (!zeros) return 0;
-  const uint64_t unit = ext_ ? cs_ / 32 : cs_;
-  const int units = ext_ ? 32 : 1;
+  const uint64_t unit = extended_l2_ ? cluster_size_ / 32 : cluster_size_;
+  const int units = extended_l2_ ? 32 : 1;
   for (int i = 0; i < units; ++i) {
     if (!((zeros >> i) & 1)) continue;
     const uint64_t from = i * unit, to = from + unit;
     auto fill = [&](uint64_t a, uint64_t b) {
-      return a < b ? data_->write_at(cstart + a, std::span(zero_buffer()).first(b - a)) : 0;
+      return a < b ? data_file_->write_at(cstart + a, std::span(zero_buffer()).first(b - a)) : 0;
     };
     if (int r = fill(from, std::min(to, skip_from))) return r;
     if (int r = fill(std::max(from, skip_to), to)) return r;
@@ -243,7 +246,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   const uint64_t in_off = guest - cstart;
   const uint64_t n = data.size();
   const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
-  const uint64_t sc_size = cs_ / 32;
+  const uint64_t sc_size = cluster_size_ / 32;
 
   std::unique_lock lk(mu_);
   lock_cluster(lk, gc);
@@ -263,12 +266,13 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   const uint64_t bm = bitmap_at(*t, idx);
   const bool compressed = e & kCompressed;
   const uint64_t old_host = compressed ? 0 : e & kL2OffsetMask;
-  const bool has_host = !compressed && (old_host != 0 || (external_ && (e & kCopied)));
-  if (!compressed && ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || old_host % cs_ != 0))
+  const bool has_host = !compressed && (old_host != 0 || (external_data_file_ && (e & kCopied)));
+  if (!compressed &&
+      ((e & kL2StdReservedMask) || (extended_l2_ && (e & 1)) || old_host % cluster_size_ != 0))
     return EIO;
-  if (compressed && external_) return EIO;
+  if (compressed && external_data_file_) return EIO;
   const bool copied = e & kCopied;
-  const bool zero_flag = !ext_ && !compressed && (e & kZeroFlag);
+  const bool zero_flag = !extended_l2_ && !compressed && (e & kZeroFlag);
 
   uint64_t host = 0;
   bool fresh = false;
@@ -276,7 +280,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   if (has_host && copied) {
     host = old_host;
     in_place = true;
-  } else if (external_) {
+  } else if (external_data_file_) {
     host = cstart;
   } else {
     if (int r = alloc_cluster_locked(host, fresh)) return r;
@@ -287,7 +291,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   // Byte range of the new/old host cluster to write, relative to cstart.
   uint64_t lo, hi;
   uint64_t new_bm = 0;
-  if (ext_ && (in_place || (!has_host && !compressed))) {
+  if (extended_l2_ && (in_place || (!has_host && !compressed))) {
     // Subcluster granularity: only the touched subclusters are written.
     uint64_t s0 = in_off / sc_size, s1 = (in_off + n - 1) / sc_size;
     lo = s0 * sc_size;
@@ -298,12 +302,12 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
     if (!has_host) new_bm &= ~uint64_t{0xffffffff} | mask;  // no stale allocation bits
   } else {
     lo = 0;
-    hi = cs_;
-    new_bm = ext_ ? 0xffffffffull : 0;
+    hi = cluster_size_;
+    new_bm = extended_l2_ ? 0xffffffffull : 0;
   }
   // Old contents are zeros (no copy needed into a fresh cluster) when:
-  bool old_zero =
-      zero_flag || (!has_host && !compressed && !ext_ && (!backing_ || cstart >= backing_size_));
+  bool old_zero = zero_flag || (!has_host && !compressed && !extended_l2_ &&
+                                (!backing_ || cstart >= backing_size_));
   const uint64_t new_entry = host | kCopied;
 
   lk.unlock();
@@ -312,8 +316,9 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
   uint64_t out_off;
   // The guest data goes out as it is into a fresh cluster over zeros, or in
   // place when no zero flag or partial subcluster needs the old contents.
-  const bool write_as_is = (fresh && old_zero) || (in_place && !zero_flag &&
-                                                   (!ext_ || (in_off == lo && in_off + n == hi)));
+  const bool write_as_is =
+      (fresh && old_zero) ||
+      (in_place && !zero_flag && (!extended_l2_ || (in_off == lo && in_off + n == hi)));
   if (write_as_is) {
     out = data;
     out_off = in_off;
@@ -338,7 +343,7 @@ int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) 
     out = buf;
     out_off = lo;
   }
-  if (int r = data_->write_at(host + out_off, out)) return r;
+  if (int r = data_file_->write_at(host + out_off, out)) return r;
   data_dirty_ = true;
 
   lk.lock();
@@ -356,7 +361,7 @@ int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags)
   if (read_only_) return EPERM;
   if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + length;
-  if (raw_) {
+  if (data_file_raw_) {
     if (flags.fast_only) return ENOTSUP;
     for (uint64_t pos = offset; pos < end;) {
       uint64_t n = std::min<uint64_t>(end - pos, zero_buffer().size());
@@ -375,10 +380,10 @@ int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags)
 
 int Qcow2Device::trim(uint64_t offset, uint64_t length, bool fua) {
   if (read_only_) return EPERM;
-  if (raw_) {
+  if (data_file_raw_) {
     // The raw file must stay the disk: give its space back (the range reads as
     // zeros there and through the qcow2 alike) and leave the metadata alone.
-    int r = data_->punch_hole(offset, length);
+    int r = data_file_->punch_hole(offset, length);
     if (r && r != ENOTSUP && r != EOPNOTSUPP) return r;
     return fua ? flush() : 0;
   }
@@ -400,11 +405,11 @@ int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, 
   const uint64_t cstart = gc << cluster_bits_;
   const uint64_t in_off = guest - cstart;
   const uint64_t in_end =
-      (guest + length >= size_) ? cs_ : in_off + length;  // past size counts as covered
+      (guest + length >= size_) ? cluster_size_ : in_off + length;  // past size counts as covered
   const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
-  const bool v3 = h_.version >= 3;
+  const bool v3 = header_.version >= 3;
   const bool backing_visible = backing_ && cstart < backing_size_;
-  const uint64_t unit = ext_ ? cs_ / 32 : cs_;
+  const uint64_t unit = extended_l2_ ? cluster_size_ / 32 : cluster_size_;
   // Whole units covered.
   const uint64_t a = (in_off + unit - 1) / unit * unit;
   const uint64_t b = in_end / unit * unit;
@@ -449,14 +454,14 @@ int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, 
   const uint64_t bm = bitmap_at(*t, idx);
   const bool compressed = e & kCompressed;
   const uint64_t host = compressed ? 0 : e & kL2OffsetMask;
-  const bool has_host = !compressed && (host != 0 || (external_ && (e & kCopied)));
-  const bool whole = a == 0 && b == cs_;
+  const bool has_host = !compressed && (host != 0 || (external_data_file_ && (e & kCopied)));
+  const bool whole = a == 0 && b == cluster_size_;
   // Unallocated instead of zero when nothing shows through.
   const bool dealloc = !backing_visible && (is_trim || flags.may_trim || !v3);
 
   uint64_t new_e = e, new_bm = bm;
   bool drop_old = false;
-  if (!ext_) {
+  if (!extended_l2_) {
     if (dealloc) {
       new_e = 0;
       drop_old = has_host || compressed;
@@ -489,8 +494,8 @@ int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, 
   }
   if (new_e != e || new_bm != bm) set_entry(*t, idx, new_e, new_bm);
   if (drop_old) {
-    if (external_ && has_host && is_trim) {
-      int r = data_->punch_hole(host, cs_);
+    if (external_data_file_ && has_host && is_trim) {
+      int r = data_file_->punch_hole(host, cluster_size_);
       (void)r;  // advisory
     }
     free_entry_locked(e);
