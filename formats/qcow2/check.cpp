@@ -61,23 +61,21 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
         uint64_t e = load_be64(l2.data() + j * l2_entry_bytes_);
         if (e == 0) continue;
         std::string ew = name + " L2 entry " + std::to_string(i * l2_entries_ + j);
-        if (e & kCompressed) {
-          const uint32_t x = 62 - (cluster_bits_ - 8);
-          uint64_t coff = e & ((uint64_t{1} << x) - 1);
-          uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
+        const L2Entry d = classify(e);
+        if (d.compressed()) {
           if (external_data_file_) {
             report.errors.push_back(ew + ": compressed cluster in an image with a data file");
             continue;
           }
-          add(coff & ~uint64_t{511}, nsec * 512, ew + " compressed data");
+          const CompressedDescriptor desc = parse_compressed_descriptor(e, cluster_bits_);
+          add(desc.first_byte(), desc.span(), ew + " compressed data");
           continue;
         }
-        uint64_t host = e & kL2OffsetMask;
-        if ((e & kL2StdReservedMask) || (extended_l2_ && (e & 1)) || host % cluster_size_) {
+        if (d.type == ClusterType::invalid) {
           report.errors.push_back(ew + ": invalid entry " + std::to_string(e));
           continue;
         }
-        if (host && !external_data_file_) add(host, cluster_size_, ew + " data cluster");
+        if (d.host && !external_data_file_) add(d.host, cluster_size_, ew + " data cluster");
       }
     }
   };
@@ -146,7 +144,7 @@ bool Qcow2Device::check_refcount(uint64_t c, uint64_t used, CheckReport& report,
 }
 
 void Qcow2Device::check(CheckReport& report) {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   if (file_->writable()) {
     if (int r = flush_locked())
       report.errors.push_back(std::string("flush failed: ") + std::strerror(r));

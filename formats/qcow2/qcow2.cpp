@@ -15,6 +15,9 @@
 namespace strata::qcow2 {
 
 Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(std::move(file)) {
+  // Nobody else can reach the device yet; the lock is for the helpers, which
+  // touch what it guards.
+  WriterLock lk(mu_);
   header_ = read_header(*file_);
   cluster_size_ = header_.cluster_size();
   cluster_bits_ = header_.cluster_bits;
@@ -23,6 +26,7 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
   l2_entries_ = cluster_size_ / l2_entry_bytes_;
   external_data_file_ = header_.has_data_file();
   data_file_raw_ = header_.data_file_raw();
+  l2_format_ = {cluster_bits_, extended_l2_, external_data_file_};
   // QEMU serves floor(size / 512) * 512 bytes.
   size_ = header_.size & ~uint64_t{511};
   read_only_ = !file_->writable();
@@ -69,7 +73,7 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
 }
 
 Qcow2Device::~Qcow2Device() {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   if (int r = flush_locked())
     spdlog::error("{}: flush on close failed: {}", path(), std::strerror(r));
   if (read_only_) {
@@ -251,7 +255,7 @@ void push_run(std::vector<Run>& out, const Run& r) {
 int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
                      uint64_t& covered) {
   {
-    std::shared_lock lk(mu_);
+    ReaderLock lk(mu_);
     uint64_t missing = 0;
     if (int r = map_locked(off, len, out, max_l2, covered, &missing, true)) return r;
     if (covered > 0 || missing == 0) return 0;
@@ -260,7 +264,7 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
     out.clear();
     uint64_t missing = 0, epoch = 0;
     {
-      std::lock_guard lk(mu_);
+      WriterLock lk(mu_);
       // A table lost twice to concurrent metadata changes is read under the lock.
       if (int r = map_locked(off, len, out, max_l2, covered, attempt < 2 ? &missing : nullptr)) {
         return r;
@@ -273,7 +277,7 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
             file_->read_at(missing, {reinterpret_cast<std::byte*>(table.data()), table.size()})) {
       return r;
     }
-    std::lock_guard lk(mu_);
+    WriterLock lk(mu_);
     if (l2_epoch_ != epoch || l2_cache_->contains(missing)) continue;
     ++l2_cache_->misses;
     if (int r = make_room_locked(*l2_cache_)) return r;
@@ -283,11 +287,27 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
   }
 }
 
+// The analysis cannot tie the lock mode to `shared`: map() passes true
+// exactly when it holds mu_ shared, and only then are tables peeked at rather
+// than loaded (which changes the cache and needs mu_ exclusively).
+int Qcow2Device::l2_for_map(uint64_t l2_offset, const uint64_t* missing, bool shared,
+                            const CachedTable*& out) NO_THREAD_SAFETY_ANALYSIS {
+  out = nullptr;
+  if (shared) {
+    out = l2_cache_->peek(l2_offset);
+  } else if (!missing || l2_cache_->contains(l2_offset)) {
+    CachedTable* loaded = nullptr;
+    if (int r = load_table(*l2_cache_, l2_offset, loaded, false)) return r;
+    out = loaded;
+  }
+  return 0;
+}
+
 int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
                             uint64_t& covered, uint64_t* missing, bool shared) {
   const uint64_t end = off + len;
   const uint64_t table_span = l2_entries_ * cluster_size_;
-  const uint64_t sc_size = cluster_size_ / 32;
+  const uint32_t subcluster_bits = cluster_bits_ - 5;
   uint64_t pos = off;
   uint64_t tables = 0;
   // Unallocated ranges: backing file, or the raw data file 1:1 (data_file_raw).
@@ -296,6 +316,37 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
       push_run(out, {g, n, Kind::data, g});
     } else {
       push_run(out, {g, n, Kind::backing, 0});
+    }
+  };
+  // [from, to) of the cluster at `cstart`, whose entry is `e` (decoded `d`),
+  // reads as `type`.
+  uint64_t cstart = 0, e = 0;
+  L2Entry d;
+  auto push_mapped = [&](uint64_t from, uint64_t to, SubclusterType type) {
+    // data_file_raw: in a valid entry naming a host cluster, what is not zero
+    // reads the data file, even where the bitmap is inconsistent (allocated
+    // and zero).
+    if (data_file_raw_ && d.has_host && d.type != ClusterType::invalid && !is_zero(type)) {
+      type = SubclusterType::normal;
+    }
+    switch (type) {
+      case SubclusterType::normal:
+        push_run(out, {from, to - from, Kind::data, d.host + (from - cstart)});
+        break;
+      case SubclusterType::zero_plain:
+      case SubclusterType::zero_alloc:
+        push_run(out, {from, to - from, Kind::zero, 0});
+        break;
+      case SubclusterType::unallocated_plain:
+      case SubclusterType::unallocated_alloc:
+        unallocated(from, to - from);
+        break;
+      case SubclusterType::compressed:
+        push_run(out, {from, to - from, external_data_file_ ? Kind::invalid : Kind::compressed, e});
+        break;
+      case SubclusterType::invalid:
+        push_run(out, {from, to - from, Kind::invalid, 0});
+        break;
     }
   };
   while (pos < end) {
@@ -320,68 +371,30 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
     }
     if (tables >= max_l2) break;
     const CachedTable* t = nullptr;
-    if (shared) {
-      t = l2_cache_->peek(l2off);
-    } else if (!missing || l2_cache_->contains(l2off)) {
-      CachedTable* loaded = nullptr;
-      if (int r = load_table(*l2_cache_, l2off, loaded, false)) return r;
-      t = loaded;
-    }
+    if (int r = l2_for_map(l2off, missing, shared, t)) return r;
     if (!t) {
       *missing = l2off;
       break;
     }
     ++tables;
     while (pos < span_end) {
-      uint64_t gc = pos >> cluster_bits_;
-      uint64_t cstart = gc << cluster_bits_;
-      uint64_t cend = std::min(span_end, cstart + cluster_size_);
-      uint64_t idx = gc % l2_entries_;
-      uint64_t e = entry_at(*t, idx);
-      if (e & kCompressed) {
-        push_run(out, {pos, cend - pos, external_data_file_ ? Kind::invalid : Kind::compressed, e});
+      const uint64_t gc = pos >> cluster_bits_;
+      cstart = gc << cluster_bits_;
+      const uint64_t cend = std::min(span_end, cstart + cluster_size_);
+      const uint64_t idx = gc % l2_entries_;
+      e = entry_at(*t, idx);
+      d = classify(e);
+      // One run per cluster unless extended L2 splits it into subclusters.
+      if (!extended_l2_ || d.compressed() || d.type == ClusterType::invalid) {
+        push_mapped(pos, cend, subcluster_type_of(d.type));
         pos = cend;
         continue;
       }
-      uint64_t host = e & kL2OffsetMask;
-      bool has_host = host != 0 || (external_data_file_ && (e & kCopied));
-      bool bad = (e & kL2StdReservedMask) || (extended_l2_ && (e & 1)) ||
-                 (host % cluster_size_ != 0) ||
-                 (has_host && !external_data_file_ && !host_cluster_valid(host));
-      if (bad) {
-        push_run(out, {pos, cend - pos, Kind::invalid, 0});
-        pos = cend;
-        continue;
-      }
-      if (!extended_l2_) {
-        if (e & kZeroFlag) {
-          push_run(out, {pos, cend - pos, Kind::zero, 0});
-        } else if (has_host) {
-          push_run(out, {pos, cend - pos, Kind::data, host + (pos - cstart)});
-        } else {
-          unallocated(pos, cend - pos);
-        }
-        pos = cend;
-        continue;
-      }
-      uint64_t bm = bitmap_at(*t, idx);
+      const uint64_t bitmap = bitmap_at(*t, idx);
       while (pos < cend) {
-        uint64_t sc = (pos - cstart) / sc_size;
-        uint64_t scend = std::min(cend, cstart + (sc + 1) * sc_size);
-        bool alloc = (bm >> sc) & 1;
-        bool zero = (bm >> (32 + sc)) & 1;
-        if (data_file_raw_ && has_host) {
-          push_run(out, {pos, scend - pos, zero && !alloc ? Kind::zero : Kind::data,
-                         host + (pos - cstart)});
-        } else if (alloc && (zero || !has_host)) {
-          push_run(out, {pos, scend - pos, Kind::invalid, 0});
-        } else if (alloc) {
-          push_run(out, {pos, scend - pos, Kind::data, host + (pos - cstart)});
-        } else if (zero) {
-          push_run(out, {pos, scend - pos, Kind::zero, 0});
-        } else {
-          unallocated(pos, scend - pos);
-        }
+        const auto sc = static_cast<unsigned>((pos - cstart) >> subcluster_bits);
+        const uint64_t scend = std::min(cend, cstart + ((uint64_t{sc} + 1) << subcluster_bits));
+        push_mapped(pos, scend, classify_subcluster(d, bitmap, sc));
         pos = scend;
       }
     }
@@ -403,10 +416,8 @@ int Qcow2Device::read_backing(uint64_t off, std::span<std::byte> buf) {
 }
 
 int Qcow2Device::read_compressed(uint64_t e, std::vector<uint8_t>& cluster) {
-  const uint32_t x = 62 - (cluster_bits_ - 8);
-  uint64_t coff = e & ((uint64_t{1} << x) - 1);
-  uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-  uint64_t csize = nsec * 512 - (coff & 511);
+  const CompressedDescriptor desc = parse_compressed_descriptor(e, cluster_bits_);
+  const uint64_t coff = desc.offset, csize = desc.length();
   if (coff == 0 || coff >= kMaxHostOffset || coff + csize > kMaxHostOffset) return EIO;
   std::vector<uint8_t> in(csize);
   if (int r = file_->read_at(coff, {reinterpret_cast<std::byte*>(in.data()), in.size()})) return r;
@@ -518,7 +529,7 @@ int Qcow2Device::extents(uint64_t offset, uint64_t length, std::vector<Extent>& 
 // ---- info
 
 void Qcow2Device::describe(nlohmann::json& out) const {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   out["compat"] = header_.version == 2 ? "0.10" : "1.1";
   out["version"] = header_.version;
   out["cluster-size"] = cluster_size_;
@@ -552,7 +563,7 @@ std::string Qcow2Device::stats_locked_free() const {
 }
 
 std::string Qcow2Device::stats() const {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   return stats_locked_free();
 }
 

@@ -34,18 +34,19 @@
 #include <atomic>
 #include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <set>
-#include <shared_mutex>
 #include <unordered_set>
 #include <vector>
 
 #include "formats/block_device.h"
 #include "formats/file.h"
+#include "formats/mutex.h"
 #include "formats/open.h"
 #include "formats/qcow2/header.h"
+#include "formats/qcow2/l2_entry.h"
 #include "formats/qcow2/metadata_map.h"
 #include "formats/qcow2/table_cache.h"
+#include "formats/qcow2/write_plan.h"
 
 namespace strata::qcow2 {
 
@@ -89,22 +90,26 @@ class Qcow2Device final : public BlockDevice {
   std::string stats() const override;
 
  private:
-  std::string stats_locked_free() const;  // REQUIRES mu_
+  std::string stats_locked_free() const;
   friend struct Qcow2Test;
 
-  // ---- open (qcow2.cpp)
+  // ---- open (qcow2.cpp). The constructor holds mu_ (nobody else can).
   void open_children(ChainContext& ctx);
   void setup_caches(uint64_t budget);
   void prepare_for_writing();
 
-  // ---- mapping (qcow2.cpp). REQUIRES mu_ for *_locked.
+  // ---- mapping (qcow2.cpp)
   // Appends runs for [off, off+len) touching at most max_l2 L2 tables; sets
   // `covered` to the bytes mapped.
   // With `missing`, stops at the first L2 table not in the cache and names it
   // there (instead of reading it under the lock). `shared`: mu_ is held
-  // shared, so tables are only peeked at (REQUIRES missing).
+  // shared, so tables are only peeked at (REQUIRES missing); otherwise it is
+  // held exclusively.
   int map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
                  uint64_t& covered, uint64_t* missing = nullptr, bool shared = false);
+  // map_locked's L2 table lookup (see there); nullptr: not cached, and
+  // `missing` asks to name it rather than read it.
+  int l2_for_map(uint64_t l2_offset, const uint64_t* missing, bool shared, const CachedTable*& out);
   // map_locked for reads and block status: takes mu_ itself and reads missing
   // L2 tables without holding it.
   int map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
@@ -114,24 +119,63 @@ class Qcow2Device final : public BlockDevice {
   bool host_cluster_valid(uint64_t host) const;
   uint64_t entry_at(const CachedTable& t, uint64_t i) const;
   uint64_t bitmap_at(const CachedTable& t, uint64_t i) const;
+  // The one classifier of L2 entries (l2_entry.h) with this image's geometry.
+  L2Entry classify(uint64_t entry) const { return classify_l2_entry(entry, l2_format_); }
   void set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap);
   int read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf);
   int read_backing(uint64_t off, std::span<std::byte> buf);
   int read_compressed(uint64_t entry, std::vector<uint8_t>& cluster);
 
-  // ---- writes (write.cpp)
+  // ---- writes (write.cpp; the plans in write_plan.h)
+  // Marks a guest cluster in inflight_ for its scope, after waiting for the
+  // writer that has it: writes that change one L2 entry are serialized.
+  class InflightCluster {
+   public:
+    InflightCluster(Qcow2Device& device, WriterLock& lk, uint64_t gc);
+    ~InflightCluster();
+    InflightCluster(const InflightCluster&) = delete;
+    InflightCluster& operator=(const InflightCluster&) = delete;
+    // The caller has taken the cluster out of inflight_ itself
+    // (unlock_cluster()), before the scope ends.
+    void dismiss() { held_ = false; }
+
+   private:
+    Qcow2Device& device_;
+    uint64_t cluster_;
+    bool held_ = true;
+  };
+  // Zeroing or trimming [from, to) of one guest cluster (relative to it).
+  struct ZeroRequest {
+    uint64_t guest_cluster = 0, cluster_start = 0;
+    uint64_t from = 0, to = 0;
+    uint64_t whole_from = 0, whole_to = 0;  // the units (subclusters or cluster) covered whole
+    bool backing_visible = false;
+    ZeroFlags flags;
+    bool is_trim = false;
+  };
+  bool map_in_place_locked(uint64_t offset, uint64_t end, std::vector<Run>& runs);
   int write_cluster(uint64_t guest, std::span<const std::byte> data);
+  int plan_write_locked(uint64_t guest, uint64_t length, WritePlan& plan);
+  int take_host_cluster_locked(WritePlan& plan);
+  int write_planned_data(const WritePlan& plan, std::span<const std::byte> data);
+  int copy_current(const WritePlan& plan, std::span<std::byte> buf, uint64_t a, uint64_t b);
+  int commit_write_locked(const WritePlan& plan);
   int zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim);
+  ZeroRequest zero_request(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim) const;
+  int write_zeros(const ZeroRequest& z, uint64_t from, uint64_t to);
+  int zero_cluster_v2(const ZeroRequest& z);
+  int zero_whole_units(const ZeroRequest& z);
   int get_l2_for_write_locked(uint64_t l1_index, CachedTable*& out);
   uint32_t raw_zero_subclusters(uint64_t entry, uint64_t bitmap) const;
   int write_raw_cluster(uint64_t guest, std::span<const std::byte> data);
   int fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from, uint64_t skip_to);
-  void lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc);
+  void lock_cluster(WriterLock& lk, uint64_t gc);
   void unlock_cluster(uint64_t gc);
-  int free_entry_locked(uint64_t entry);  // queue the clusters an L2 entry held
+  // Queues the clusters an L2 entry held.
+  int free_entry_locked(uint64_t entry);
   int clear_autoclear_once();
 
-  // ---- refcounts and metadata writeback (refcount.cpp). REQUIRE mu_.
+  // ---- refcounts and metadata writeback (refcount.cpp)
   int get_refcount_locked(uint64_t cluster, uint64_t& rc);
   int set_refcount_locked(uint64_t cluster, uint64_t rc);
   int alloc_cluster_locked(uint64_t& host, bool& fresh);
@@ -146,8 +190,7 @@ class Qcow2Device final : public BlockDevice {
   // Rebuilds all refcounts from the L1/L2 tables (dirty images).
   void rebuild_refcounts();
 
-  // ---- overlap check and corruption (overlap.cpp). REQUIRE mu_ held
-  // exclusively, except at open.
+  // ---- overlap check and corruption (overlap.cpp)
   // Refuses a read-write open when refcount structures lie past EOF.
   void refuse_lost_refcounts();
   void build_metadata_map();
@@ -182,6 +225,8 @@ class Qcow2Device final : public BlockDevice {
   uint64_t backing_size_ = 0;
   std::string backing_name_, backing_format_, data_file_name_;
 
+  // Set at open. Afterwards only the autoclear, incompatible and refcount
+  // table fields change, under mu_ (the fields read without it never do).
   Header header_;
   std::vector<SnapshotInfo> snapshots_;
   uint64_t snapshot_table_bytes_ = 0;
@@ -192,13 +237,15 @@ class Qcow2Device final : public BlockDevice {
   bool extended_l2_ = false;
   bool external_data_file_ = false;  // external data file
   bool data_file_raw_ = false;       // data_file_raw
+  L2Format l2_format_;               // the three above, for classify()
   uint64_t size_ = 0;
   std::atomic<bool> read_only_{true};  // read without mu_ by every write
-  bool corrupt_ = false;               // the corrupt bit is set, or was found this session
+  // The corrupt bit is set, or was found this session.
+  bool corrupt_ = false;
   std::string notes_;
 
-  mutable std::shared_mutex mu_;
-  std::condition_variable_any inflight_changed_;
+  mutable SharedMutex mu_;
+  std::condition_variable_any inflight_changed_;  // inflight_ lost a cluster
   std::unordered_set<uint64_t> inflight_;
 
   std::vector<uint64_t> l1_table_;

@@ -200,14 +200,11 @@ int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
     if (int r = set_refcount_locked(k, 1)) return r;
   }
   bool wrote = false;
-  int err = 0;
-  refblock_cache_->for_each([&](CachedTable& t) {
-    if (t.dirty && !err) {
-      err = write_refblock(t);
-      wrote = true;
-    }
-  });
-  if (err) return err;
+  for (CachedTable& t : refblock_cache_->entries()) {
+    if (!t.dirty) continue;
+    if (int r = write_refblock(t)) return r;
+    wrote = true;
+  }
   std::vector<uint8_t> raw(clusters * cluster_size_);
   for (uint64_t i = 0; i < entries; ++i) store_be64(raw.data() + i * 8, refcount_table_[i]);
   if (int r = write_metadata_locked(p * cluster_size_, raw.data(), raw.size(), kMetaRefcountTable))
@@ -246,15 +243,12 @@ int Qcow2Device::writeback_locked() {
     if (int r = data_file_->sync()) return r;
   }
   // 2. Refcount blocks, then the table entries that point at new blocks.
-  int err = 0;
   bool wrote = false;
-  refblock_cache_->for_each([&](CachedTable& t) {
-    if (t.dirty && !err) {
-      err = write_refblock(t);
-      wrote = true;
-    }
-  });
-  if (err) return err;
+  for (CachedTable& t : refblock_cache_->entries()) {
+    if (!t.dirty) continue;
+    if (int r = write_refblock(t)) return r;
+    wrote = true;
+  }
   if (!refcount_table_dirty_.empty()) {
     const uint64_t capacity = refcount_table_clusters_ * cluster_size_ / 8;
     for (uint64_t bi : refcount_table_dirty_) {
@@ -273,10 +267,10 @@ int Qcow2Device::writeback_locked() {
   // 3. L2 tables.
   if (l2_dirty) {
     ++l2_epoch_;
-    l2_cache_->for_each([&](CachedTable& t) {
-      if (t.dirty && !err) err = write_l2_table(t);
-    });
-    if (err) return err;
+    for (CachedTable& t : l2_cache_->entries()) {
+      if (!t.dirty) continue;
+      if (int r = write_l2_table(t)) return r;
+    }
     if (int r = file_->sync()) return r;
   }
   // 4. L1 entries pointing at new or copied L2 tables.
@@ -332,7 +326,7 @@ int Qcow2Device::flush_locked() {
 }
 
 int Qcow2Device::flush() {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   return flush_locked();
 }
 
