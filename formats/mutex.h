@@ -6,7 +6,9 @@
 //
 // Condition variables: Mutex and SharedMutex are BasicLockable, so
 // std::condition_variable_any waits on them (or on a MutexLock / WriterLock)
-// directly.
+// directly. Wait in a loop (`while (!ready) cv.wait(lock);`) rather than with
+// a predicate: the analysis checks a lambda as a function of its own, without
+// the lock its caller holds.
 #pragma once
 
 #include <mutex>
@@ -95,6 +97,22 @@ class SCOPED_CAPABILITY WriterLock {
  private:
   SharedMutex& mu_;
   bool held_ = true;
+};
+
+// Releases a SharedMutex held exclusively for its scope and takes it back
+// exclusively when the scope ends, also on unwinding: a stretch of I/O without
+// the lock inside a WriterLock's scope.
+class SCOPED_CAPABILITY WriterUnlock {
+ public:
+  explicit WriterUnlock(SharedMutex& mu) RELEASE(mu) : mu_(mu) { mu_.unlock(); }
+  // The analysis has a scoped capability's destructor undo what its
+  // constructor did, whatever the annotation: this one takes the lock back.
+  ~WriterUnlock() RELEASE() { mu_.lock(); }
+  WriterUnlock(const WriterUnlock&) = delete;
+  WriterUnlock& operator=(const WriterUnlock&) = delete;
+
+ private:
+  SharedMutex& mu_;
 };
 
 // Holds a SharedMutex shared for its scope.

@@ -11,9 +11,9 @@ namespace strata::qcow2 {
 void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& report,
                                    bool include_refcount_structures, bool report_past_eof) {
   const uint64_t fsize = static_cast<uint64_t>(std::max<int64_t>(file_->size(), 0));
-  const uint64_t nclusters = (fsize + cs_ - 1) / cs_;
+  const uint64_t nclusters = (fsize + cluster_size_ - 1) / cluster_size_;
   // Beyond this a reference is not counted (the counts would not fit in memory).
-  const uint64_t limit = nclusters + std::max<uint64_t>(16, (64ull << 20) / cs_);
+  const uint64_t limit = nclusters + std::max<uint64_t>(16, (64ull << 20) / cluster_size_);
   counts.assign(nclusters, 0);
   auto add = [&](uint64_t off, uint64_t len, const std::string& what) {
     if (len == 0) return;
@@ -30,7 +30,7 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
     // The last cluster may be partly written (tables are not padded), so a
     // reference is only lost when it ends a whole cluster or more past EOF
     // (qemu-img check's rule). It is still counted: the cluster is in use.
-    if (report_past_eof && off + len >= fsize + cs_) {
+    if (report_past_eof && off + len >= fsize + cluster_size_) {
       report.errors.push_back(what + ": offset " + std::to_string(off) + " size " +
                               std::to_string(len) +
                               " lies past the end of the file (truncated image?)");
@@ -39,52 +39,50 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
     for (uint64_t c = first; c <= last; ++c) ++counts[c];
   };
 
-  add(0, cs_, "header");
-  std::vector<uint8_t> l2(cs_);
+  add(0, cluster_size_, "header");
+  std::vector<uint8_t> l2(cluster_size_);
   auto walk_l1 = [&](const std::vector<uint64_t>& l1, const std::string& name) {
     for (uint64_t i = 0; i < l1.size(); ++i) {
       uint64_t l1e = l1[i];
       uint64_t off = l1e & kL1OffsetMask;
       if (off == 0) continue;
       std::string where = name + " L1 entry " + std::to_string(i);
-      if ((l1e & kL1ReservedMask) || off % cs_) {
+      if ((l1e & kL1ReservedMask) || off % cluster_size_) {
         report.errors.push_back(where + ": invalid L2 table offset " + std::to_string(l1e));
         continue;
       }
-      add(off, cs_, where + " L2 table");
+      add(off, cluster_size_, where + " L2 table");
       if ((off >> cluster_bits_) >= limit) continue;
       if (file_->read_at(off, {reinterpret_cast<std::byte*>(l2.data()), l2.size()}) != 0) {
         report.errors.push_back(where + ": cannot read the L2 table");
         continue;
       }
       for (uint64_t j = 0; j < l2_entries_; ++j) {
-        uint64_t e = load_be64(l2.data() + j * entry_bytes_);
+        uint64_t e = load_be64(l2.data() + j * l2_entry_bytes_);
         if (e == 0) continue;
         std::string ew = name + " L2 entry " + std::to_string(i * l2_entries_ + j);
-        if (e & kCompressed) {
-          const uint32_t x = 62 - (cluster_bits_ - 8);
-          uint64_t coff = e & ((uint64_t{1} << x) - 1);
-          uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-          if (external_) {
+        const L2Entry d = classify(e);
+        if (d.compressed()) {
+          if (external_data_file_) {
             report.errors.push_back(ew + ": compressed cluster in an image with a data file");
             continue;
           }
-          add(coff & ~uint64_t{511}, nsec * 512, ew + " compressed data");
+          const CompressedDescriptor desc = parse_compressed_descriptor(e, cluster_bits_);
+          add(desc.first_byte(), desc.span(), ew + " compressed data");
           continue;
         }
-        uint64_t host = e & kL2OffsetMask;
-        if ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || host % cs_) {
+        if (d.type == ClusterType::invalid) {
           report.errors.push_back(ew + ": invalid entry " + std::to_string(e));
           continue;
         }
-        if (host && !external_) add(host, cs_, ew + " data cluster");
+        if (d.host && !external_data_file_) add(d.host, cluster_size_, ew + " data cluster");
       }
     }
   };
-  add(h_.l1_table_offset, uint64_t{h_.l1_size} * 8, "L1 table");
-  walk_l1(l1_, "active");
-  if (h_.nb_snapshots) {
-    add(h_.snapshots_offset, snapshot_table_bytes_, "snapshot table");
+  add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, "L1 table");
+  walk_l1(l1_table_, "active");
+  if (header_.nb_snapshots) {
+    add(header_.snapshots_offset, snapshot_table_bytes_, "snapshot table");
     for (const auto& s : snapshots_) {
       add(s.l1_offset, uint64_t{s.l1_size} * 8, "snapshot '" + s.name + "' L1 table");
       std::vector<uint64_t> l1(s.l1_size);
@@ -98,13 +96,13 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
       walk_l1(l1, "snapshot '" + s.name + "'");
     }
   }
-  if (h_.has_bitmaps_ext && h_.bitmap_directory_size) {
-    add(h_.bitmap_directory_offset, h_.bitmap_directory_size, "bitmap directory");
-    std::vector<uint8_t> dir(h_.bitmap_directory_size);
-    if (file_->read_at(h_.bitmap_directory_offset,
+  if (header_.has_bitmaps_ext && header_.bitmap_directory_size) {
+    add(header_.bitmap_directory_offset, header_.bitmap_directory_size, "bitmap directory");
+    std::vector<uint8_t> dir(header_.bitmap_directory_size);
+    if (file_->read_at(header_.bitmap_directory_offset,
                        {reinterpret_cast<std::byte*>(dir.data()), dir.size()}) == 0) {
       uint64_t pos = 0;
-      for (uint32_t i = 0; i < h_.nb_bitmaps && pos + 24 <= dir.size(); ++i) {
+      for (uint32_t i = 0; i < header_.nb_bitmaps && pos + 24 <= dir.size(); ++i) {
         uint64_t toff = load_be64(dir.data() + pos);
         uint32_t tsize = load_be32(dir.data() + pos + 8);
         uint16_t name_size = load_be16(dir.data() + pos + 18);
@@ -115,7 +113,7 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
             file_->read_at(toff, {reinterpret_cast<std::byte*>(tbl.data()), tbl.size()}) == 0) {
           for (uint64_t k = 0; k + 8 <= tbl.size(); k += 8) {
             uint64_t be = load_be64(tbl.data() + k) & 0x00fffffffffffe00ull;
-            if (be) add(be, cs_, "bitmap data");
+            if (be) add(be, cluster_size_, "bitmap data");
           }
         }
         pos += (24 + uint64_t{extra} + name_size + 7) & ~uint64_t{7};
@@ -123,10 +121,10 @@ void Qcow2Device::count_references(std::vector<uint64_t>& counts, CheckReport& r
     }
   }
   if (include_refcount_structures) {
-    add(reftable_offset_, reftable_clusters_ * cs_, "refcount table");
-    for (uint64_t i = 0; i < reftable_.size(); ++i) {
-      uint64_t off = reftable_[i] & kRefTableOffsetMask;
-      if (off) add(off, cs_, "refcount block " + std::to_string(i));
+    add(refcount_table_offset_, refcount_table_clusters_ * cluster_size_, "refcount table");
+    for (uint64_t i = 0; i < refcount_table_.size(); ++i) {
+      uint64_t off = refcount_table_[i] & kRefTableOffsetMask;
+      if (off) add(off, cluster_size_, "refcount block " + std::to_string(i));
     }
   }
 }
@@ -146,19 +144,20 @@ bool Qcow2Device::check_refcount(uint64_t c, uint64_t used, CheckReport& report,
 }
 
 void Qcow2Device::check(CheckReport& report) {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   if (file_->writable()) {
     if (int r = flush_locked())
       report.errors.push_back(std::string("flush failed: ") + std::strerror(r));
   }
   std::vector<uint64_t> counts;
   count_references(counts, report, true, true);
-  const uint64_t covered = reftable_.size() * rb_entries_;  // clusters the refcount table can count
+  const uint64_t covered =
+      refcount_table_.size() * refblock_entries_;  // clusters the refcount table can count
   uint64_t leaked = 0;
   for (uint64_t c = 0; c < std::max<uint64_t>(counts.size(), covered);) {
-    const uint64_t bi = c / rb_entries_;
-    const uint64_t block_end = (bi + 1) * rb_entries_;
-    if (bi >= reftable_.size() || (reftable_[bi] & kRefTableOffsetMask) == 0) {
+    const uint64_t bi = c / refblock_entries_;
+    const uint64_t block_end = (bi + 1) * refblock_entries_;
+    if (bi >= refcount_table_.size() || (refcount_table_[bi] & kRefTableOffsetMask) == 0) {
       // No block (or past the table): every refcount in its range is 0.
       for (; c < block_end && c < counts.size(); ++c) {
         if (counts[c]) {

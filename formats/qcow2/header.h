@@ -43,11 +43,8 @@ inline constexpr uint64_t kMaxHostOffset = 1ull << 56;
 // Table entry masks.
 inline constexpr uint64_t kL1OffsetMask = 0x00fffffffffffe00ull;
 inline constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffull;
-inline constexpr uint64_t kL2OffsetMask = 0x00fffffffffffe00ull;
-inline constexpr uint64_t kL2StdReservedMask = 0x3f000000000001feull;
+// COPIED (bit 63) of L1 and L2 entries; the other L2 bits are in l2_entry.h.
 inline constexpr uint64_t kCopied = 1ull << 63;
-inline constexpr uint64_t kCompressed = 1ull << 62;
-inline constexpr uint64_t kZeroFlag = 1ull;
 inline constexpr uint64_t kRefTableOffsetMask = 0xfffffffffffffe00ull;
 
 struct FeatureName {

@@ -15,18 +15,22 @@
 namespace strata::qcow2 {
 
 Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(std::move(file)) {
-  h_ = read_header(*file_);
-  cs_ = h_.cluster_size();
-  cluster_bits_ = h_.cluster_bits;
-  ext_ = h_.extended_l2();
-  entry_bytes_ = ext_ ? 16 : 8;
-  l2_entries_ = cs_ / entry_bytes_;
-  external_ = h_.has_data_file();
-  raw_ = h_.data_file_raw();
+  // Nobody else can reach the device yet; the lock is for the helpers, which
+  // touch what it guards.
+  WriterLock lk(mu_);
+  header_ = read_header(*file_);
+  cluster_size_ = header_.cluster_size();
+  cluster_bits_ = header_.cluster_bits;
+  extended_l2_ = header_.extended_l2();
+  l2_entry_bytes_ = extended_l2_ ? 16 : 8;
+  l2_entries_ = cluster_size_ / l2_entry_bytes_;
+  external_data_file_ = header_.has_data_file();
+  data_file_raw_ = header_.data_file_raw();
+  l2_format_ = {cluster_bits_, extended_l2_, external_data_file_};
   // QEMU serves floor(size / 512) * 512 bytes.
-  size_ = h_.size & ~uint64_t{511};
+  size_ = header_.size & ~uint64_t{511};
   read_only_ = !file_->writable();
-  if (h_.incompatible & kIncompatCorrupt) {
+  if (header_.incompatible & kIncompatCorrupt) {
     corrupt_ = true;
     if (!read_only_) {  // as QEMU: the metadata cannot be trusted for writing
       throw_image_error(
@@ -35,32 +39,33 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
           "open it read-only, or repair it with 'qemu-img check -r all'");
     }
   }
-  if (h_.nb_snapshots) snapshots_ = read_snapshots(*file_, h_, &snapshot_table_bytes_);
+  if (header_.nb_snapshots) snapshots_ = read_snapshots(*file_, header_, &snapshot_table_bytes_);
 
-  l1_.resize(h_.l1_size);
-  if (h_.l1_size) {
-    std::vector<uint8_t> raw(uint64_t{h_.l1_size} * 8);
-    if (read_bytes(*file_, h_.l1_table_offset, raw.data(), raw.size()) != 0) {
+  l1_table_.resize(header_.l1_size);
+  if (header_.l1_size) {
+    std::vector<uint8_t> raw(uint64_t{header_.l1_size} * 8);
+    if (read_bytes(*file_, header_.l1_table_offset, raw.data(), raw.size()) != 0) {
       throw_image_error(path(), "cannot read the L1 table");
     }
-    for (uint64_t i = 0; i < h_.l1_size; ++i) l1_[i] = load_be64(raw.data() + i * 8);
+    for (uint64_t i = 0; i < header_.l1_size; ++i) l1_table_[i] = load_be64(raw.data() + i * 8);
   }
-  reftable_offset_ = h_.refcount_table_offset;
-  reftable_clusters_ = h_.refcount_table_clusters;
+  refcount_table_offset_ = header_.refcount_table_offset;
+  refcount_table_clusters_ = header_.refcount_table_clusters;
   {
-    uint64_t n = reftable_clusters_ * cs_ / 8;
+    uint64_t n = refcount_table_clusters_ * cluster_size_ / 8;
     std::vector<uint8_t> raw(n * 8);
-    if (read_bytes(*file_, reftable_offset_, raw.data(), raw.size()) != 0) {
+    if (read_bytes(*file_, refcount_table_offset_, raw.data(), raw.size()) != 0) {
       throw_image_error(path(), "cannot read the refcount table");
     }
-    reftable_.resize(n);
-    for (uint64_t i = 0; i < n; ++i) reftable_[i] = load_be64(raw.data() + i * 8);
+    refcount_table_.resize(n);
+    for (uint64_t i = 0; i < n; ++i) refcount_table_[i] = load_be64(raw.data() + i * 8);
   }
-  rb_entries_ = cs_ * 8 / h_.refcount_bits();
-  rc_max_ = h_.refcount_order == 6 ? ~uint64_t{0} : (uint64_t{1} << h_.refcount_bits()) - 1;
+  refblock_entries_ = cluster_size_ * 8 / header_.refcount_bits();
+  refcount_max_ =
+      header_.refcount_order == 6 ? ~uint64_t{0} : (uint64_t{1} << header_.refcount_bits()) - 1;
   int64_t fsize = file_->size();
-  end_ = (static_cast<uint64_t>(fsize) + cs_ - 1) / cs_;
-  free_hint_ = end_;
+  first_unused_cluster_ = (static_cast<uint64_t>(fsize) + cluster_size_ - 1) / cluster_size_;
+  free_hint_ = first_unused_cluster_;
 
   open_children(ctx);
   setup_caches(ctx.options.metadata_cache_bytes);
@@ -68,7 +73,7 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
 }
 
 Qcow2Device::~Qcow2Device() {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   if (int r = flush_locked())
     spdlog::error("{}: flush on close failed: {}", path(), std::strerror(r));
   if (read_only_) {
@@ -79,8 +84,8 @@ Qcow2Device::~Qcow2Device() {
 }
 
 void Qcow2Device::open_children(ChainContext& ctx) {
-  if (external_) {
-    std::string name = h_.data_file;
+  if (external_data_file_) {
+    std::string name = header_.data_file;
     if (ctx.depth == 0 && ctx.options.data_file) name = *ctx.options.data_file;
     if (name.empty()) {
       throw_image_error(
@@ -96,13 +101,13 @@ void Qcow2Device::open_children(ChainContext& ctx) {
       throw_image_error(path(), "data file '" + name + "' is already part of this chain");
     }
     if (ctx.options.lock) lock_image(*data_file_owned_);
-    data_ = data_file_owned_.get();
+    data_file_ = data_file_owned_.get();
   } else {
-    data_ = file_.get();
+    data_file_ = file_.get();
   }
-  if (!h_.backing_file.empty()) {
-    backing_name_ = h_.backing_file;
-    backing_format_ = h_.backing_format;
+  if (!header_.backing_file.empty()) {
+    backing_name_ = header_.backing_file;
+    backing_format_ = header_.backing_format;
     Format fmt = Format::automatic;
     if (!backing_format_.empty()) {
       auto f = parse_format(backing_format_);
@@ -118,22 +123,23 @@ void Qcow2Device::open_children(ChainContext& ctx) {
 
 void Qcow2Device::setup_caches(uint64_t budget) {
   const uint64_t tables_needed =
-      std::max<uint64_t>(1, l1_entries_needed(size_, cluster_bits_, ext_));
+      std::max<uint64_t>(1, l1_entries_needed(size_, cluster_bits_, extended_l2_));
   uint64_t l2_tables;
   uint64_t rb_tables = 4;
   if (budget == 0) {
-    l2_tables = std::min<uint64_t>(tables_needed, std::max<uint64_t>(1, (32ull << 20) / cs_));
+    l2_tables =
+        std::min<uint64_t>(tables_needed, std::max<uint64_t>(1, (32ull << 20) / cluster_size_));
   } else {
-    uint64_t rest = budget > rb_tables * cs_ ? budget - rb_tables * cs_ : 0;
-    l2_tables = std::min<uint64_t>(tables_needed, rest / cs_);
+    uint64_t rest = budget > rb_tables * cluster_size_ ? budget - rb_tables * cluster_size_ : 0;
+    l2_tables = std::min<uint64_t>(tables_needed, rest / cluster_size_);
   }
   l2_tables = std::max<uint64_t>(l2_tables, 2);
   l2_cache_ = std::make_unique<TableCache>("L2", l2_tables);
-  rb_cache_ = std::make_unique<TableCache>("refcount", rb_tables);
+  refblock_cache_ = std::make_unique<TableCache>("refcount", rb_tables);
 }
 
 void Qcow2Device::prepare_for_writing() {
-  if (h_.incompatible & kIncompatDirty) {
+  if (header_.incompatible & kIncompatDirty) {
     spdlog::warn("{}: dirty bit set (lazy refcounts): rebuilding refcounts", path());
     rebuild_refcounts();
     spdlog::info("{}: refcounts rebuilt", path());
@@ -142,7 +148,7 @@ void Qcow2Device::prepare_for_writing() {
   build_metadata_map();
   // A truncated image has clusters in use at and past EOF: new clusters go
   // after all of them.
-  end_ = std::max({end_, meta_.end(), refcounted_end()});
+  first_unused_cluster_ = std::max({first_unused_cluster_, metadata_map_.end(), refcounted_end()});
 }
 
 Capabilities Qcow2Device::capabilities() const {
@@ -150,15 +156,15 @@ Capabilities Qcow2Device::capabilities() const {
   c.read_only = read_only_;
   c.can_trim = !read_only_;
   c.can_zero = true;
-  c.can_fast_zero = !read_only_ && h_.version >= 3 && !raw_;
+  c.can_fast_zero = !read_only_ && header_.version >= 3 && !data_file_raw_;
   c.can_multi_conn = true;
   return c;
 }
 
 BlockSizes Qcow2Device::block_sizes() const {
   BlockSizes b;
-  b.preferred =
-      static_cast<uint32_t>(std::max<uint64_t>(4096, std::min<uint64_t>(cs_, 2ull << 20)));
+  b.preferred = static_cast<uint32_t>(
+      std::max<uint64_t>(4096, std::min<uint64_t>(cluster_size_, 2ull << 20)));
   return b;
 }
 
@@ -171,20 +177,20 @@ std::vector<Child> Qcow2Device::children() const {
 // ---- mapping
 
 bool Qcow2Device::host_cluster_valid(uint64_t host) const {
-  return host != 0 && host < kMaxHostOffset && host % cs_ == 0;
+  return host != 0 && host < kMaxHostOffset && host % cluster_size_ == 0;
 }
 
 uint64_t Qcow2Device::entry_at(const CachedTable& t, uint64_t i) const {
-  return load_be64(t.data.data() + i * entry_bytes_);
+  return load_be64(t.data.data() + i * l2_entry_bytes_);
 }
 
 uint64_t Qcow2Device::bitmap_at(const CachedTable& t, uint64_t i) const {
-  return ext_ ? load_be64(t.data.data() + i * 16 + 8) : 0;
+  return extended_l2_ ? load_be64(t.data.data() + i * 16 + 8) : 0;
 }
 
 void Qcow2Device::set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap) {
-  store_be64(t.data.data() + i * entry_bytes_, entry);
-  if (ext_) store_be64(t.data.data() + i * 16 + 8, bitmap);
+  store_be64(t.data.data() + i * l2_entry_bytes_, entry);
+  if (extended_l2_) store_be64(t.data.data() + i * 16 + 8, bitmap);
   t.dirty = true;
 }
 
@@ -198,7 +204,7 @@ int Qcow2Device::load_table(TableCache& cache, uint64_t offset, CachedTable*& ou
     return 0;
   }
   if (int r = make_room_locked(cache)) return r;
-  std::vector<uint8_t> d(cs_);
+  std::vector<uint8_t> d(cluster_size_);
   if (!fresh) {
     if (int r = file_->read_at(offset, {reinterpret_cast<std::byte*>(d.data()), d.size()}))
       return r;
@@ -220,8 +226,8 @@ int Qcow2Device::make_room_locked(TableCache& cache) {
 
 int Qcow2Device::get_l2_locked(uint64_t l1_index, CachedTable*& out) {
   out = nullptr;
-  if (l1_index >= l1_.size()) return EIO;
-  uint64_t e = l1_[l1_index];
+  if (l1_index >= l1_table_.size()) return EIO;
+  uint64_t e = l1_table_[l1_index];
   if (e & kL1ReservedMask) return EIO;
   uint64_t off = e & kL1OffsetMask;
   if (off == 0) return 0;
@@ -249,7 +255,7 @@ void push_run(std::vector<Run>& out, const Run& r) {
 int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
                      uint64_t& covered) {
   {
-    std::shared_lock lk(mu_);
+    ReaderLock lk(mu_);
     uint64_t missing = 0;
     if (int r = map_locked(off, len, out, max_l2, covered, &missing, true)) return r;
     if (covered > 0 || missing == 0) return 0;
@@ -258,7 +264,7 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
     out.clear();
     uint64_t missing = 0, epoch = 0;
     {
-      std::lock_guard lk(mu_);
+      WriterLock lk(mu_);
       // A table lost twice to concurrent metadata changes is read under the lock.
       if (int r = map_locked(off, len, out, max_l2, covered, attempt < 2 ? &missing : nullptr)) {
         return r;
@@ -266,12 +272,12 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
       if (covered > 0 || missing == 0) return 0;
       epoch = l2_epoch_;
     }
-    std::vector<uint8_t> table(cs_);
+    std::vector<uint8_t> table(cluster_size_);
     if (int r =
             file_->read_at(missing, {reinterpret_cast<std::byte*>(table.data()), table.size()})) {
       return r;
     }
-    std::lock_guard lk(mu_);
+    WriterLock lk(mu_);
     if (l2_epoch_ != epoch || l2_cache_->contains(missing)) continue;
     ++l2_cache_->misses;
     if (int r = make_room_locked(*l2_cache_)) return r;
@@ -281,30 +287,77 @@ int Qcow2Device::map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t
   }
 }
 
+// The analysis cannot tie the lock mode to `shared`: map() passes true
+// exactly when it holds mu_ shared, and only then are tables peeked at rather
+// than loaded (which changes the cache and needs mu_ exclusively).
+int Qcow2Device::l2_for_map(uint64_t l2_offset, const uint64_t* missing, bool shared,
+                            const CachedTable*& out) NO_THREAD_SAFETY_ANALYSIS {
+  out = nullptr;
+  if (shared) {
+    out = l2_cache_->peek(l2_offset);
+  } else if (!missing || l2_cache_->contains(l2_offset)) {
+    CachedTable* loaded = nullptr;
+    if (int r = load_table(*l2_cache_, l2_offset, loaded, false)) return r;
+    out = loaded;
+  }
+  return 0;
+}
+
 int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
                             uint64_t& covered, uint64_t* missing, bool shared) {
   const uint64_t end = off + len;
-  const uint64_t table_span = l2_entries_ * cs_;
-  const uint64_t sc_size = cs_ / 32;
+  const uint64_t table_span = l2_entries_ * cluster_size_;
+  const uint32_t subcluster_bits = cluster_bits_ - 5;
   uint64_t pos = off;
   uint64_t tables = 0;
   // Unallocated ranges: backing file, or the raw data file 1:1 (data_file_raw).
   auto unallocated = [&](uint64_t g, uint64_t n) {
-    if (raw_) {
+    if (data_file_raw_) {
       push_run(out, {g, n, Kind::data, g});
     } else {
       push_run(out, {g, n, Kind::backing, 0});
     }
   };
+  // [from, to) of the cluster at `cstart`, whose entry is `e` (decoded `d`),
+  // reads as `type`.
+  uint64_t cstart = 0, e = 0;
+  L2Entry d;
+  auto push_mapped = [&](uint64_t from, uint64_t to, SubclusterType type) {
+    // data_file_raw: in a valid entry naming a host cluster, what is not zero
+    // reads the data file, even where the bitmap is inconsistent (allocated
+    // and zero).
+    if (data_file_raw_ && d.has_host && d.type != ClusterType::invalid && !is_zero(type)) {
+      type = SubclusterType::normal;
+    }
+    switch (type) {
+      case SubclusterType::normal:
+        push_run(out, {from, to - from, Kind::data, d.host + (from - cstart)});
+        break;
+      case SubclusterType::zero_plain:
+      case SubclusterType::zero_alloc:
+        push_run(out, {from, to - from, Kind::zero, 0});
+        break;
+      case SubclusterType::unallocated_plain:
+      case SubclusterType::unallocated_alloc:
+        unallocated(from, to - from);
+        break;
+      case SubclusterType::compressed:
+        push_run(out, {from, to - from, external_data_file_ ? Kind::invalid : Kind::compressed, e});
+        break;
+      case SubclusterType::invalid:
+        push_run(out, {from, to - from, Kind::invalid, 0});
+        break;
+    }
+  };
   while (pos < end) {
     uint64_t l1i = pos / table_span;
     uint64_t span_end = std::min(end, (l1i + 1) * table_span);
-    if (l1i >= l1_.size()) {
+    if (l1i >= l1_table_.size()) {
       push_run(out, {pos, span_end - pos, Kind::invalid, 0});
       pos = span_end;
       continue;
     }
-    uint64_t l1e = l1_[l1i];
+    uint64_t l1e = l1_table_[l1i];
     uint64_t l2off = l1e & kL1OffsetMask;
     if ((l1e & kL1ReservedMask) || (l2off && !host_cluster_valid(l2off))) {
       push_run(out, {pos, span_end - pos, Kind::invalid, 0});
@@ -318,67 +371,30 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
     }
     if (tables >= max_l2) break;
     const CachedTable* t = nullptr;
-    if (shared) {
-      t = l2_cache_->peek(l2off);
-    } else if (!missing || l2_cache_->contains(l2off)) {
-      CachedTable* loaded = nullptr;
-      if (int r = load_table(*l2_cache_, l2off, loaded, false)) return r;
-      t = loaded;
-    }
+    if (int r = l2_for_map(l2off, missing, shared, t)) return r;
     if (!t) {
       *missing = l2off;
       break;
     }
     ++tables;
     while (pos < span_end) {
-      uint64_t gc = pos >> cluster_bits_;
-      uint64_t cstart = gc << cluster_bits_;
-      uint64_t cend = std::min(span_end, cstart + cs_);
-      uint64_t idx = gc % l2_entries_;
-      uint64_t e = entry_at(*t, idx);
-      if (e & kCompressed) {
-        push_run(out, {pos, cend - pos, external_ ? Kind::invalid : Kind::compressed, e});
+      const uint64_t gc = pos >> cluster_bits_;
+      cstart = gc << cluster_bits_;
+      const uint64_t cend = std::min(span_end, cstart + cluster_size_);
+      const uint64_t idx = gc % l2_entries_;
+      e = entry_at(*t, idx);
+      d = classify(e);
+      // One run per cluster unless extended L2 splits it into subclusters.
+      if (!extended_l2_ || d.compressed() || d.type == ClusterType::invalid) {
+        push_mapped(pos, cend, subcluster_type_of(d.type));
         pos = cend;
         continue;
       }
-      uint64_t host = e & kL2OffsetMask;
-      bool has_host = host != 0 || (external_ && (e & kCopied));
-      bool bad = (e & kL2StdReservedMask) || (ext_ && (e & 1)) || (host % cs_ != 0) ||
-                 (has_host && !external_ && !host_cluster_valid(host));
-      if (bad) {
-        push_run(out, {pos, cend - pos, Kind::invalid, 0});
-        pos = cend;
-        continue;
-      }
-      if (!ext_) {
-        if (e & kZeroFlag) {
-          push_run(out, {pos, cend - pos, Kind::zero, 0});
-        } else if (has_host) {
-          push_run(out, {pos, cend - pos, Kind::data, host + (pos - cstart)});
-        } else {
-          unallocated(pos, cend - pos);
-        }
-        pos = cend;
-        continue;
-      }
-      uint64_t bm = bitmap_at(*t, idx);
+      const uint64_t bitmap = bitmap_at(*t, idx);
       while (pos < cend) {
-        uint64_t sc = (pos - cstart) / sc_size;
-        uint64_t scend = std::min(cend, cstart + (sc + 1) * sc_size);
-        bool alloc = (bm >> sc) & 1;
-        bool zero = (bm >> (32 + sc)) & 1;
-        if (raw_ && has_host) {
-          push_run(out, {pos, scend - pos, zero && !alloc ? Kind::zero : Kind::data,
-                         host + (pos - cstart)});
-        } else if (alloc && (zero || !has_host)) {
-          push_run(out, {pos, scend - pos, Kind::invalid, 0});
-        } else if (alloc) {
-          push_run(out, {pos, scend - pos, Kind::data, host + (pos - cstart)});
-        } else if (zero) {
-          push_run(out, {pos, scend - pos, Kind::zero, 0});
-        } else {
-          unallocated(pos, scend - pos);
-        }
+        const auto sc = static_cast<unsigned>((pos - cstart) >> subcluster_bits);
+        const uint64_t scend = std::min(cend, cstart + ((uint64_t{sc} + 1) << subcluster_bits));
+        push_mapped(pos, scend, classify_subcluster(d, bitmap, sc));
         pos = scend;
       }
     }
@@ -400,16 +416,15 @@ int Qcow2Device::read_backing(uint64_t off, std::span<std::byte> buf) {
 }
 
 int Qcow2Device::read_compressed(uint64_t e, std::vector<uint8_t>& cluster) {
-  const uint32_t x = 62 - (cluster_bits_ - 8);
-  uint64_t coff = e & ((uint64_t{1} << x) - 1);
-  uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-  uint64_t csize = nsec * 512 - (coff & 511);
+  const CompressedDescriptor desc = parse_compressed_descriptor(e, cluster_bits_);
+  const uint64_t coff = desc.offset, csize = desc.length();
   if (coff == 0 || coff >= kMaxHostOffset || coff + csize > kMaxHostOffset) return EIO;
   std::vector<uint8_t> in(csize);
   if (int r = file_->read_at(coff, {reinterpret_cast<std::byte*>(in.data()), in.size()})) return r;
-  cluster.resize(cs_);
+  cluster.resize(cluster_size_);
   ++compressed_reads_;
-  return decompress_cluster(h_.compression_type, in.data(), in.size(), cluster.data(), cs_);
+  return decompress_cluster(header_.compression_type, in.data(), in.size(), cluster.data(),
+                            cluster_size_);
 }
 
 int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf) {
@@ -419,7 +434,7 @@ int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::spa
     int err = 0;
     switch (r.kind) {
       case Kind::data:
-        err = data_->read_at(r.host, dst);
+        err = data_file_->read_at(r.host, dst);
         break;
       case Kind::zero:
         std::memset(dst.data(), 0, dst.size());
@@ -429,7 +444,8 @@ int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::spa
         break;
       case Kind::compressed:
         err = read_compressed(r.host, cluster);
-        if (!err) std::memcpy(dst.data(), cluster.data() + (r.guest & (cs_ - 1)), dst.size());
+        if (!err)
+          std::memcpy(dst.data(), cluster.data() + (r.guest & (cluster_size_ - 1)), dst.size());
         break;
       case Kind::invalid:
         spdlog::warn("{}: corrupt mapping for guest offset {}: EIO", path(), r.guest);
@@ -513,41 +529,41 @@ int Qcow2Device::extents(uint64_t offset, uint64_t length, std::vector<Extent>& 
 // ---- info
 
 void Qcow2Device::describe(nlohmann::json& out) const {
-  std::lock_guard lk(mu_);
-  out["compat"] = h_.version == 2 ? "0.10" : "1.1";
-  out["version"] = h_.version;
-  out["cluster-size"] = cs_;
+  WriterLock lk(mu_);
+  out["compat"] = header_.version == 2 ? "0.10" : "1.1";
+  out["version"] = header_.version;
+  out["cluster-size"] = cluster_size_;
   out["virtual-size"] = size_;
-  out["refcount-bits"] = h_.refcount_bits();
-  out["compression-type"] = h_.compression_type == 1 ? "zstd" : "zlib";
-  out["lazy-refcounts"] = (h_.compatible & kCompatLazyRefcounts) != 0;
-  out["extended-l2"] = ext_;
+  out["refcount-bits"] = header_.refcount_bits();
+  out["compression-type"] = header_.compression_type == 1 ? "zstd" : "zlib";
+  out["lazy-refcounts"] = (header_.compatible & kCompatLazyRefcounts) != 0;
+  out["extended-l2"] = extended_l2_;
   out["corrupt"] = corrupt_;
-  out["dirty"] = (h_.incompatible & kIncompatDirty) != 0;
+  out["dirty"] = (header_.incompatible & kIncompatDirty) != 0;
   if (!backing_name_.empty()) {
     out["backing-filename"] = backing_name_;
     if (!backing_format_.empty()) out["backing-filename-format"] = backing_format_;
   }
-  if (external_) {
+  if (external_data_file_) {
     out["data-file"] = data_file_name_;
-    out["data-file-raw"] = raw_;
+    out["data-file-raw"] = data_file_raw_;
   }
   if (!snapshots_.empty()) {
     auto arr = nlohmann::json::array();
     for (const auto& s : snapshots_) arr.push_back({{"id", s.id}, {"name", s.name}});
     out["snapshots"] = arr;
   }
-  if (h_.has_bitmaps_ext) out["bitmaps"] = h_.nb_bitmaps;
+  if (header_.has_bitmaps_ext) out["bitmaps"] = header_.nb_bitmaps;
 }
 
 std::string Qcow2Device::stats_locked_free() const {
-  return l2_cache_->stats() + "; " + rb_cache_->stats() + "; compressed cluster reads " +
+  return l2_cache_->stats() + "; " + refblock_cache_->stats() + "; compressed cluster reads " +
          std::to_string(compressed_reads_) + ", cluster allocations " +
          std::to_string(cow_allocations_) + ", metadata writebacks " + std::to_string(writebacks_);
 }
 
 std::string Qcow2Device::stats() const {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   return stats_locked_free();
 }
 

@@ -13,7 +13,15 @@
 // changed meanwhile out of the cache). Every change takes the lock
 // exclusively; writes load tables under it. A write that must change an L2
 // entry marks its guest cluster in inflight_ so only that cluster is
-// serialized.
+// serialized. The rules are checked by clang's thread-safety analysis: mu_ is
+// a SharedMutex (formats/mutex.h), what it guards is GUARDED_BY(mu_) and
+// functions that expect it REQUIRES(mu_) (REQUIRES_SHARED where a shared hold
+// is enough). Two spots are outside the analysis, each with its reason:
+// l2_for_map() (the lock mode follows a flag) and ~InflightCluster().
+//
+// Where things are: l2_entry.h classifies L2 entries (the only code that
+// reads their bits); write_plan.h decides what a write or zero write does to
+// one cluster, write.cpp applies it.
 //
 // Crash safety (docs/DESIGN.md): metadata is cached write-back and written by
 // writeback_locked() in dependency order — guest data synced, then refcount
@@ -22,7 +30,7 @@
 // them are durable, so a crash leaks clusters but never leaves a referenced
 // cluster with refcount 0.
 //
-// Corrupt images (docs/CORRUPT-IMAGES.md): a read-write open builds meta_, the
+// Corrupt images (docs/CORRUPT-IMAGES.md): a read-write open builds metadata_map_, the
 // set of clusters holding metadata in use. Every new cluster, every metadata
 // write and every guest data write into the image file is checked against it
 // (QEMU's overlap check), as is every refcount decrement. On an inconsistency
@@ -34,24 +42,25 @@
 #include <atomic>
 #include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <set>
-#include <shared_mutex>
 #include <unordered_set>
 #include <vector>
 
 #include "formats/block_device.h"
 #include "formats/file.h"
+#include "formats/mutex.h"
 #include "formats/open.h"
 #include "formats/qcow2/header.h"
+#include "formats/qcow2/l2_entry.h"
 #include "formats/qcow2/metadata_map.h"
 #include "formats/qcow2/table_cache.h"
+#include "formats/qcow2/write_plan.h"
 
 namespace strata::qcow2 {
 
 // What a guest range maps to.
 enum class Kind : uint8_t {
-  data,        // at `host` in data_ (the data file or the image file)
+  data,        // at `host` in data_file_ (the data file or the image file)
   zero,        // zero flag in this layer
   backing,     // unallocated here: backing file (or zeros)
   compressed,  // `host` holds the L2 entry
@@ -89,138 +98,190 @@ class Qcow2Device final : public BlockDevice {
   std::string stats() const override;
 
  private:
-  std::string stats_locked_free() const;  // REQUIRES mu_
+  std::string stats_locked_free() const REQUIRES_SHARED(mu_);
   friend struct Qcow2Test;
 
-  // ---- open (qcow2.cpp)
-  void open_children(ChainContext& ctx);
-  void setup_caches(uint64_t budget);
-  void prepare_for_writing();
+  // ---- open (qcow2.cpp). The constructor holds mu_ (nobody else can).
+  void open_children(ChainContext& ctx) REQUIRES(mu_);
+  void setup_caches(uint64_t budget) REQUIRES(mu_);
+  void prepare_for_writing() REQUIRES(mu_);
 
-  // ---- mapping (qcow2.cpp). REQUIRES mu_ for *_locked.
+  // ---- mapping (qcow2.cpp)
   // Appends runs for [off, off+len) touching at most max_l2 L2 tables; sets
   // `covered` to the bytes mapped.
   // With `missing`, stops at the first L2 table not in the cache and names it
   // there (instead of reading it under the lock). `shared`: mu_ is held
-  // shared, so tables are only peeked at (REQUIRES missing).
+  // shared, so tables are only peeked at (REQUIRES missing); otherwise it is
+  // held exclusively.
   int map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2,
-                 uint64_t& covered, uint64_t* missing = nullptr, bool shared = false);
+                 uint64_t& covered, uint64_t* missing = nullptr, bool shared = false)
+      REQUIRES_SHARED(mu_);
+  // map_locked's L2 table lookup (see there); nullptr: not cached, and
+  // `missing` asks to name it rather than read it.
+  int l2_for_map(uint64_t l2_offset, const uint64_t* missing, bool shared, const CachedTable*& out)
+      REQUIRES_SHARED(mu_);
   // map_locked for reads and block status: takes mu_ itself and reads missing
   // L2 tables without holding it.
-  int map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered);
-  int load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh);
-  int make_room_locked(TableCache& cache);                  // evicts (writing back) when full
-  int get_l2_locked(uint64_t l1_index, CachedTable*& out);  // nullptr if unallocated
+  int map(uint64_t off, uint64_t len, std::vector<Run>& out, uint64_t max_l2, uint64_t& covered)
+      EXCLUDES(mu_);
+  int load_table(TableCache& cache, uint64_t offset, CachedTable*& out, bool fresh) REQUIRES(mu_);
+  int make_room_locked(TableCache& cache) REQUIRES(mu_);  // evicts (writing back) when full
+  int get_l2_locked(uint64_t l1_index, CachedTable*& out) REQUIRES(mu_);  // nullptr if unallocated
   bool host_cluster_valid(uint64_t host) const;
   uint64_t entry_at(const CachedTable& t, uint64_t i) const;
   uint64_t bitmap_at(const CachedTable& t, uint64_t i) const;
+  // The one classifier of L2 entries (l2_entry.h) with this image's geometry.
+  L2Entry classify(uint64_t entry) const { return classify_l2_entry(entry, l2_format_); }
   void set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap);
   int read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf);
   int read_backing(uint64_t off, std::span<std::byte> buf);
   int read_compressed(uint64_t entry, std::vector<uint8_t>& cluster);
 
-  // ---- writes (write.cpp)
-  int write_cluster(uint64_t guest, std::span<const std::byte> data);
-  int zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim);
-  int get_l2_for_write_locked(uint64_t l1_index, CachedTable*& out);
+  // ---- writes (write.cpp; the plans in write_plan.h)
+  // Marks a guest cluster in inflight_ for its scope, after waiting for the
+  // writer that has it: writes that change one L2 entry are serialized.
+  class InflightCluster {
+   public:
+    InflightCluster(Qcow2Device& device, WriterLock& lk, uint64_t gc) REQUIRES(device.mu_);
+    ~InflightCluster();
+    InflightCluster(const InflightCluster&) = delete;
+    InflightCluster& operator=(const InflightCluster&) = delete;
+    // The caller has taken the cluster out of inflight_ itself
+    // (unlock_cluster()), before the scope ends.
+    void dismiss() { held_ = false; }
+
+   private:
+    Qcow2Device& device_;
+    uint64_t cluster_;
+    bool held_ = true;
+  };
+  // Zeroing or trimming [from, to) of one guest cluster (relative to it).
+  struct ZeroRequest {
+    uint64_t guest_cluster = 0, cluster_start = 0;
+    uint64_t from = 0, to = 0;
+    uint64_t whole_from = 0, whole_to = 0;  // the units (subclusters or cluster) covered whole
+    bool backing_visible = false;
+    ZeroFlags flags;
+    bool is_trim = false;
+  };
+  bool map_in_place_locked(uint64_t offset, uint64_t end, std::vector<Run>& runs) REQUIRES(mu_);
+  int write_cluster(uint64_t guest, std::span<const std::byte> data) EXCLUDES(mu_);
+  int plan_write_locked(uint64_t guest, uint64_t length, WritePlan& plan) REQUIRES(mu_);
+  int take_host_cluster_locked(WritePlan& plan) REQUIRES(mu_);
+  int write_planned_data(const WritePlan& plan, std::span<const std::byte> data) EXCLUDES(mu_);
+  int copy_current(const WritePlan& plan, std::span<std::byte> buf, uint64_t a, uint64_t b)
+      EXCLUDES(mu_);
+  int commit_write_locked(const WritePlan& plan) REQUIRES(mu_);
+  int zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim) EXCLUDES(mu_);
+  ZeroRequest zero_request(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim) const;
+  int write_zeros(const ZeroRequest& z, uint64_t from, uint64_t to) EXCLUDES(mu_);
+  int zero_cluster_v2(const ZeroRequest& z) EXCLUDES(mu_);
+  int zero_whole_units(const ZeroRequest& z) EXCLUDES(mu_);
+  int get_l2_for_write_locked(uint64_t l1_index, CachedTable*& out) REQUIRES(mu_);
   uint32_t raw_zero_subclusters(uint64_t entry, uint64_t bitmap) const;
-  int write_raw_cluster(uint64_t guest, std::span<const std::byte> data);
+  int write_raw_cluster(uint64_t guest, std::span<const std::byte> data) EXCLUDES(mu_);
   int fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from, uint64_t skip_to);
-  void lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc);
-  void unlock_cluster(uint64_t gc);
-  int free_entry_locked(uint64_t entry);  // queue the clusters an L2 entry held
-  int clear_autoclear_once();
+  void lock_cluster(WriterLock& lk, uint64_t gc) REQUIRES(mu_);
+  void unlock_cluster(uint64_t gc) REQUIRES(mu_);
+  // Queues the clusters an L2 entry held.
+  int free_entry_locked(uint64_t entry) REQUIRES(mu_);
+  int clear_autoclear_once() EXCLUDES(mu_);
 
-  // ---- refcounts and metadata writeback (refcount.cpp). REQUIRE mu_.
-  int get_refcount_locked(uint64_t cluster, uint64_t& rc);
-  int set_refcount_locked(uint64_t cluster, uint64_t rc);
-  int alloc_cluster_locked(uint64_t& host, bool& fresh);
-  int grow_reftable_locked(uint64_t needed_index);
-  int writeback_locked();
-  int flush_locked();
-  int apply_frees_locked();
-  int write_refblock(CachedTable& t);
-  int write_l2_table(CachedTable& t);
+  // ---- refcounts and metadata writeback (refcount.cpp)
+  int get_refcount_locked(uint64_t cluster, uint64_t& rc) REQUIRES(mu_);
+  int set_refcount_locked(uint64_t cluster, uint64_t rc) REQUIRES(mu_);
+  int alloc_cluster_locked(uint64_t& host, bool& fresh) REQUIRES(mu_);
+  int grow_reftable_locked(uint64_t needed_index) REQUIRES(mu_);
+  int writeback_locked() REQUIRES(mu_);
+  int flush_locked() REQUIRES(mu_);
+  int apply_frees_locked() REQUIRES(mu_);
+  int write_refblock(CachedTable& t) REQUIRES(mu_);
+  int write_l2_table(CachedTable& t) REQUIRES(mu_);
   // One past the last cluster with a refcount other than 0 (at open).
-  uint64_t refcounted_end();
+  uint64_t refcounted_end() REQUIRES(mu_);
   // Rebuilds all refcounts from the L1/L2 tables (dirty images).
-  void rebuild_refcounts();
+  void rebuild_refcounts() REQUIRES(mu_);
 
-  // ---- overlap check and corruption (overlap.cpp). REQUIRE mu_ held
-  // exclusively, except at open.
+  // ---- overlap check and corruption (overlap.cpp)
   // Refuses a read-write open when refcount structures lie past EOF.
-  void refuse_lost_refcounts();
-  void build_metadata_map();
-  void update_metadata_ranges();  // after the refcount table moved
-  void set_l1_entry_locked(uint64_t index, uint64_t entry);
+  void refuse_lost_refcounts() REQUIRES(mu_);
+  void build_metadata_map() REQUIRES(mu_);
+  void update_metadata_ranges() REQUIRES(mu_);  // after the refcount table moved
+  void set_l1_entry_locked(uint64_t index, uint64_t entry) REQUIRES(mu_);
   // Data write fast path: does the host cluster hold metadata?
-  bool overlaps_metadata(uint64_t host) const;
+  bool overlaps_metadata(uint64_t host) const REQUIRES_SHARED(mu_);
   // Each returns 0, or EIO after signal_corruption_locked().
-  int check_new_clusters_locked(uint64_t first, uint64_t count, const char* purpose);
-  int check_metadata_write_locked(uint64_t offset, uint64_t length, uint16_t kind);
-  int check_data_write_locked(uint64_t host);
-  int check_free_locked(uint64_t cluster, uint64_t refcount);
-  int write_metadata_locked(uint64_t offset, const void* data, size_t length, uint16_t kind);
+  int check_new_clusters_locked(uint64_t first, uint64_t count, const char* purpose) REQUIRES(mu_);
+  int check_metadata_write_locked(uint64_t offset, uint64_t length, uint16_t kind) REQUIRES(mu_);
+  int check_data_write_locked(uint64_t host) REQUIRES(mu_);
+  int check_free_locked(uint64_t cluster, uint64_t refcount) REQUIRES(mu_);
+  int write_metadata_locked(uint64_t offset, const void* data, size_t length, uint16_t kind)
+      REQUIRES(mu_);
   // Logs `what` once, sets the corrupt bit (v3), makes the device read-only.
   // Returns EIO.
-  int signal_corruption_locked(const std::string& what);
+  int signal_corruption_locked(const std::string& what) REQUIRES(mu_);
 
   // ---- check (check.cpp)
   // Counts the references of every host cluster of the image file.
   // References lying one cluster or more past EOF are counted; with
   // `report_past_eof` they are also reported as errors (as qemu-img check does).
   void count_references(std::vector<uint64_t>& counts, CheckReport& report,
-                        bool include_refcount_structures, bool report_past_eof);
+                        bool include_refcount_structures, bool report_past_eof) REQUIRES(mu_);
   // The refcount of cluster `c` against its references (check()); false when
   // its refcount block cannot be read.
-  bool check_refcount(uint64_t c, uint64_t used, CheckReport& report, uint64_t& leaked);
+  bool check_refcount(uint64_t c, uint64_t used, CheckReport& report, uint64_t& leaked)
+      REQUIRES(mu_);
 
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_owned_;
-  File* data_ = nullptr;  // where guest data lives
+  File* data_file_ = nullptr;  // where guest data lives
   std::shared_ptr<BlockDevice> backing_;
   uint64_t backing_size_ = 0;
   std::string backing_name_, backing_format_, data_file_name_;
 
-  Header h_;
+  // Set at open. Afterwards only the autoclear, incompatible and refcount
+  // table fields change, under mu_ (the fields read without it never do).
+  Header header_;
   std::vector<SnapshotInfo> snapshots_;
   uint64_t snapshot_table_bytes_ = 0;
-  uint64_t cs_ = 0;
+  uint64_t cluster_size_ = 0;
   uint32_t cluster_bits_ = 0;
   uint64_t l2_entries_ = 0;
-  uint32_t entry_bytes_ = 8;
-  bool ext_ = false;
-  bool external_ = false;  // external data file
-  bool raw_ = false;       // data_file_raw
+  uint32_t l2_entry_bytes_ = 8;
+  bool extended_l2_ = false;
+  bool external_data_file_ = false;  // external data file
+  bool data_file_raw_ = false;       // data_file_raw
+  L2Format l2_format_;               // the three above, for classify()
   uint64_t size_ = 0;
   std::atomic<bool> read_only_{true};  // read without mu_ by every write
-  bool corrupt_ = false;               // the corrupt bit is set, or was found this session
+  // The corrupt bit is set, or was found this session.
+  bool corrupt_ GUARDED_BY(mu_) = false;
   std::string notes_;
 
-  mutable std::shared_mutex mu_;
-  std::condition_variable_any cv_;
-  std::unordered_set<uint64_t> inflight_;
+  mutable SharedMutex mu_;
+  std::condition_variable_any inflight_changed_;  // inflight_ lost a cluster
+  std::unordered_set<uint64_t> inflight_ GUARDED_BY(mu_);
 
-  std::vector<uint64_t> l1_;
-  std::set<uint64_t> l1_dirty_;
+  std::vector<uint64_t> l1_table_ GUARDED_BY(mu_);
+  std::set<uint64_t> l1_dirty_ GUARDED_BY(mu_);
   // Bumped whenever an L2 table on disk or an L1 entry changes: a table read
   // without mu_ is only cached if no bump happened since its L1 entry was seen.
-  uint64_t l2_epoch_ = 0;
-  std::vector<uint64_t> reftable_;
-  std::set<uint64_t> reftable_dirty_;
-  uint64_t reftable_offset_ = 0;
-  uint64_t reftable_clusters_ = 0;
-  uint64_t rb_entries_ = 0;  // refcounts per refcount block
-  uint64_t rc_max_ = 0;
-  bool growing_ = false;
+  uint64_t l2_epoch_ GUARDED_BY(mu_) = 0;
+  std::vector<uint64_t> refcount_table_ GUARDED_BY(mu_);
+  std::set<uint64_t> refcount_table_dirty_ GUARDED_BY(mu_);
+  uint64_t refcount_table_offset_ GUARDED_BY(mu_) = 0;
+  uint64_t refcount_table_clusters_ GUARDED_BY(mu_) = 0;
+  uint64_t refblock_entries_ = 0;  // refcounts per refcount block
+  uint64_t refcount_max_ = 0;
+  bool growing_refcount_table_ GUARDED_BY(mu_) = false;
 
-  MetadataMap meta_;  // built at a read-write open
-  std::unique_ptr<TableCache> l2_cache_;
-  std::unique_ptr<TableCache> rb_cache_;
+  MetadataMap metadata_map_ GUARDED_BY(mu_);  // built at a read-write open
+  std::unique_ptr<TableCache> l2_cache_ GUARDED_BY(mu_);
+  std::unique_ptr<TableCache> refblock_cache_ GUARDED_BY(mu_);
 
-  uint64_t end_ = 0;                     // first never-used cluster index
-  uint64_t free_hint_ = 0;               // lowest cluster index that may be free
-  std::vector<uint64_t> pending_frees_;  // cluster indices to decrement
+  uint64_t first_unused_cluster_ GUARDED_BY(mu_) = 0;    // first never-used cluster index
+  uint64_t free_hint_ GUARDED_BY(mu_) = 0;               // lowest cluster index that may be free
+  std::vector<uint64_t> pending_frees_ GUARDED_BY(mu_);  // cluster indices to decrement
   std::atomic<bool> data_dirty_{false};
   std::atomic<bool> autoclear_cleared_{false};
   std::atomic<uint64_t> compressed_reads_{0}, cow_allocations_{0}, writebacks_{0};

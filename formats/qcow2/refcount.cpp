@@ -76,15 +76,16 @@ int Qcow2Device::write_l2_table(CachedTable& t) {
 }
 
 uint64_t Qcow2Device::refcounted_end() {
-  for (uint64_t bi = reftable_.size(); bi-- > 0;) {
-    uint64_t off = reftable_[bi] & kRefTableOffsetMask;
-    if (off == 0 || (reftable_[bi] & 0x1ff) || !host_cluster_valid(off)) continue;
+  for (uint64_t bi = refcount_table_.size(); bi-- > 0;) {
+    uint64_t off = refcount_table_[bi] & kRefTableOffsetMask;
+    if (off == 0 || (refcount_table_[bi] & 0x1ff) || !host_cluster_valid(off)) continue;
     CachedTable* t = nullptr;
-    if (load_table(*rb_cache_, off, t, false) != 0) {
+    if (load_table(*refblock_cache_, off, t, false) != 0) {
       throw_image_error(path(), "cannot read refcount block " + std::to_string(bi));
     }
-    for (uint64_t i = rb_entries_; i-- > 0;) {
-      if (rb_get(t->data.data(), h_.refcount_order, i) != 0) return bi * rb_entries_ + i + 1;
+    for (uint64_t i = refblock_entries_; i-- > 0;) {
+      if (rb_get(t->data.data(), header_.refcount_order, i) != 0)
+        return bi * refblock_entries_ + i + 1;
     }
   }
   return 0;
@@ -92,73 +93,73 @@ uint64_t Qcow2Device::refcounted_end() {
 
 int Qcow2Device::get_refcount_locked(uint64_t cluster, uint64_t& rc) {
   rc = 0;
-  uint64_t bi = cluster / rb_entries_;
-  if (bi >= reftable_.size()) return 0;
-  uint64_t e = reftable_[bi];
+  uint64_t bi = cluster / refblock_entries_;
+  if (bi >= refcount_table_.size()) return 0;
+  uint64_t e = refcount_table_[bi];
   uint64_t off = e & kRefTableOffsetMask;
   if (off == 0) return 0;
   if ((e & 0x1ff) || !host_cluster_valid(off)) return EIO;
   CachedTable* t = nullptr;
-  if (int r = load_table(*rb_cache_, off, t, false)) return r;
-  rc = rb_get(t->data.data(), h_.refcount_order, cluster % rb_entries_);
+  if (int r = load_table(*refblock_cache_, off, t, false)) return r;
+  rc = rb_get(t->data.data(), header_.refcount_order, cluster % refblock_entries_);
   return 0;
 }
 
 int Qcow2Device::set_refcount_locked(uint64_t cluster, uint64_t rc) {
-  if (rc > rc_max_) return EOVERFLOW;
-  uint64_t bi = cluster / rb_entries_;
-  if (bi >= reftable_.size()) {
+  if (rc > refcount_max_) return EOVERFLOW;
+  uint64_t bi = cluster / refblock_entries_;
+  if (bi >= refcount_table_.size()) {
     if (rc == 0) return 0;
     if (int r = grow_reftable_locked(bi)) return r;
   }
-  uint64_t e = reftable_[bi];
+  uint64_t e = refcount_table_[bi];
   uint64_t off = e & kRefTableOffsetMask;
   if (off == 0) {
     if (rc == 0) return 0;
     // A new refcount block at the end of the image. If it lies in the range it
     // covers it counts itself; otherwise its own refcount lives in another
     // block, set before the table points at it.
-    uint64_t nb = end_++;
+    uint64_t nb = first_unused_cluster_++;
     if (int r = check_new_clusters_locked(nb, 1, "a refcount block")) return r;
-    bool self = nb / rb_entries_ == bi;
+    bool self = nb / refblock_entries_ == bi;
     if (!self) {
       if (int r = set_refcount_locked(nb, 1)) return r;
     }
     CachedTable* t = nullptr;
-    if (int r = load_table(*rb_cache_, nb * cs_, t, true)) return r;
-    if (self) rb_set(t->data.data(), h_.refcount_order, nb % rb_entries_, 1);
+    if (int r = load_table(*refblock_cache_, nb * cluster_size_, t, true)) return r;
+    if (self) rb_set(t->data.data(), header_.refcount_order, nb % refblock_entries_, 1);
     t->dirty = true;
-    reftable_[bi] = nb * cs_;
-    reftable_dirty_.insert(bi);
-    meta_.add_cluster(nb, kMetaRefcountBlock);
-    off = nb * cs_;
+    refcount_table_[bi] = nb * cluster_size_;
+    refcount_table_dirty_.insert(bi);
+    metadata_map_.add_cluster(nb, kMetaRefcountBlock);
+    off = nb * cluster_size_;
   } else if ((e & 0x1ff) || !host_cluster_valid(off)) {
     return EIO;
-  } else if (int r = check_metadata_write_locked(off, cs_, kMetaRefcountBlock)) {
+  } else if (int r = check_metadata_write_locked(off, cluster_size_, kMetaRefcountBlock)) {
     return r;
   }
   CachedTable* t = nullptr;
-  if (int r = load_table(*rb_cache_, off, t, false)) return r;
-  rb_set(t->data.data(), h_.refcount_order, cluster % rb_entries_, rc);
+  if (int r = load_table(*refblock_cache_, off, t, false)) return r;
+  rb_set(t->data.data(), header_.refcount_order, cluster % refblock_entries_, rc);
   t->dirty = true;
   return 0;
 }
 
-// Refcounts decide what is free, never the file size: end_ lies past every
-// cluster with a refcount (open computes it), so clusters from end_ on are
+// Refcounts decide what is free, never the file size: first_unused_cluster_ lies past every
+// cluster with a refcount (open computes it), so clusters from first_unused_cluster_ on are
 // unused and read as zeros.
 int Qcow2Device::alloc_cluster_locked(uint64_t& host, bool& fresh) {
   if (corrupt_) return EIO;
   uint64_t c = free_hint_;
-  for (; c < end_; ++c) {
+  for (; c < first_unused_cluster_; ++c) {
     uint64_t rc = 0;
     if (int r = get_refcount_locked(c, rc)) return r;
     if (rc == 0 && c != 0) break;
   }
-  fresh = c >= end_;
+  fresh = c >= first_unused_cluster_;
   if (fresh) {
-    c = end_;
-    end_ = c + 1;
+    c = first_unused_cluster_;
+    first_unused_cluster_ = c + 1;
   }
   free_hint_ = c + 1;
   if (c << cluster_bits_ >= kMaxHostOffset) return ENOSPC;
@@ -169,100 +170,95 @@ int Qcow2Device::alloc_cluster_locked(uint64_t& host, bool& fresh) {
 }
 
 int Qcow2Device::grow_reftable_locked(uint64_t needed_index) {
-  if (growing_) return EIO;
+  if (growing_refcount_table_) return EIO;
   if (int r = writeback_locked()) return r;
-  growing_ = true;
+  growing_refcount_table_ = true;
   struct Reset {
     bool& b;
     ~Reset() { b = false; }
-  } reset{growing_};
+  } reset{growing_refcount_table_};
 
-  const uint64_t old_entries = reftable_.size();
-  const uint64_t old_off = reftable_offset_;
-  const uint64_t old_clusters = reftable_clusters_;
+  const uint64_t old_entries = refcount_table_.size();
+  const uint64_t old_off = refcount_table_offset_;
+  const uint64_t old_clusters = refcount_table_clusters_;
   uint64_t entries = std::max(old_entries * 2, needed_index + 1);
   uint64_t clusters = 0;
   for (;;) {
-    clusters = (entries * 8 + cs_ - 1) / cs_;
+    clusters = (entries * 8 + cluster_size_ - 1) / cluster_size_;
     // The new table and the blocks counting it must be covered by the table.
-    uint64_t last = end_ + clusters + clusters / rb_entries_ + 4;
-    if (last / rb_entries_ < entries) break;
+    uint64_t last = first_unused_cluster_ + clusters + clusters / refblock_entries_ + 4;
+    if (last / refblock_entries_ < entries) break;
     entries *= 2;
   }
-  if (clusters * cs_ > kMaxRefcountTableBytes) return ENOSPC;
-  entries = clusters * cs_ / 8;
-  const uint64_t p = end_;
+  if (clusters * cluster_size_ > kMaxRefcountTableBytes) return ENOSPC;
+  entries = clusters * cluster_size_ / 8;
+  const uint64_t p = first_unused_cluster_;
   if (int r = check_new_clusters_locked(p, clusters, "the refcount table")) return r;
-  end_ += clusters;
-  reftable_.resize(entries, 0);
+  first_unused_cluster_ += clusters;
+  refcount_table_.resize(entries, 0);
   for (uint64_t k = p; k < p + clusters; ++k) {
     if (int r = set_refcount_locked(k, 1)) return r;
   }
   bool wrote = false;
-  int err = 0;
-  rb_cache_->for_each([&](CachedTable& t) {
-    if (t.dirty && !err) {
-      err = write_refblock(t);
-      wrote = true;
-    }
-  });
-  if (err) return err;
-  std::vector<uint8_t> raw(clusters * cs_);
-  for (uint64_t i = 0; i < entries; ++i) store_be64(raw.data() + i * 8, reftable_[i]);
-  if (int r = write_metadata_locked(p * cs_, raw.data(), raw.size(), kMetaRefcountTable)) return r;
+  for (CachedTable& t : refblock_cache_->entries()) {
+    if (!t.dirty) continue;
+    if (int r = write_refblock(t)) return r;
+    wrote = true;
+  }
+  std::vector<uint8_t> raw(clusters * cluster_size_);
+  for (uint64_t i = 0; i < entries; ++i) store_be64(raw.data() + i * 8, refcount_table_[i]);
+  if (int r = write_metadata_locked(p * cluster_size_, raw.data(), raw.size(), kMetaRefcountTable))
+    return r;
   if (int r = file_->sync()) return r;
   uint8_t hdr[12];
-  store_be64(hdr, p * cs_);
+  store_be64(hdr, p * cluster_size_);
   store_be32(hdr + 8, static_cast<uint32_t>(clusters));
   if (int r = write_metadata_locked(kOffRefcountTable, hdr, sizeof hdr, kMetaHeader)) return r;
   if (int r = file_->sync()) return r;
   (void)wrote;
-  reftable_offset_ = p * cs_;
-  reftable_clusters_ = clusters;
-  reftable_dirty_.clear();
-  h_.refcount_table_offset = reftable_offset_;
-  h_.refcount_table_clusters = static_cast<uint32_t>(clusters);
+  refcount_table_offset_ = p * cluster_size_;
+  refcount_table_clusters_ = clusters;
+  refcount_table_dirty_.clear();
+  header_.refcount_table_offset = refcount_table_offset_;
+  header_.refcount_table_clusters = static_cast<uint32_t>(clusters);
   update_metadata_ranges();
   // The header no longer points at the old table: free it (a crash before
   // these counts are written only leaks it).
-  for (uint64_t k = old_off / cs_; k < old_off / cs_ + old_clusters; ++k) {
+  for (uint64_t k = old_off / cluster_size_; k < old_off / cluster_size_ + old_clusters; ++k) {
     if (int r = set_refcount_locked(k, 0)) return r;
   }
-  free_hint_ = std::min(free_hint_, old_off / cs_);
+  free_hint_ = std::min(free_hint_, old_off / cluster_size_);
   spdlog::info("{}: refcount table grown to {} clusters at offset {}", path(), clusters,
-               reftable_offset_);
+               refcount_table_offset_);
   return 0;
 }
 
 int Qcow2Device::writeback_locked() {
   bool l2_dirty = l2_cache_->any_dirty();
-  bool rb_dirty = rb_cache_->any_dirty();
-  if (!l2_dirty && !rb_dirty && reftable_dirty_.empty() && l1_dirty_.empty()) return 0;
+  bool rb_dirty = refblock_cache_->any_dirty();
+  if (!l2_dirty && !rb_dirty && refcount_table_dirty_.empty() && l1_dirty_.empty()) return 0;
   ++writebacks_;
   // 1. Guest data before any metadata that points at it.
   if (data_dirty_.exchange(false)) {
-    if (int r = data_->sync()) return r;
+    if (int r = data_file_->sync()) return r;
   }
   // 2. Refcount blocks, then the table entries that point at new blocks.
-  int err = 0;
   bool wrote = false;
-  rb_cache_->for_each([&](CachedTable& t) {
-    if (t.dirty && !err) {
-      err = write_refblock(t);
-      wrote = true;
-    }
-  });
-  if (err) return err;
-  if (!reftable_dirty_.empty()) {
-    const uint64_t capacity = reftable_clusters_ * cs_ / 8;
-    for (uint64_t bi : reftable_dirty_) {
+  for (CachedTable& t : refblock_cache_->entries()) {
+    if (!t.dirty) continue;
+    if (int r = write_refblock(t)) return r;
+    wrote = true;
+  }
+  if (!refcount_table_dirty_.empty()) {
+    const uint64_t capacity = refcount_table_clusters_ * cluster_size_ / 8;
+    for (uint64_t bi : refcount_table_dirty_) {
       if (bi >= capacity) return EIO;
       uint8_t b[8];
-      store_be64(b, reftable_[bi]);
-      if (int r = write_metadata_locked(reftable_offset_ + bi * 8, b, 8, kMetaRefcountTable))
+      store_be64(b, refcount_table_[bi]);
+      if (int r = write_metadata_locked(refcount_table_offset_ + bi * 8, b, 8, kMetaRefcountTable))
         return r;
     }
-    reftable_dirty_.clear();
+    refcount_table_dirty_.clear();
     wrote = true;
   }
   if (wrote) {
@@ -271,18 +267,19 @@ int Qcow2Device::writeback_locked() {
   // 3. L2 tables.
   if (l2_dirty) {
     ++l2_epoch_;
-    l2_cache_->for_each([&](CachedTable& t) {
-      if (t.dirty && !err) err = write_l2_table(t);
-    });
-    if (err) return err;
+    for (CachedTable& t : l2_cache_->entries()) {
+      if (!t.dirty) continue;
+      if (int r = write_l2_table(t)) return r;
+    }
     if (int r = file_->sync()) return r;
   }
   // 4. L1 entries pointing at new or copied L2 tables.
   if (!l1_dirty_.empty()) {
     for (uint64_t i : l1_dirty_) {
       uint8_t b[8];
-      store_be64(b, l1_[i]);
-      if (int r = write_metadata_locked(h_.l1_table_offset + i * 8, b, 8, kMetaActiveL1)) return r;
+      store_be64(b, l1_table_[i]);
+      if (int r = write_metadata_locked(header_.l1_table_offset + i * 8, b, 8, kMetaActiveL1))
+        return r;
     }
     l1_dirty_.clear();
     if (int r = file_->sync()) return r;
@@ -305,7 +302,7 @@ int Qcow2Device::apply_frees_locked() {
       l2_cache_->erase(c << cluster_bits_);
       ++l2_epoch_;
       free_hint_ = std::min(free_hint_, c);
-      int r = file_->punch_hole(c << cluster_bits_, cs_);
+      int r = file_->punch_hole(c << cluster_bits_, cluster_size_);
       (void)r;  // advisory
     }
   }
@@ -318,8 +315,8 @@ int Qcow2Device::flush_locked() {
   // made durable (every write is checked again); frees are not applied.
   if (int r = writeback_locked()) return r;
   data_dirty_ = false;
-  if (int r = data_->sync()) return r;
-  if (data_ != file_.get()) {
+  if (int r = data_file_->sync()) return r;
+  if (data_file_ != file_.get()) {
     if (int r = file_->sync()) return r;
   }
   if (corrupt_) return 0;
@@ -329,7 +326,7 @@ int Qcow2Device::flush_locked() {
 }
 
 int Qcow2Device::flush() {
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   return flush_locked();
 }
 
@@ -340,60 +337,61 @@ void Qcow2Device::rebuild_refcounts() {
   if (!rep.errors.empty()) {
     throw_image_error(path(), "dirty image: cannot rebuild refcounts: " + rep.errors.front());
   }
-  const uint64_t epb = rb_entries_;
-  const uint64_t e0 = std::max<uint64_t>(counts.size(), end_);
+  const uint64_t epb = refblock_entries_;
+  const uint64_t e0 = std::max<uint64_t>(counts.size(), first_unused_cluster_);
   uint64_t nb = 0, nt = 0;
   for (;;) {
     uint64_t total = e0 + nb + nt;
     uint64_t nb2 = (total + epb - 1) / epb;
-    uint64_t nt2 = (nb2 * 8 + cs_ - 1) / cs_;
+    uint64_t nt2 = (nb2 * 8 + cluster_size_ - 1) / cluster_size_;
     if (nb2 == nb && nt2 == nt) break;
     nb = nb2;
     nt = nt2;
   }
-  if (nt * cs_ > kMaxRefcountTableBytes)
+  if (nt * cluster_size_ > kMaxRefcountTableBytes)
     throw_image_error(path(), "dirty image: refcount table would be too large");
   counts.resize(e0 + nb + nt, 0);
   for (uint64_t k = e0; k < e0 + nb + nt; ++k) counts[k] = 1;
-  std::vector<uint8_t> blk(cs_);
+  std::vector<uint8_t> blk(cluster_size_);
   for (uint64_t j = 0; j < nb; ++j) {
     std::fill(blk.begin(), blk.end(), 0);
     for (uint64_t i = 0; i < epb && j * epb + i < counts.size(); ++i) {
       uint64_t v = counts[j * epb + i];
-      if (v > rc_max_)
+      if (v > refcount_max_)
         throw_image_error(
             path(), "dirty image: refcount overflow for cluster " + std::to_string(j * epb + i));
-      rb_set(blk.data(), h_.refcount_order, i, v);
+      rb_set(blk.data(), header_.refcount_order, i, v);
     }
-    if (write_bytes(*file_, (e0 + j) * cs_, blk.data(), cs_) != 0)
+    if (write_bytes(*file_, (e0 + j) * cluster_size_, blk.data(), cluster_size_) != 0)
       throw_image_error(path(), "cannot write refcount block");
   }
-  std::vector<uint8_t> table(nt * cs_);
-  for (uint64_t j = 0; j < nb; ++j) store_be64(table.data() + j * 8, (e0 + j) * cs_);
-  if (write_bytes(*file_, (e0 + nb) * cs_, table.data(), table.size()) != 0 || file_->sync() != 0) {
+  std::vector<uint8_t> table(nt * cluster_size_);
+  for (uint64_t j = 0; j < nb; ++j) store_be64(table.data() + j * 8, (e0 + j) * cluster_size_);
+  if (write_bytes(*file_, (e0 + nb) * cluster_size_, table.data(), table.size()) != 0 ||
+      file_->sync() != 0) {
     throw_image_error(path(), "cannot write the refcount table");
   }
   uint8_t hdr[12];
-  store_be64(hdr, (e0 + nb) * cs_);
+  store_be64(hdr, (e0 + nb) * cluster_size_);
   store_be32(hdr + 8, static_cast<uint32_t>(nt));
   if (write_bytes(*file_, kOffRefcountTable, hdr, 12) != 0 || file_->sync() != 0) {
     throw_image_error(path(), "cannot update the header");
   }
   uint8_t inc[8];
-  h_.incompatible &= ~kIncompatDirty;
-  store_be64(inc, h_.incompatible);
+  header_.incompatible &= ~kIncompatDirty;
+  store_be64(inc, header_.incompatible);
   if (write_bytes(*file_, kOffIncompat, inc, 8) != 0 || file_->sync() != 0) {
     throw_image_error(path(), "cannot clear the dirty bit");
   }
-  reftable_offset_ = (e0 + nb) * cs_;
-  reftable_clusters_ = nt;
-  h_.refcount_table_offset = reftable_offset_;
-  h_.refcount_table_clusters = static_cast<uint32_t>(nt);
-  reftable_.assign(nt * cs_ / 8, 0);
-  for (uint64_t j = 0; j < nb; ++j) reftable_[j] = (e0 + j) * cs_;
-  reftable_dirty_.clear();
-  rb_cache_ = std::make_unique<TableCache>("refcount", rb_cache_->capacity());
-  end_ = e0 + nb + nt;
+  refcount_table_offset_ = (e0 + nb) * cluster_size_;
+  refcount_table_clusters_ = nt;
+  header_.refcount_table_offset = refcount_table_offset_;
+  header_.refcount_table_clusters = static_cast<uint32_t>(nt);
+  refcount_table_.assign(nt * cluster_size_ / 8, 0);
+  for (uint64_t j = 0; j < nb; ++j) refcount_table_[j] = (e0 + j) * cluster_size_;
+  refcount_table_dirty_.clear();
+  refblock_cache_ = std::make_unique<TableCache>("refcount", refblock_cache_->capacity());
+  first_unused_cluster_ = e0 + nb + nt;
   free_hint_ = 1;
 }
 

@@ -57,10 +57,9 @@ class TableCache {
   CachedTable* insert(uint64_t offset, std::vector<uint8_t> data, bool dirty);
   void erase(uint64_t offset);
 
-  template <class F>
-  void for_each(F f) {
-    for (auto& e : lru_) f(e);
-  }
+  // Every entry, most recent first (a plain range rather than a callback, so
+  // the owner's lock annotations hold in the loop body).
+  std::list<CachedTable>& entries() { return lru_; }
   bool any_dirty() const;
 
   size_t capacity() const { return capacity_; }

@@ -19,68 +19,78 @@ const std::vector<std::byte>& zero_buffer() {
 
 }  // namespace
 
-void Qcow2Device::lock_cluster(std::unique_lock<std::shared_mutex>& lk, uint64_t gc) {
-  cv_.wait(lk, [&] { return inflight_.count(gc) == 0; });
+void Qcow2Device::lock_cluster(WriterLock& lk, uint64_t gc) {
+  while (inflight_.count(gc) != 0) inflight_changed_.wait(lk);
   inflight_.insert(gc);
 }
 
 void Qcow2Device::unlock_cluster(uint64_t gc) {
   inflight_.erase(gc);
-  cv_.notify_all();
+  inflight_changed_.notify_all();
+}
+
+Qcow2Device::InflightCluster::InflightCluster(Qcow2Device& device, WriterLock& lk, uint64_t gc)
+    : device_(device), cluster_(gc) {
+  device_.lock_cluster(lk, gc);
+}
+
+// Destroyed before the WriterLock declared ahead of it, with mu_ held again
+// after any WriterUnlock scope in between (those end first): the analysis
+// cannot follow the lock into a destructor.
+Qcow2Device::InflightCluster::~InflightCluster() NO_THREAD_SAFETY_ANALYSIS {
+  if (held_) device_.unlock_cluster(cluster_);
 }
 
 int Qcow2Device::clear_autoclear_once() {
   if (autoclear_cleared_.load()) return 0;
-  std::lock_guard lk(mu_);
+  WriterLock lk(mu_);
   if (autoclear_cleared_) return 0;
   // We do not maintain persistent bitmaps or unknown autoclear features.
-  uint64_t keep = h_.autoclear & kAutoclearDataFileRaw;
-  if (h_.version >= 3 && keep != h_.autoclear) {
+  uint64_t keep = header_.autoclear & kAutoclearDataFileRaw;
+  if (header_.version >= 3 && keep != header_.autoclear) {
     uint8_t b[8];
     store_be64(b, keep);
     if (int r = write_metadata_locked(kOffAutoclear, b, 8, kMetaHeader)) return r;
     if (int r = file_->sync()) return r;
-    spdlog::info("{}: cleared autoclear features {:#x}", path(), h_.autoclear & ~keep);
-    h_.autoclear = keep;
+    spdlog::info("{}: cleared autoclear features {:#x}", path(), header_.autoclear & ~keep);
+    header_.autoclear = keep;
   }
   autoclear_cleared_ = true;
   return 0;
 }
 
 int Qcow2Device::free_entry_locked(uint64_t e) {
-  if (external_) return 0;  // data clusters of a data file are not refcounted
-  if (e & kCompressed) {
-    const uint32_t x = 62 - (cluster_bits_ - 8);
-    uint64_t coff = e & ((uint64_t{1} << x) - 1);
-    uint64_t nsec = ((e >> x) & ((uint64_t{1} << (cluster_bits_ - 8)) - 1)) + 1;
-    uint64_t start = coff & ~uint64_t{511};
-    uint64_t last = start + nsec * 512 - 1;
-    for (uint64_t c = start >> cluster_bits_; c <= last >> cluster_bits_; ++c)
+  if (external_data_file_) return 0;  // data clusters of a data file are not refcounted
+  const L2Entry d = classify(e);
+  if (d.compressed()) {
+    // Every host cluster the compressed data touches holds a reference.
+    const CompressedDescriptor desc = parse_compressed_descriptor(e, cluster_bits_);
+    const uint64_t last = desc.first_byte() + desc.span() - 1;
+    for (uint64_t c = desc.first_byte() >> cluster_bits_; c <= last >> cluster_bits_; ++c)
       pending_frees_.push_back(c);
     return 0;
   }
-  uint64_t host = e & kL2OffsetMask;
-  if (host) pending_frees_.push_back(host >> cluster_bits_);
+  if (d.host) pending_frees_.push_back(d.host >> cluster_bits_);
   return 0;
 }
 
 int Qcow2Device::get_l2_for_write_locked(uint64_t l1i, CachedTable*& out) {
   out = nullptr;
   if (corrupt_) return EIO;
-  if (l1i >= l1_.size()) return EIO;
-  uint64_t e = l1_[l1i];
+  if (l1i >= l1_table_.size()) return EIO;
+  uint64_t e = l1_table_[l1i];
   if (e & kL1ReservedMask) return EIO;
   uint64_t off = e & kL1OffsetMask;
   if (off && !host_cluster_valid(off)) return EIO;
   if (off && (e & kCopied)) {
-    if (int r = check_metadata_write_locked(off, cs_, kMetaActiveL2)) return r;
+    if (int r = check_metadata_write_locked(off, cluster_size_, kMetaActiveL2)) return r;
     return load_table(*l2_cache_, off, out, false);
   }
   if (off) {
     uint64_t rc = 0;
     if (int r = get_refcount_locked(off >> cluster_bits_, rc)) return r;
     if (rc == 1) {
-      if (int r = check_metadata_write_locked(off, cs_, kMetaActiveL2)) return r;
+      if (int r = check_metadata_write_locked(off, cluster_size_, kMetaActiveL2)) return r;
       set_l1_entry_locked(l1i, off | kCopied);
       return load_table(*l2_cache_, off, out, false);
     }
@@ -105,11 +115,39 @@ int Qcow2Device::get_l2_for_write_locked(uint64_t l1i, CachedTable*& out) {
   return 0;
 }
 
+// The runs of an in-place write of [offset, end): every touched cluster (and
+// subcluster) is allocated and ours alone. False when some is not, and the
+// write goes cluster by cluster through write_cluster().
+bool Qcow2Device::map_in_place_locked(uint64_t offset, uint64_t end, std::vector<Run>& runs) {
+  // An L2 table used twice must not be written through: write_cluster() checks.
+  if (metadata_map_.has_duplicates()) return false;
+  for (uint64_t pos = offset; pos < end;) {
+    const uint64_t gc = pos >> cluster_bits_;
+    const uint64_t cstart = gc << cluster_bits_;
+    const uint64_t cend = std::min(end, cstart + cluster_size_);
+    const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
+    CachedTable* t = nullptr;
+    if (get_l2_locked(l1i, t) != 0 || !t || !(l1_table_[l1i] & kCopied)) return false;
+    const L2Entry d = classify(entry_at(*t, idx));
+    if (!d.copied || d.type != ClusterType::normal) return false;
+    if (extended_l2_) {
+      const uint64_t bitmap = bitmap_at(*t, idx);
+      const uint32_t mask = subcluster_mask(pos - cstart, cend - cstart, cluster_bits_);
+      if ((bitmap & alloc_bits(mask)) != alloc_bits(mask) || (bitmap & zero_bits(mask)) != 0)
+        return false;
+    }
+    if (overlaps_metadata(d.host)) return false;  // write_cluster() reports it
+    runs.push_back({pos, cend - pos, Kind::data, d.host + (pos - cstart)});
+    pos = cend;
+  }
+  return true;
+}
+
 int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua) {
   if (read_only_) return EPERM;
   if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + buf.size();
-  if (raw_) {
+  if (data_file_raw_) {
     for (uint64_t pos = offset; pos < end;) {
       uint64_t cend = std::min(end, ((pos >> cluster_bits_) + 1) << cluster_bits_);
       if (int r = write_raw_cluster(pos, buf.subspan(pos - offset, cend - pos))) return r;
@@ -119,46 +157,16 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
     return fua ? flush() : 0;
   }
 
-  // Fast path: every touched cluster (and subcluster) is allocated and ours.
   std::vector<Run> runs;
-  bool inplace = true;
+  bool in_place = false;
   {
-    std::lock_guard lk(mu_);
-    // An L2 table used twice must not be written through: write_cluster() checks.
-    if (meta_.has_duplicates()) inplace = false;
-    const uint64_t sc_size = cs_ / 32;
-    for (uint64_t pos = offset; pos < end && inplace;) {
-      uint64_t gc = pos >> cluster_bits_;
-      uint64_t cstart = gc << cluster_bits_;
-      uint64_t cend = std::min(end, cstart + cs_);
-      CachedTable* t = nullptr;
-      if (get_l2_locked(gc / l2_entries_, t) != 0 || !t || !(l1_[gc / l2_entries_] & kCopied)) {
-        inplace = false;
-        break;
-      }
-      uint64_t e = entry_at(*t, gc % l2_entries_);
-      uint64_t host = e & kL2OffsetMask;
-      bool ok = (e & kCopied) && !(e & kCompressed) && !(e & kL2StdReservedMask) &&
-                !(e & kZeroFlag) && host % cs_ == 0 && (external_ || host_cluster_valid(host));
-      if (ok && ext_) {
-        uint64_t bm = bitmap_at(*t, gc % l2_entries_);
-        uint64_t s0 = (pos - cstart) / sc_size, s1 = (cend - 1 - cstart) / sc_size;
-        uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) &
-                        ~((uint64_t{1} << s0) - 1);
-        ok = (bm & mask) == mask && (bm >> 32 & mask) == 0;
-      }
-      if (ok && overlaps_metadata(host)) ok = false;  // write_cluster() reports it
-      if (!ok) {
-        inplace = false;
-        break;
-      }
-      runs.push_back({pos, cend - pos, Kind::data, host + (pos - cstart)});
-      pos = cend;
-    }
+    WriterLock lk(mu_);
+    in_place = map_in_place_locked(offset, end, runs);
   }
-  if (inplace) {
+  if (in_place) {
     for (const Run& r : runs) {
-      if (int err = data_->write_at(r.host, buf.subspan(r.guest - offset, r.length))) return err;
+      if (int err = data_file_->write_at(r.host, buf.subspan(r.guest - offset, r.length)))
+        return err;
     }
     data_dirty_ = true;
     return fua ? flush() : 0;
@@ -176,8 +184,9 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
 // subclusters is all or nothing): the standard zero flag, or an extended L2
 // zero bit without its allocation bit. Everything else reads the data file.
 uint32_t Qcow2Device::raw_zero_subclusters(uint64_t entry, uint64_t bitmap) const {
-  if (!ext_) return (entry & kZeroFlag) ? ~uint32_t{0} : 0;
-  return static_cast<uint32_t>(bitmap >> 32) & ~static_cast<uint32_t>(bitmap);
+  if (!extended_l2_) return classify(entry).zero_flag ? ~uint32_t{0} : 0;
+  return static_cast<uint32_t>((bitmap & kZeroBits) >> kSubclusters) &
+         ~static_cast<uint32_t>(bitmap & kAllocBits);
 }
 
 // data_file_raw: the data file is the disk at guest offsets, but a cluster the
@@ -191,29 +200,27 @@ int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> da
   const uint64_t gc = guest >> cluster_bits_;
   const uint64_t cstart = gc << cluster_bits_;
   const uint64_t want = cstart | kCopied;
-  const uint64_t want_bitmap = ext_ ? 0xffffffffull : 0;
-  std::unique_lock lk(mu_);
+  const uint64_t want_bitmap = extended_l2_ ? kAllocBits : 0;
+  const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
+  WriterLock lk(mu_);
   CachedTable* t = nullptr;
-  int r = get_l2_for_write_locked(gc / l2_entries_, t);
-  if (r) return r;
-  const uint64_t idx = gc % l2_entries_;
+  if (int r = get_l2_for_write_locked(l1i, t)) return r;
   if (entry_at(*t, idx) == want && bitmap_at(*t, idx) == want_bitmap) {
     lk.unlock();  // Already mapped 1:1: the data file alone changes.
-    return data_->write_at(guest, data);
+    return data_file_->write_at(guest, data);
   }
-  lock_cluster(lk, gc);
-  r = get_l2_for_write_locked(gc / l2_entries_, t);
-  if (!r) {
-    const uint32_t zeros = raw_zero_subclusters(entry_at(*t, idx), bitmap_at(*t, idx));
-    lk.unlock();
-    r = fill_raw_zero_gaps(cstart, zeros, guest - cstart, guest - cstart + data.size());
-    if (!r) r = data_->write_at(guest, data);
-    lk.lock();
-    if (!r) r = get_l2_for_write_locked(gc / l2_entries_, t);
-    if (!r) set_entry(*t, idx, want, want_bitmap);
+  InflightCluster busy(*this, lk, gc);
+  if (int r = get_l2_for_write_locked(l1i, t)) return r;
+  const uint32_t zeros = raw_zero_subclusters(entry_at(*t, idx), bitmap_at(*t, idx));
+  {
+    WriterUnlock unlocked(mu_);
+    if (int r = fill_raw_zero_gaps(cstart, zeros, guest - cstart, guest - cstart + data.size()))
+      return r;
+    if (int r = data_file_->write_at(guest, data)) return r;
   }
-  unlock_cluster(gc);
-  return r;
+  if (int r = get_l2_for_write_locked(l1i, t)) return r;
+  set_entry(*t, idx, want, want_bitmap);
+  return 0;
 }
 
 // Writes zeros into the data file over the zero subclusters of the cluster at
@@ -222,133 +229,98 @@ int Qcow2Device::write_raw_cluster(uint64_t guest, std::span<const std::byte> da
 int Qcow2Device::fill_raw_zero_gaps(uint64_t cstart, uint32_t zeros, uint64_t skip_from,
                                     uint64_t skip_to) {
   if (!zeros) return 0;
-  const uint64_t unit = ext_ ? cs_ / 32 : cs_;
-  const int units = ext_ ? 32 : 1;
-  for (int i = 0; i < units; ++i) {
+  const uint64_t unit = extended_l2_ ? cluster_size_ / kSubclusters : cluster_size_;
+  const unsigned units = extended_l2_ ? kSubclusters : 1;
+  auto fill = [&](uint64_t a, uint64_t b) {
+    return a < b ? data_file_->write_at(cstart + a, std::span(zero_buffer()).first(b - a)) : 0;
+  };
+  for (unsigned i = 0; i < units; ++i) {
     if (!((zeros >> i) & 1)) continue;
     const uint64_t from = i * unit, to = from + unit;
-    auto fill = [&](uint64_t a, uint64_t b) {
-      return a < b ? data_->write_at(cstart + a, std::span(zero_buffer()).first(b - a)) : 0;
-    };
     if (int r = fill(from, std::min(to, skip_from))) return r;
     if (int r = fill(std::max(from, skip_to), to)) return r;
   }
   return 0;
 }
 
-// Writes `data` (inside one cluster), allocating and copying as needed.
+// Writes `data` (inside one cluster), allocating and copying as needed: the
+// plan and the order of its steps are described in write_plan.h.
 int Qcow2Device::write_cluster(uint64_t guest, std::span<const std::byte> data) {
   const uint64_t gc = guest >> cluster_bits_;
+  WriterLock lk(mu_);
+  InflightCluster busy(*this, lk, gc);
+  WritePlan plan;
+  if (int r = plan_write_locked(guest, data.size(), plan)) return r;
+  if (int r = take_host_cluster_locked(plan)) return r;  // 1.
+  {
+    WriterUnlock unlocked(mu_);
+    if (int r = write_planned_data(plan, data)) return r;  // 2.
+  }
+  return commit_write_locked(plan);  // 3.
+}
+
+int Qcow2Device::plan_write_locked(uint64_t guest, uint64_t length, WritePlan& plan) {
+  const uint64_t gc = guest >> cluster_bits_;
   const uint64_t cstart = gc << cluster_bits_;
-  const uint64_t in_off = guest - cstart;
-  const uint64_t n = data.size();
-  const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
-  const uint64_t sc_size = cs_ / 32;
-
-  std::unique_lock lk(mu_);
-  lock_cluster(lk, gc);
-  struct Release {
-    Qcow2Device* d;
-    std::unique_lock<std::shared_mutex>& lk;
-    ~Release() {
-      if (!lk.owns_lock()) lk.lock();
-      d->unlock_cluster(d_gc);
-    }
-    uint64_t d_gc;
-  } release{this, lk, gc};
-
   CachedTable* t = nullptr;
-  if (int r = get_l2_for_write_locked(l1i, t)) return r;
-  const uint64_t e = entry_at(*t, idx);
-  const uint64_t bm = bitmap_at(*t, idx);
-  const bool compressed = e & kCompressed;
-  const uint64_t old_host = compressed ? 0 : e & kL2OffsetMask;
-  const bool has_host = !compressed && (old_host != 0 || (external_ && (e & kCopied)));
-  if (!compressed && ((e & kL2StdReservedMask) || (ext_ && (e & 1)) || old_host % cs_ != 0))
-    return EIO;
-  if (compressed && external_) return EIO;
-  const bool copied = e & kCopied;
-  const bool zero_flag = !ext_ && !compressed && (e & kZeroFlag);
+  if (int r = get_l2_for_write_locked(gc / l2_entries_, t)) return r;
+  const uint64_t e = entry_at(*t, gc % l2_entries_);
+  const bool backing_visible = backing_ && cstart < backing_size_;
+  return plan_cluster_write(e, classify(e), bitmap_at(*t, gc % l2_entries_), l2_format_, gc,
+                            guest - cstart, length, backing_visible, plan);
+}
 
-  uint64_t host = 0;
-  bool fresh = false;
-  bool in_place = false;  // writing into the existing host cluster
-  if (has_host && copied) {
-    host = old_host;
-    in_place = true;
-  } else if (external_) {
-    host = cstart;
-  } else {
-    if (int r = alloc_cluster_locked(host, fresh)) return r;
+// Step 1: the host cluster the data goes to, checked against the metadata.
+int Qcow2Device::take_host_cluster_locked(WritePlan& plan) {
+  if (plan.target == WritePlan::Target::allocate) {
+    if (int r = alloc_cluster_locked(plan.host, plan.fresh)) return r;
     ++cow_allocations_;
   }
-  if (int r = check_data_write_locked(host)) return r;
+  return check_data_write_locked(plan.host);
+}
 
-  // Byte range of the new/old host cluster to write, relative to cstart.
-  uint64_t lo, hi;
-  uint64_t new_bm = 0;
-  if (ext_ && (in_place || (!has_host && !compressed))) {
-    // Subcluster granularity: only the touched subclusters are written.
-    uint64_t s0 = in_off / sc_size, s1 = (in_off + n - 1) / sc_size;
-    lo = s0 * sc_size;
-    hi = (s1 + 1) * sc_size;
-    uint64_t mask = ((s1 == 31 ? ~uint64_t{0} >> 32 : (uint64_t{1} << (s1 + 1)) - 1)) &
-                    ~((uint64_t{1} << s0) - 1);
-    new_bm = (bm | mask) & ~(mask << 32);
-    if (!has_host) new_bm &= ~uint64_t{0xffffffff} | mask;  // no stale allocation bits
+// Step 2, without mu_: the guest data, with the copied head and tail around it
+// unless the target already holds them.
+int Qcow2Device::write_planned_data(const WritePlan& plan, std::span<const std::byte> data) {
+  const bool as_is = (plan.fresh && plan.old_zero) || plan.in_place_as_is;
+  if (as_is) {
+    if (int r = data_file_->write_at(plan.host + plan.offset, data)) return r;
   } else {
-    lo = 0;
-    hi = cs_;
-    new_bm = ext_ ? 0xffffffffull : 0;
+    std::vector<std::byte> buf(plan.copy_to - plan.copy_from);
+    if (int r = copy_current(plan, buf, plan.copy_from, plan.offset)) return r;
+    if (int r = copy_current(plan, buf, plan.offset + plan.length, plan.copy_to)) return r;
+    std::memcpy(buf.data() + (plan.offset - plan.copy_from), data.data(), data.size());
+    if (int r = data_file_->write_at(plan.host + plan.copy_from, buf)) return r;
   }
-  // Old contents are zeros (no copy needed into a fresh cluster) when:
-  bool old_zero =
-      zero_flag || (!has_host && !compressed && !ext_ && (!backing_ || cstart >= backing_size_));
-  const uint64_t new_entry = host | kCopied;
-
-  lk.unlock();
-  std::vector<std::byte> buf;
-  std::span<const std::byte> out;
-  uint64_t out_off;
-  // The guest data goes out as it is into a fresh cluster over zeros, or in
-  // place when no zero flag or partial subcluster needs the old contents.
-  const bool write_as_is = (fresh && old_zero) || (in_place && !zero_flag &&
-                                                   (!ext_ || (in_off == lo && in_off + n == hi)));
-  if (write_as_is) {
-    out = data;
-    out_off = in_off;
-  } else {
-    buf.resize(hi - lo);
-    // Head and tail from the current contents (old cluster, compressed data,
-    // backing file or zeros), clipped to the virtual size.
-    auto fill = [&](uint64_t a, uint64_t b) -> int {  // relative to cstart
-      if (a >= b) return 0;
-      auto dst = std::span<std::byte>(buf).subspan(a - lo, b - a);
-      if (zero_flag) {
-        std::memset(dst.data(), 0, dst.size());
-        return 0;
-      }
-      uint64_t vis = cstart + a < size_ ? std::min(b - a, size_ - cstart - a) : 0;
-      if (vis < dst.size()) std::memset(dst.data() + vis, 0, dst.size() - vis);
-      return vis ? read(cstart + a, dst.first(vis)) : 0;
-    };
-    if (int r = fill(lo, in_off)) return r;
-    if (int r = fill(in_off + n, hi)) return r;
-    std::memcpy(buf.data() + (in_off - lo), data.data(), n);
-    out = buf;
-    out_off = lo;
-  }
-  if (int r = data_->write_at(host + out_off, out)) return r;
   data_dirty_ = true;
+  return 0;
+}
 
-  lk.lock();
-  if (int r = get_l2_locked(l1i, t)) return r;
-  if (!t) return EIO;
-  set_entry(*t, idx, new_entry, new_bm);
-  if (!in_place && (compressed || has_host)) free_entry_locked(e);
-  if (pending_frees_.size() > 4096) {
-    if (int r = flush_locked()) return r;
+// Fills [a, b) (cluster-relative) of `buf`, which starts at plan.copy_from,
+// with what the cluster reads as now (old cluster, compressed data, backing
+// file or zeros), clipped to the virtual size.
+int Qcow2Device::copy_current(const WritePlan& plan, std::span<std::byte> buf, uint64_t a,
+                              uint64_t b) {
+  if (a >= b) return 0;
+  auto dst = buf.subspan(a - plan.copy_from, b - a);
+  if (plan.zero_flag) {
+    std::memset(dst.data(), 0, dst.size());
+    return 0;
   }
+  const uint64_t cstart = plan.guest_cluster << cluster_bits_;
+  const uint64_t vis = cstart + a < size_ ? std::min(b - a, size_ - cstart - a) : 0;
+  if (vis < dst.size()) std::memset(dst.data() + vis, 0, dst.size() - vis);
+  return vis ? read(cstart + a, dst.first(vis)) : 0;
+}
+
+// Step 3: the L2 entry names the new data; the old clusters are queued.
+int Qcow2Device::commit_write_locked(const WritePlan& plan) {
+  CachedTable* t = nullptr;
+  if (int r = get_l2_locked(plan.guest_cluster / l2_entries_, t)) return r;
+  if (!t) return EIO;
+  set_entry(*t, plan.guest_cluster % l2_entries_, plan.host | kCopied, plan.new_bitmap);
+  if (plan.free_old) free_entry_locked(plan.old_entry);
+  if (pending_frees_.size() > 4096) return flush_locked();
   return 0;
 }
 
@@ -356,7 +328,7 @@ int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags)
   if (read_only_) return EPERM;
   if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + length;
-  if (raw_) {
+  if (data_file_raw_) {
     if (flags.fast_only) return ENOTSUP;
     for (uint64_t pos = offset; pos < end;) {
       uint64_t n = std::min<uint64_t>(end - pos, zero_buffer().size());
@@ -375,10 +347,10 @@ int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags)
 
 int Qcow2Device::trim(uint64_t offset, uint64_t length, bool fua) {
   if (read_only_) return EPERM;
-  if (raw_) {
+  if (data_file_raw_) {
     // The raw file must stay the disk: give its space back (the range reads as
     // zeros there and through the qcow2 alike) and leave the metadata alone.
-    int r = data_->punch_hole(offset, length);
+    int r = data_file_->punch_hole(offset, length);
     if (r && r != ENOTSUP && r != EOPNOTSUPP) return r;
     return fua ? flush() : 0;
   }
@@ -392,105 +364,87 @@ int Qcow2Device::trim(uint64_t offset, uint64_t length, bool fua) {
   return fua ? flush() : 0;
 }
 
+Qcow2Device::ZeroRequest Qcow2Device::zero_request(uint64_t guest, uint64_t length, ZeroFlags flags,
+                                                   bool is_trim) const {
+  ZeroRequest z;
+  z.guest_cluster = guest >> cluster_bits_;
+  z.cluster_start = z.guest_cluster << cluster_bits_;
+  z.from = guest - z.cluster_start;
+  // Past the virtual size counts as covered.
+  z.to = (guest + length >= size_) ? cluster_size_ : z.from + length;
+  const uint64_t unit = extended_l2_ ? cluster_size_ / kSubclusters : cluster_size_;
+  z.whole_from = (z.from + unit - 1) / unit * unit;
+  z.whole_to = z.to / unit * unit;
+  z.backing_visible = backing_ && z.cluster_start < backing_size_;
+  z.flags = flags;
+  z.is_trim = is_trim;
+  return z;
+}
+
+// Explicit zeros over [from, to) (cluster-relative, clipped to the virtual
+// size) through write_cluster(); trim leaves partial units alone.
+int Qcow2Device::write_zeros(const ZeroRequest& z, uint64_t from, uint64_t to) {
+  if (from >= to || z.is_trim) return 0;
+  if (z.flags.fast_only) return ENOTSUP;
+  const uint64_t vis_to = std::min(to, size_ - z.cluster_start);
+  if (from >= vis_to) return 0;
+  return write_cluster(z.cluster_start + from, std::span(zero_buffer()).first(vis_to - from));
+}
+
 // Zeroes (or trims) [guest, guest+length) inside one cluster. Whole clusters
 // and subclusters change metadata only; partial ones are written as zeros
 // (trim skips them).
 int Qcow2Device::zero_cluster(uint64_t guest, uint64_t length, ZeroFlags flags, bool is_trim) {
-  const uint64_t gc = guest >> cluster_bits_;
-  const uint64_t cstart = gc << cluster_bits_;
-  const uint64_t in_off = guest - cstart;
-  const uint64_t in_end =
-      (guest + length >= size_) ? cs_ : in_off + length;  // past size counts as covered
-  const uint64_t l1i = gc / l2_entries_, idx = gc % l2_entries_;
-  const bool v3 = h_.version >= 3;
-  const bool backing_visible = backing_ && cstart < backing_size_;
-  const uint64_t unit = ext_ ? cs_ / 32 : cs_;
-  // Whole units covered.
-  const uint64_t a = (in_off + unit - 1) / unit * unit;
-  const uint64_t b = in_end / unit * unit;
+  const ZeroRequest z = zero_request(guest, length, flags, is_trim);
+  if (z.whole_from >= z.whole_to)
+    return write_zeros(z, z.from, std::min(z.to, size_ - z.cluster_start));
+  const bool v3 = header_.version >= 3;
+  if (!v3 && !is_trim && (z.backing_visible || !flags.may_trim)) return zero_cluster_v2(z);
+  if (!v3 && is_trim && z.backing_visible) return 0;
+  if (int r = write_zeros(z, z.from, z.whole_from)) return r;
+  if (int r = write_zeros(z, z.whole_to, z.to)) return r;
+  return zero_whole_units(z);
+}
 
-  auto write_zeros = [&](uint64_t from, uint64_t to) -> int {  // relative to cstart
-    if (from >= to || is_trim) return 0;
-    if (flags.fast_only) return ENOTSUP;
-    uint64_t vis_to = std::min(to, size_ - cstart);
-    if (from >= vis_to) return 0;
-    return write_cluster(cstart + from, std::span(zero_buffer()).first(vis_to - from));
-  };
-  if (a >= b) return write_zeros(in_off, std::min(in_end, size_ - cstart));
-  if (!v3 && !is_trim && (backing_visible || !flags.may_trim)) {
-    // No zero flag in v2: explicit zeros, unless the cluster already reads as zero.
-    std::unique_lock lk(mu_);
+// No zero flag in v2: explicit zeros, unless the cluster already reads as zero.
+int Qcow2Device::zero_cluster_v2(const ZeroRequest& z) {
+  bool unallocated = false;
+  {
+    WriterLock lk(mu_);
     CachedTable* t = nullptr;
-    if (int r = get_l2_locked(l1i, t)) return r;
-    bool unalloc = !t || entry_at(*t, idx) == 0;
-    lk.unlock();
-    if (unalloc && !backing_visible) return 0;
-    return write_zeros(in_off, in_end);
+    if (int r = get_l2_locked(z.guest_cluster / l2_entries_, t)) return r;
+    unallocated = !t || entry_at(*t, z.guest_cluster % l2_entries_) == 0;
   }
-  if (!v3 && is_trim && backing_visible) return 0;
+  if (unallocated && !z.backing_visible) return 0;
+  return write_zeros(z, z.from, z.to);
+}
 
-  if (int r = write_zeros(in_off, a)) return r;
-  if (int r = write_zeros(b, in_end)) return r;
-
-  std::unique_lock lk(mu_);
-  lock_cluster(lk, gc);
-  struct Release {
-    Qcow2Device* d;
-    uint64_t g;
-    ~Release() {
-      if (g != ~uint64_t{0}) d->unlock_cluster(g);
-    }
-  } release{this, gc};
+// The whole units [whole_from, whole_to) by a change of the L2 entry.
+int Qcow2Device::zero_whole_units(const ZeroRequest& z) {
+  const uint64_t l1i = z.guest_cluster / l2_entries_, idx = z.guest_cluster % l2_entries_;
+  WriterLock lk(mu_);
+  InflightCluster busy(*this, lk, z.guest_cluster);
   CachedTable* t = nullptr;
   if (int r = get_l2_locked(l1i, t)) return r;
-  if (!t && !backing_visible) return 0;  // already reads as zeros
+  if (!t && !z.backing_visible) return 0;  // already reads as zeros
   if (int r = get_l2_for_write_locked(l1i, t)) return r;
   const uint64_t e = entry_at(*t, idx);
   const uint64_t bm = bitmap_at(*t, idx);
-  const bool compressed = e & kCompressed;
-  const uint64_t host = compressed ? 0 : e & kL2OffsetMask;
-  const bool has_host = !compressed && (host != 0 || (external_ && (e & kCopied)));
-  const bool whole = a == 0 && b == cs_;
+  const L2Entry d = classify(e);
   // Unallocated instead of zero when nothing shows through.
-  const bool dealloc = !backing_visible && (is_trim || flags.may_trim || !v3);
-
-  uint64_t new_e = e, new_bm = bm;
-  bool drop_old = false;
-  if (!ext_) {
-    if (dealloc) {
-      new_e = 0;
-      drop_old = has_host || compressed;
-    } else if (!is_trim && !flags.may_trim && has_host && (e & kCopied)) {
-      new_e = host | kCopied | kZeroFlag;  // keep the allocation
-    } else {
-      new_e = kZeroFlag;
-      drop_old = has_host || compressed;
-    }
-  } else {
-    uint64_t s0 = a / unit, s1 = b / unit;  // [s0, s1)
-    uint64_t mask =
-        (s1 >= 32 ? 0xffffffffull : (uint64_t{1} << s1) - 1) & ~((uint64_t{1} << s0) - 1);
-    if (compressed && !whole) {
-      // Partially zeroing a compressed cluster: copy-on-write with zeros.
-      unlock_cluster(gc);
-      release.g = ~uint64_t{0};
-      lk.unlock();
-      return write_zeros(a, b);
-    }
-    if (whole &&
-        (compressed || (dealloc && has_host) || (flags.may_trim && has_host && !(e & kCopied)))) {
-      new_e = 0;
-      new_bm = dealloc ? 0 : 0xffffffff00000000ull;
-      drop_old = has_host || compressed;
-    } else {
-      new_bm = (bm & ~mask) & ~(mask << 32);
-      if (!dealloc) new_bm |= mask << 32;
-    }
+  const bool dealloc = !z.backing_visible && (z.is_trim || z.flags.may_trim || header_.version < 3);
+  const ZeroPlan p = plan_cluster_zero(e, d, bm, l2_format_, z.whole_from, z.whole_to, dealloc,
+                                       z.is_trim, z.flags.may_trim);
+  if (p.copy_on_write) {
+    unlock_cluster(z.guest_cluster);
+    busy.dismiss();
+    lk.unlock();
+    return write_zeros(z, z.whole_from, z.whole_to);
   }
-  if (new_e != e || new_bm != bm) set_entry(*t, idx, new_e, new_bm);
-  if (drop_old) {
-    if (external_ && has_host && is_trim) {
-      int r = data_->punch_hole(host, cs_);
+  if (p.new_entry != e || p.new_bitmap != bm) set_entry(*t, idx, p.new_entry, p.new_bitmap);
+  if (p.drop_old) {
+    if (external_data_file_ && d.has_host && z.is_trim) {
+      int r = data_file_->punch_hole(d.host, cluster_size_);
       (void)r;  // advisory
     }
     free_entry_locked(e);
