@@ -25,7 +25,7 @@ constexpr const char* kNoOldVersions = "-VERS-SSL3.0:-VERS-TLS1.0:-VERS-TLS1.1";
 constexpr const char* kPskExchanges = "+ECDHE-PSK:+DHE-PSK:+PSK";
 // Replies up to this size are gathered into the cork buffer; larger ones
 // (read data) are encrypted straight from where they are.
-constexpr size_t kCorkedMax = 16 * 1024;
+constexpr size_t kCorkedMax = size_t{16} * 1024;
 
 [[noreturn]] void fail(const std::string& file, const std::string& what) {
   throw ConfigError(file + ": " + what);
@@ -82,7 +82,7 @@ int psk_lookup(gnutls_session_t session, const char* username, gnutls_datum_t* k
 // without one. Only the receiving thread calls it.
 struct ReadAhead {
   int fd;
-  std::vector<uint8_t> buf = std::vector<uint8_t>(64 * 1024);
+  std::vector<uint8_t> buf = std::vector<uint8_t>(size_t{64} * 1024);
   size_t pos = 0, end = 0;
 };
 
