@@ -40,6 +40,8 @@ struct TlsConfig {
   bool verify_peer = false;
   // GnuTLS priority string; empty: the system's default.
   std::string priority;
+
+  bool operator==(const TlsConfig&) const = default;
 };
 
 // The loopback address a TCP listener binds when none is given: a server

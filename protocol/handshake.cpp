@@ -47,7 +47,7 @@ bool Handshake::tls_needed_first(uint32_t option, Step& step) const {
   if (tls_policy_ != TlsPolicy::kRequired || tls_) return false;
   if (option == kOptStartTls || option == kOptAbort) return false;
   step.refused = true;
-  if (option == kOptExportName || !fixed_newstyle_) {
+  if (option == kOptExportName) {  // the only option a client without fixed newstyle gets here
     step.action = Action::kClose;  // no reply can say why
     step.note = "option " + std::to_string(option) + " before STARTTLS, TLS is required";
     return true;

@@ -20,7 +20,13 @@ Server::Server(Config config)
       signals_(io_, SIGINT, SIGTERM) {
   // Credentials first: a bad key or certificate is refused before any
   // image is opened.
-  for (const auto& l : config_.listeners) listener_tls_.push_back(load_tls(l.tls));
+  // Listeners that inherit the top-level settings share one set of
+  // credentials: each file is read and checked once.
+  for (size_t i = 0; i < config_.listeners.size(); ++i) {
+    size_t same = 0;
+    while (config_.listeners[same].tls != config_.listeners[i].tls) ++same;
+    listener_tls_.push_back(same < i ? listener_tls_[same] : load_tls(config_.listeners[i].tls));
+  }
   exports_ = std::make_unique<ExportRegistry>(config_.exports);
 }
 

@@ -453,31 +453,31 @@ def test_client_without_certificate_under_verify_peer():
             assert_serves(srv, nbds(srv, tls_certificates=pki.client), img)
 
 
+def assert_psk_refused(d, client_keys, user):
+    """A server knowing only alice's key turns away `user` holding
+    `client_keys`, logs no identity for it, and still serves alice."""
+    img = make_image(d)
+    keys = make_psk(os.path.join(d, "keys.psk"), "alice")
+    with Server(img, "--format", "raw", "--tls", "require", "--tls-psk", keys,
+                tcp=True) as srv:
+        assert_connect_fails(nbds(srv, tls_psk_file=client_keys, user=user))
+        wait_for_log(srv, r"TLS handshake failed")
+        assert f"identity='{user}'" not in srv.read_log()
+        assert_serves(srv, nbds(srv, tls_psk_file=keys, user="alice"), img)
+    return keys
+
+
 def test_wrong_psk_key():
     with workdir() as d:
-        img = make_image(d)
-        keys = make_psk(os.path.join(d, "keys.psk"), "alice")
         other = make_psk(os.path.join(d, "other.psk"), "alice")  # same user, another key
+        keys = assert_psk_refused(d, other, "alice")
         assert psk_lines(keys) != psk_lines(other)
-        with Server(img, "--format", "raw", "--tls", "require", "--tls-psk", keys,
-                    tcp=True) as srv:
-            assert_connect_fails(nbds(srv, tls_psk_file=other, user="alice"))
-            wait_for_log(srv, r"TLS handshake failed")
-            assert "identity='alice'" not in srv.read_log()
-            assert_serves(srv, nbds(srv, tls_psk_file=keys, user="alice"), img)
 
 
 def test_unknown_psk_user():
     with workdir() as d:
-        img = make_image(d)
-        keys = make_psk(os.path.join(d, "keys.psk"), "alice")
         mallory = make_psk(os.path.join(d, "mallory.psk"), "mallory")
-        with Server(img, "--format", "raw", "--tls", "require", "--tls-psk", keys,
-                    tcp=True) as srv:
-            assert_connect_fails(nbds(srv, tls_psk_file=mallory, user="mallory"))
-            wait_for_log(srv, r"TLS handshake failed")
-            assert "identity='mallory'" not in srv.read_log()
-            assert_serves(srv, nbds(srv, tls_psk_file=keys, user="alice"), img)
+        assert_psk_refused(d, mallory, "mallory")
 
 
 def test_allow_list_x509():
