@@ -16,6 +16,7 @@
 //    acknowledged before it is durable in every file of the stack.
 #pragma once
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -114,6 +115,23 @@ class BlockDevice {
   // Appends extents covering [offset, offset + length) in order (the last one
   // may be clipped by the caller). Must cover at least one byte on success.
   virtual int extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) = 0;
+
+  // Persistent dirty bitmaps of this layer that can be exported (NBD meta
+  // context qemu:dirty-bitmap:NAME): consistent ones only, enabled or not.
+  // Only the top layer's count: a backing file's bitmaps describe it, not
+  // the export.
+  virtual std::vector<std::string> dirty_bitmaps() const { return {}; }
+  // Appends runs of bitmap `name` covering [offset, offset + length) in order
+  // (at least one byte on success; the caller clips the last). ENOENT: no
+  // such exportable bitmap.
+  virtual int dirty_extents(std::string_view name, uint64_t offset, uint64_t length,
+                            std::vector<DirtyRun>& out) {
+    (void)name;
+    (void)offset;
+    (void)length;
+    (void)out;
+    return ENOENT;
+  }
 
   virtual std::vector<Child> children() const { return {}; }
   // Format-specific facts for `strata info` (this layer only).

@@ -23,4 +23,11 @@ struct Extent {
   }
 };
 
+// One run of a persistent dirty bitmap (NBD qemu:dirty-bitmap:NAME, flag 1 =
+// dirty): written since the bitmap was last cleared, or not.
+struct DirtyRun {
+  uint64_t length = 0;
+  bool dirty = false;
+};
+
 }  // namespace strata
