@@ -238,6 +238,23 @@ int run_command_line(int argc, char** argv) {
   auto* check_cmd = add_tool("check", "Check an image for structural errors and leaks");
   auto* map_cmd = add_tool("map", "List extents and the layer that holds them");
 
+  BitmapArgs ba;
+  std::string granularity_text;
+  auto* bitmap_cmd = app.add_subcommand(
+      "bitmap", "Add, remove, clear, enable, disable or list the dirty bitmaps of a qcow2 image");
+  bitmap_cmd->add_option("verb", ba.verb, "add, remove, clear, enable, disable or list")
+      ->required()
+      ->check(CLI::IsMember({"add", "remove", "clear", "enable", "disable", "list"}));
+  bitmap_cmd->add_option("image", ba.image, "qcow2 image")->required();
+  bitmap_cmd->add_option("name", ba.name, "Bitmap name (all verbs but list)");
+  bitmap_cmd->add_option("-g,--granularity", granularity_text,
+                         "add: bytes per bit, a power of two from 512 to 2G (default 64K)");
+  bitmap_cmd->add_flag("--disable", ba.disabled, "add: create it disabled");
+  bitmap_cmd->add_option("--output", output, "list: human or json")
+      ->check(CLI::IsMember({"human", "json"}));
+  add_repeatable(bitmap_cmd, "--allowed-dir", topt.allowed_dirs,
+                 "Confine child images to this directory");
+
   CreateOptions co;
   std::string create_format, create_opts, backing, backing_format = "auto", size_text;
   auto* create_cmd = app.add_subcommand("create", "Create an image");
@@ -259,6 +276,16 @@ int run_command_line(int argc, char** argv) {
     if (info_cmd->parsed()) return tool_info(tool_image, topt);
     if (check_cmd->parsed()) return tool_check(tool_image, topt);
     if (map_cmd->parsed()) return tool_map(tool_image, topt);
+    if (bitmap_cmd->parsed()) {
+      if (!granularity_text.empty()) {
+        try {
+          ba.granularity = parse_size(granularity_text);
+        } catch (const std::exception& e) {
+          throw ConfigError("--granularity: " + std::string(e.what()));
+        }
+      }
+      return tool_bitmap(ba, topt);
+    }
     if (create_cmd->parsed()) {
       co.format = *parse_format(create_format);
       if (!size_text.empty()) {

@@ -1,14 +1,17 @@
 #include "server/tool.h"
 
 #include <algorithm>
+#include <bit>
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "config/config.h"
 #include "formats/create.h"
 #include "formats/errors.h"
+#include "formats/qcow2/qcow2.h"
 
 namespace strata {
 
@@ -40,6 +43,16 @@ json describe_layer(const BlockDevice& dev) {
   return j;
 }
 
+// One line per bitmap, as qemu-img info shows them: name, granularity, flags.
+void print_bitmap_text(const json& b, const std::string& pad) {
+  std::string flags;
+  for (const auto& f : b["flags"]) flags += (flags.empty() ? "" : ", ") + f.get<std::string>();
+  std::cout << pad << b["name"].get<std::string>() << ": granularity "
+            << b["granularity"].get<uint64_t>() << ", flags [" << flags << "]";
+  if (b.contains("problem")) std::cout << ", inconsistent: " << b["problem"].get<std::string>();
+  std::cout << "\n";
+}
+
 void print_layer_text(const json& j, int indent) {
   std::string pad(indent, ' ');
   std::cout << pad << "image: " << j["filename"].get<std::string>() << "\n";
@@ -47,6 +60,11 @@ void print_layer_text(const json& j, int indent) {
   std::cout << pad << "virtual size: " << j["virtual-size"].get<uint64_t>() << " bytes\n";
   if (j.contains("format-specific")) {
     for (auto it = j["format-specific"].begin(); it != j["format-specific"].end(); ++it) {
+      if (it.key() == "bitmaps" && it->is_array()) {
+        std::cout << pad << "bitmaps:\n";
+        for (const auto& b : *it) print_bitmap_text(b, pad + "  ");
+        continue;
+      }
       std::cout << pad << it.key() << ": "
                 << (it->is_string() ? it->get<std::string>() : it->dump()) << "\n";
     }
@@ -156,6 +174,45 @@ int tool_check(const std::string& path, const ToolOptions& t) {
   }
   if (!report.errors.empty()) return 2;
   if (!report.leaks.empty()) return 3;
+  return 0;
+}
+
+int tool_bitmap(const BitmapArgs& a, const ToolOptions& t) {
+  OpenOptions o = tool_open_options(t);
+  o.read_only = a.verb == "list";
+  auto dev = open_image(a.image, o);
+  // The verbs edit qcow2 metadata: they need the driver itself, not the
+  // BlockDevice interface the server sees.
+  auto* q = dynamic_cast<qcow2::Qcow2Device*>(dev.get());
+  if (!q) throw ImageError(a.image + ": only qcow2 images have persistent bitmaps");
+  if (a.verb == "list") {
+    json info;
+    q->describe(info);
+    json list = info.contains("bitmaps") ? info["bitmaps"] : json::array();
+    if (t.json_output) {
+      std::cout << list.dump(2) << "\n";
+    } else {
+      for (const auto& b : list) print_bitmap_text(b, "");
+    }
+    return 0;
+  }
+  if (a.name.empty()) throw ConfigError("bitmap " + a.verb + ": a bitmap NAME is needed");
+  std::string error;
+  if (a.verb == "add") {
+    if (a.granularity == 0 || (a.granularity & (a.granularity - 1)))
+      throw ConfigError("bitmap add: the granularity must be a power of two");
+    error =
+        q->bitmap_add(a.name, static_cast<uint32_t>(std::countr_zero(a.granularity)), !a.disabled);
+  } else if (a.verb == "remove") {
+    error = q->bitmap_remove(a.name);
+  } else if (a.verb == "clear") {
+    error = q->bitmap_clear(a.name);
+  } else if (a.verb == "enable" || a.verb == "disable") {
+    error = q->bitmap_enable(a.name, a.verb == "enable");
+  } else {
+    throw ConfigError("bitmap: unknown verb '" + a.verb + "'");
+  }
+  if (!error.empty()) throw ImageError(a.image + ": bitmap '" + a.name + "': " + error);
   return 0;
 }
 

@@ -26,4 +26,16 @@ int tool_map(const std::string& path, const ToolOptions& t);
 int tool_check(const std::string& path, const ToolOptions& t);
 int tool_create(const CreateOptions& opts);
 
+// `strata bitmap VERB IMAGE [NAME]`: the persistent dirty bitmaps of a qcow2
+// image, with qemu-img bitmap's verbs (add, remove, clear, enable, disable)
+// and list. Every verb but list opens the image read-write and locked.
+struct BitmapArgs {
+  std::string verb;
+  std::string image;
+  std::string name;
+  uint64_t granularity = 65536;  // add
+  bool disabled = false;         // add: created disabled
+};
+int tool_bitmap(const BitmapArgs& a, const ToolOptions& t);
+
 }  // namespace strata

@@ -143,12 +143,35 @@ bool Qcow2Device::check_refcount(uint64_t c, uint64_t used, CheckReport& report,
   return true;
 }
 
+// A bitmap that cannot be read is corruption; one left IN_USE (a crash) or a
+// directory gone stale is not: QEMU's check reports neither, and the bitmap
+// verbs repair them.
+void Qcow2Device::check_bitmaps_locked(CheckReport& report) {
+  if (!bitmap_directory_problem_.empty()) {
+    if (bitmaps_usable_ || header_.autoclear & kAutoclearBitmaps) {
+      report.errors.push_back("bitmaps: " + bitmap_directory_problem_);
+    } else {
+      report.notes.push_back("bitmaps: " + bitmap_directory_problem_);
+    }
+  }
+  for (const TrackedBitmap& b : bitmaps_) {
+    if (b.problem.empty()) continue;
+    const std::string line = "bitmap '" + b.entry.name + "': " + b.problem;
+    if (b.entry.in_use() && !b.table.empty()) {
+      report.notes.push_back(line);  // its structures are sound
+    } else {
+      report.errors.push_back(line);
+    }
+  }
+}
+
 void Qcow2Device::check(CheckReport& report) {
   WriterLock lk(mu_);
   if (file_->writable()) {
     if (int r = flush_locked())
       report.errors.push_back(std::string("flush failed: ") + std::strerror(r));
   }
+  check_bitmaps_locked(report);
   std::vector<uint64_t> counts;
   count_references(counts, report, true, true);
   const uint64_t covered =

@@ -6,7 +6,7 @@
 namespace strata::qcow2 {
 namespace {
 
-constexpr int kKindBits = 9;
+constexpr int kKindBits = 10;
 
 uint16_t mask_of(const std::array<uint32_t, kKindBits>& uses) {
   uint16_t m = 0;
@@ -21,9 +21,9 @@ uint16_t mask_of(const std::array<uint32_t, kKindBits>& uses) {
 
 std::string describe_meta_kinds(uint16_t kinds) {
   static const char* const names[kKindBits] = {
-      "header",          "active L1 table", "active L2 table",   "refcount table",
-      "refcount block",  "snapshot table",  "snapshot L1 table", "bitmap directory",
-      "second reference"};
+      "header",           "active L1 table",     "active L2 table",   "refcount table",
+      "refcount block",   "snapshot table",      "snapshot L1 table", "bitmap directory",
+      "second reference", "bitmap table or data"};
   std::string out;
   for (int b = 0; b < kKindBits; ++b) {
     if (!(kinds & (1u << b))) continue;

@@ -31,6 +31,7 @@ enum MetaKind : uint16_t {
   kMetaInactiveL1 = 1u << 6,
   kMetaBitmapDirectory = 1u << 7,
   kMetaDuplicate = 1u << 8,
+  kMetaBitmap = 1u << 9,  // a bitmap table or data cluster
 };
 
 // "active L2 table and refcount block", for log lines.

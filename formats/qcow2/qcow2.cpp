@@ -70,10 +70,14 @@ Qcow2Device::Qcow2Device(std::unique_ptr<File> file, ChainContext& ctx) : file_(
   open_children(ctx);
   setup_caches(ctx.options.metadata_cache_bytes);
   if (!read_only_) prepare_for_writing();
+  load_bitmaps();
 }
 
 Qcow2Device::~Qcow2Device() {
   WriterLock lk(mu_);
+  if (int r = store_bitmaps_locked())
+    spdlog::error("{}: storing the dirty bitmaps failed: {}; they stay marked in use", path(),
+                  std::strerror(r));
   if (int r = flush_locked())
     spdlog::error("{}: flush on close failed: {}", path(), std::strerror(r));
   if (read_only_) {
@@ -553,7 +557,22 @@ void Qcow2Device::describe(nlohmann::json& out) const {
     for (const auto& s : snapshots_) arr.push_back({{"id", s.id}, {"name", s.name}});
     out["snapshots"] = arr;
   }
-  if (header_.has_bitmaps_ext) out["bitmaps"] = header_.nb_bitmaps;
+  if (header_.has_bitmaps_ext) {
+    auto arr = nlohmann::json::array();
+    for (const TrackedBitmap& b : bitmaps_) {
+      auto flags = nlohmann::json::array();
+      if (b.entry.in_use()) flags.push_back("in-use");
+      if (b.entry.enabled()) flags.push_back("auto");
+      nlohmann::json j = {{"name", b.entry.name},
+                          {"granularity", b.entry.granularity()},
+                          {"flags", flags},
+                          {"consistent", b.problem.empty()}};
+      if (!b.problem.empty()) j["problem"] = b.problem;
+      arr.push_back(std::move(j));
+    }
+    out["bitmaps"] = arr;
+    if (!bitmap_directory_problem_.empty()) out["bitmaps-problem"] = bitmap_directory_problem_;
+  }
 }
 
 std::string Qcow2Device::stats_locked_free() const {

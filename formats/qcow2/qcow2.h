@@ -50,6 +50,7 @@
 #include "formats/file.h"
 #include "formats/mutex.h"
 #include "formats/open.h"
+#include "formats/qcow2/bitmap.h"
 #include "formats/qcow2/header.h"
 #include "formats/qcow2/l2_entry.h"
 #include "formats/qcow2/metadata_map.h"
@@ -91,6 +92,22 @@ class Qcow2Device final : public BlockDevice {
   int trim(uint64_t offset, uint64_t length, bool fua) override;
   int flush() override;
   int extents(uint64_t offset, uint64_t length, std::vector<Extent>& out) override;
+
+  std::vector<std::string> dirty_bitmaps() const override;
+  int dirty_extents(std::string_view name, uint64_t offset, uint64_t length,
+                    std::vector<DirtyRun>& out) override;
+
+  // ---- the image tool's bitmap verbs (bitmaps.cpp), on an image opened
+  // read-write that nothing else uses. Each returns "" or the error.
+  struct BitmapStatus {
+    BitmapEntry entry;
+    std::string problem;  // why it cannot be used ("" when consistent)
+  };
+  std::vector<BitmapStatus> bitmap_list() const;
+  std::string bitmap_add(const std::string& name, uint32_t granularity_bits, bool enabled);
+  std::string bitmap_remove(const std::string& name);
+  std::string bitmap_clear(const std::string& name);
+  std::string bitmap_enable(const std::string& name, bool enabled);
 
   std::vector<Child> children() const override;
   void describe(nlohmann::json& out) const override;
@@ -185,7 +202,33 @@ class Qcow2Device final : public BlockDevice {
   void unlock_cluster(uint64_t gc) REQUIRES(mu_);
   // Queues the clusters an L2 entry held.
   int free_entry_locked(uint64_t entry) REQUIRES(mu_);
-  int clear_autoclear_once() EXCLUDES(mu_);
+  // Before the first write: unknown autoclear bits cleared, every enabled
+  // bitmap marked IN_USE on disk (bitmaps.cpp).
+  int begin_writing_once() EXCLUDES(mu_);
+
+  // ---- persistent dirty bitmaps (bitmaps.cpp; the rules in bitmap.h)
+  struct TrackedBitmap {
+    BitmapEntry entry;
+    std::vector<uint64_t> table;        // raw table entries, as on disk
+    std::unique_ptr<DirtyBitmap> bits;  // consistent bitmaps only
+    std::string problem;                // why it is not usable; "" when consistent
+    bool tracking = false;              // writes mark it (set by begin_writing_once)
+  };
+  // At open: reads and validates the directory, tables and data of every
+  // bitmap; refuses none, marks the unusable ones with their problem.
+  void load_bitmaps() REQUIRES(mu_);
+  std::string load_bitmap(TrackedBitmap& b) REQUIRES(mu_);
+  int set_bitmaps_in_use_locked() REQUIRES(mu_);
+  // Marks [offset, offset + length) in every tracking bitmap; lock-free.
+  void mark_dirty(uint64_t offset, uint64_t length);
+  // At a clean close: tables and data written, synced, then IN_USE cleared.
+  int store_bitmaps_locked() REQUIRES(mu_);
+  int store_bitmap_locked(TrackedBitmap& b) REQUIRES(mu_);
+  int write_bitmap_directory_locked() REQUIRES(mu_);
+  int write_bitmaps_extension_locked(uint64_t offset, uint64_t size, uint32_t count) REQUIRES(mu_);
+  int free_bitmap_clusters_locked(const TrackedBitmap& b) REQUIRES(mu_);
+  int alloc_zeroed_clusters_locked(uint64_t bytes, uint64_t& offset) REQUIRES(mu_);
+  TrackedBitmap* find_bitmap(const std::string& name);
 
   // ---- refcounts and metadata writeback (refcount.cpp)
   int get_refcount_locked(uint64_t cluster, uint64_t& rc) REQUIRES(mu_);
@@ -227,6 +270,7 @@ class Qcow2Device final : public BlockDevice {
   // `report_past_eof` they are also reported as errors (as qemu-img check does).
   void count_references(std::vector<uint64_t>& counts, CheckReport& report,
                         bool include_refcount_structures, bool report_past_eof) REQUIRES(mu_);
+  void check_bitmaps_locked(CheckReport& report) REQUIRES(mu_);
   // The refcount of cluster `c` against its references (check()); false when
   // its refcount block cannot be read.
   bool check_refcount(uint64_t c, uint64_t used, CheckReport& report, uint64_t& leaked)
@@ -283,7 +327,16 @@ class Qcow2Device final : public BlockDevice {
   uint64_t free_hint_ GUARDED_BY(mu_) = 0;               // lowest cluster index that may be free
   std::vector<uint64_t> pending_frees_ GUARDED_BY(mu_);  // cluster indices to decrement
   std::atomic<bool> data_dirty_{false};
-  std::atomic<bool> autoclear_cleared_{false};
+  std::atomic<bool> writing_begun_{false};
+
+  // Bitmaps: the list is fixed at open (the image tool's verbs change it
+  // with mu_ held and nothing else running); each bitmap's bits are atomic.
+  std::vector<TrackedBitmap> bitmaps_;
+  // Why the directory as a whole cannot be used ("" when it can, or there is
+  // none): then no bitmap is tracked and the first write clears the bitmaps
+  // autoclear bit, so every reader knows they are stale.
+  std::string bitmap_directory_problem_;
+  bool bitmaps_usable_ = false;  // the extension is valid and its autoclear bit set
   std::atomic<uint64_t> compressed_reads_{0}, cow_allocations_{0}, writebacks_{0};
 };
 

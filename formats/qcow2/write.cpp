@@ -41,24 +41,6 @@ Qcow2Device::InflightCluster::~InflightCluster() NO_THREAD_SAFETY_ANALYSIS {
   if (held_) device_.unlock_cluster(cluster_);
 }
 
-int Qcow2Device::clear_autoclear_once() {
-  if (autoclear_cleared_.load()) return 0;
-  WriterLock lk(mu_);
-  if (autoclear_cleared_) return 0;
-  // We do not maintain persistent bitmaps or unknown autoclear features.
-  uint64_t keep = header_.autoclear & kAutoclearDataFileRaw;
-  if (header_.version >= 3 && keep != header_.autoclear) {
-    uint8_t b[8];
-    store_be64(b, keep);
-    if (int r = write_metadata_locked(kOffAutoclear, b, 8, kMetaHeader)) return r;
-    if (int r = file_->sync()) return r;
-    spdlog::info("{}: cleared autoclear features {:#x}", path(), header_.autoclear & ~keep);
-    header_.autoclear = keep;
-  }
-  autoclear_cleared_ = true;
-  return 0;
-}
-
 int Qcow2Device::free_entry_locked(uint64_t e) {
   if (external_data_file_) return 0;  // data clusters of a data file are not refcounted
   const L2Entry d = classify(e);
@@ -145,7 +127,8 @@ bool Qcow2Device::map_in_place_locked(uint64_t offset, uint64_t end, std::vector
 
 int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua) {
   if (read_only_) return EPERM;
-  if (int r = clear_autoclear_once()) return r;
+  if (int r = begin_writing_once()) return r;
+  mark_dirty(offset, buf.size());
   const uint64_t end = offset + buf.size();
   if (data_file_raw_) {
     for (uint64_t pos = offset; pos < end;) {
@@ -326,7 +309,8 @@ int Qcow2Device::commit_write_locked(const WritePlan& plan) {
 
 int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) {
   if (read_only_) return EPERM;
-  if (int r = clear_autoclear_once()) return r;
+  if (int r = begin_writing_once()) return r;
+  mark_dirty(offset, length);
   const uint64_t end = offset + length;
   if (data_file_raw_) {
     if (flags.fast_only) return ENOTSUP;
@@ -347,6 +331,8 @@ int Qcow2Device::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags)
 
 int Qcow2Device::trim(uint64_t offset, uint64_t length, bool fua) {
   if (read_only_) return EPERM;
+  if (int r = begin_writing_once()) return r;
+  mark_dirty(offset, length);
   if (data_file_raw_) {
     // The raw file must stay the disk: give its space back (the range reads as
     // zeros there and through the qcow2 alike) and leave the metadata alone.
@@ -354,7 +340,6 @@ int Qcow2Device::trim(uint64_t offset, uint64_t length, bool fua) {
     if (r && r != ENOTSUP && r != EOPNOTSUPP) return r;
     return fua ? flush() : 0;
   }
-  if (int r = clear_autoclear_once()) return r;
   const uint64_t end = offset + length;
   for (uint64_t pos = offset; pos < end;) {
     uint64_t cend = std::min(end, ((pos >> cluster_bits_) + 1) << cluster_bits_);

@@ -135,6 +135,18 @@ def qcow2_seeds(tmp, strata):
     qemu_io(p, "write -P 0x13 1k 2k")
     image_seeds("qcow2", "snapshot", p, (RW,))
 
+    # Persistent dirty bitmaps: granularities at both ends, one disabled, one
+    # left IN_USE by qemu-io's abort.
+    p = create("bitmaps.qcow2", "cluster_size=512")
+    run("qemu-img", "bitmap", "--add", "-g", "512", p, "fine")
+    run("qemu-img", "bitmap", "--add", "-g", "64k", p, "coarse")
+    run("qemu-img", "bitmap", "--add", "--disable", p, "off")
+    qemu_io(p, "write -P 0x31 1k 3k")
+    image_seeds("qcow2", "bitmaps", p, (RW, SMALL_CACHE))
+    run("qemu-img", "bitmap", "--add", p, "stale")
+    qemu_io(p, "write -P 0x32 8k 1k", "abort")
+    image_seeds("qcow2", "bitmaps-in-use", p, (RW,))
+
     # Issue 14 defect 1: a file truncated by the cluster that holds guest 16K.
     # Serving it must never hand that cluster out again for a new write.
     p = create("truncated.qcow2", "cluster_size=4k", "128K")
