@@ -22,8 +22,9 @@ import subprocess
 import tempfile
 import time
 
-from strata_test import (Server, assert_closed, log, main, raw_handshake, read_option_reply,
-                         read_simple_reply, recv_exact, run, send_option, send_request, workdir)
+from strata_test import (QemuNbd, Server, assert_closed, log, main, raw_handshake,
+                         read_option_reply, read_simple_reply, recv_exact, run, send_option,
+                         send_request, workdir)
 
 EINVAL, ENOSPC, ESHUTDOWN = 22, 28, 108
 NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY = 1, 7, 8
@@ -36,46 +37,6 @@ FLAG_SEND_TRIM = 1 << 5
 STRUCTURED_REPLY_MAGIC = 0x668e33ef
 MiB = 1 << 20
 SIZE = 4 * MiB
-
-
-class QemuNbd:
-    """qemu-nbd serving one image as export "test" on a unix socket."""
-
-    def __init__(self, image, fmt="raw", *extra):
-        self.tmp = tempfile.mkdtemp(prefix="qemu-nbd-")
-        self.sock = os.path.join(self.tmp, "nbd.sock")
-        self.export = "test"
-        self.cmd = ["qemu-nbd", "-f", fmt, "-k", self.sock, "-x", self.export, "-t", "-e", "8",
-                    *extra, image]
-
-    def __enter__(self):
-        log("+", " ".join(self.cmd))
-        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            assert self.proc.poll() is None, "qemu-nbd exited early"
-            with contextlib.suppress(OSError):
-                s = self.connect_raw()
-                s.close()
-                return self
-            time.sleep(0.05)
-        raise AssertionError("qemu-nbd did not start")
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
-
-    @property
-    def uri(self):
-        return f"nbd+unix:///{self.export}?socket={self.sock}"
-
-    def connect_raw(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(self.sock)
-        s.settimeout(10)
-        return s
 
 
 def make_image(d):

@@ -193,6 +193,52 @@ class Server:
         return False
 
 
+class QemuNbd:
+    """qemu-nbd serving one image as export "test" on a unix socket: the
+    reference server where a test compares answers. stop() ends it with
+    SIGTERM (qemu-nbd then closes the image cleanly)."""
+
+    def __init__(self, image, fmt="raw", *extra):
+        self.tmp = tempfile.mkdtemp(prefix="qemu-nbd-")
+        self.sock = os.path.join(self.tmp, "nbd.sock")
+        self.export = "test"
+        self.cmd = ["qemu-nbd", "-f", fmt, "-k", self.sock, "-x", self.export, "-t", "-e", "8",
+                    *extra, image]
+
+    def __enter__(self):
+        log("+", " ".join(self.cmd))
+        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            assert self.proc.poll() is None, "qemu-nbd exited early"
+            with contextlib.suppress(OSError):
+                s = self.connect_raw()
+                s.close()
+                return self
+            time.sleep(0.05)
+        raise AssertionError("qemu-nbd did not start")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///{self.export}?socket={self.sock}"
+
+    def connect_raw(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.sock)
+        s.settimeout(10)
+        return s
+
+
 def tls_psk(d, user="alice"):
     """A PSK file in d, in psktool's "username:hexkey" format: the server
     arguments that require TLS with it, and what a libnbd URI needs to use it
