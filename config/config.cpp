@@ -129,7 +129,7 @@ ExportConfig parse_export(const json& j, const std::string& where) {
   check_keys(j, where,
              {"name", "path", "format", "read_only", "description", "allowed_dirs", "cache_size",
               "data_file", "allow_raw_backing", "vhd_strict_parent_timestamp", "vhd_size_mode",
-              "vhd_size", "max_chain_depth", "tls_required", "allow"});
+              "vhd_size", "max_chain_depth", "tls_required", "allow", "bitmaps"});
   ExportConfig e;
   e.name = get_string(j, where, "name", "", true);
   if (e.name.size() > 4096) fail(where + ".name", "longer than 4096 bytes");
@@ -165,6 +165,7 @@ ExportConfig parse_export(const json& j, const std::string& where) {
   e.max_chain_depth = static_cast<int>(get_uint(j, where, "max_chain_depth", 16, 1, 256));
   e.tls_required = get_bool(j, where, "tls_required", false);
   e.allow = get_string_list(j, where, "allow");
+  if (j.contains("bitmaps")) e.bitmaps = get_string_list(j, where, "bitmaps");
   return e;
 }
 
@@ -176,6 +177,20 @@ void validate_tls(const TlsConfig& t, const std::string& where) {
   }
   if (t.verify_peer && t.certificates.empty()) {
     fail(where + ".verify_peer", "checks X.509 client certificates: give certificates too");
+  }
+}
+
+// Each bitmap once, and only names a qcow2 image can hold (1..1023 bytes).
+void validate_bitmaps(const ExportConfig& e, const std::string& where) {
+  if (!e.bitmaps) return;
+  std::set<std::string> seen;
+  for (size_t i = 0; i < e.bitmaps->size(); ++i) {
+    const std::string& name = (*e.bitmaps)[i];
+    const std::string key = where + ".bitmaps[" + std::to_string(i) + "]";
+    if (name.empty() || name.size() > kMaxBitmapNameBytes) {
+      fail(key, "a bitmap name is 1.." + std::to_string(kMaxBitmapNameBytes) + " bytes");
+    }
+    if (!seen.insert(name).second) fail(key, "'" + name + "' is listed twice");
   }
 }
 
@@ -279,10 +294,11 @@ void validate(const Config& c) {
   if (c.exports.empty()) fail("exports", "at least one export is needed");
   std::set<std::string> names;
   for (size_t i = 0; i < c.exports.size(); ++i) {
+    const std::string where = "exports[" + std::to_string(i) + "]";
     if (!names.insert(c.exports[i].name).second) {
-      fail("exports[" + std::to_string(i) + "].name",
-           "'" + c.exports[i].name + "' is used by another export");
+      fail(where + ".name", "'" + c.exports[i].name + "' is used by another export");
     }
+    validate_bitmaps(c.exports[i], where);
   }
   std::set<std::string> socks;
   for (size_t i = 0; i < c.listeners.size(); ++i) {

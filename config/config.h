@@ -4,6 +4,7 @@
 // The reference is docs/CONFIG.md; examples live in config/examples/.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
@@ -61,6 +62,9 @@ struct ListenerConfig {
 // True for 127.0.0.0/8 and ::1 (and unix sockets, which never leave the host).
 bool is_loopback(const ListenerConfig& l);
 
+// The longest dirty bitmap name an image holds (qcow2's limit).
+inline constexpr size_t kMaxBitmapNameBytes = 1023;
+
 struct ExportConfig {
   std::string name;
   std::string path;
@@ -80,6 +84,10 @@ struct ExportConfig {
   // Client identities allowed (X.509 subject DN, RFC 4514, or PSK username;
   // exact or fnmatch glob). Empty: everyone.
   std::vector<std::string> allow;
+  // Persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME, in this
+  // order. Unset: every exportable bitmap of the image; empty: none. A name
+  // the image does not have stops the server at start-up.
+  std::optional<std::vector<std::string>> bitmaps;
 
   OpenOptions open_options() const;
 };

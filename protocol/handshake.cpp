@@ -3,6 +3,8 @@
 #include <fnmatch.h>
 
 #include <algorithm>
+#include <optional>
+#include <unordered_map>
 
 namespace strata::nbd {
 namespace {
@@ -21,13 +23,89 @@ bool identity_matches(const std::string& pattern, const std::string& identity) {
   return pattern == identity || ::fnmatch(pattern.c_str(), identity.c_str(), 0) == 0;
 }
 
+// The contexts of `e` that `queries` name, as ascending ids, each once. SET
+// (list = false) takes exact names only; LIST also takes the namespace
+// queries qemu-nbd answers ("base:", "qemu:", "qemu:dirty-bitmap:"), and no
+// query at all lists everything.
+std::vector<uint32_t> matching_contexts(const ExportView& e,
+                                        const std::vector<std::string>& queries, bool list) {
+  std::vector<bool> chosen(kMetaIdDirtyBitmapBase + e.bitmaps.size(), false);
+  auto choose_bitmaps = [&] {
+    std::fill(chosen.begin() + kMetaIdDirtyBitmapBase, chosen.end(), true);
+  };
+  // Built on the first bitmap name asked for, so that many queries over
+  // many bitmaps cost one pass over the bitmaps, not one per query.
+  std::unordered_map<std::string_view, size_t> by_name;
+  auto find_bitmap = [&](std::string_view name) -> std::optional<size_t> {
+    if (by_name.empty()) {
+      for (size_t i = 0; i < e.bitmaps.size(); ++i) by_name.emplace(e.bitmaps[i], i);
+    }
+    auto it = by_name.find(name);
+    if (it == by_name.end()) return std::nullopt;
+    return it->second;
+  };
+  if (list && queries.empty()) {
+    std::fill(chosen.begin() + kMetaIdBaseAllocation, chosen.end(), true);
+  }
+  for (const std::string& query : queries) {
+    const std::string_view q = query;
+    if (q == kMetaBaseAllocation || (list && q == "base:")) {
+      chosen[kMetaIdBaseAllocation] = true;
+    } else if (q == kMetaAllocationDepth) {
+      chosen[kMetaIdAllocationDepth] = true;
+    } else if (list && q == "qemu:") {
+      chosen[kMetaIdAllocationDepth] = true;
+      choose_bitmaps();
+    } else if (q.starts_with(kMetaDirtyBitmapPrefix)) {
+      const std::string_view name = q.substr(kMetaDirtyBitmapPrefix.size());
+      if (list && name.empty()) {
+        choose_bitmaps();
+      } else if (auto i = find_bitmap(name)) {
+        chosen[kMetaIdDirtyBitmapBase + *i] = true;
+      }
+    }
+  }
+  std::vector<uint32_t> ids;
+  for (size_t id = kMetaIdBaseAllocation; id < chosen.size(); ++id) {
+    if (chosen[id]) ids.push_back(static_cast<uint32_t>(id));
+  }
+  return ids;
+}
+
 }  // namespace
+
+std::string meta_context_name(const ExportView& e, uint32_t id) {
+  if (id == kMetaIdBaseAllocation) return std::string(kMetaBaseAllocation);
+  if (id == kMetaIdAllocationDepth) return std::string(kMetaAllocationDepth);
+  if (id >= kMetaIdDirtyBitmapBase && id - kMetaIdDirtyBitmapBase < e.bitmaps.size()) {
+    return std::string(kMetaDirtyBitmapPrefix) + e.bitmaps[id - kMetaIdDirtyBitmapBase];
+  }
+  return {};
+}
+
+bool Handshake::meta_selected(uint32_t id) const {
+  return std::binary_search(meta_ids_.begin(), meta_ids_.end(), id);
+}
+
+void Handshake::fill_meta_contexts(const ExportView& e, Session& s) const {
+  s.base_allocation = meta_selected(kMetaIdBaseAllocation);
+  s.allocation_depth = meta_selected(kMetaIdAllocationDepth);
+  s.bitmaps.clear();
+  for (uint32_t id : meta_ids_) {
+    if (id < kMetaIdDirtyBitmapBase || id - kMetaIdDirtyBitmapBase >= e.bitmaps.size()) continue;
+    s.bitmaps.push_back({id, e.bitmaps[id - kMetaIdDirtyBitmapBase]});
+  }
+}
+
+void Handshake::keep_meta_contexts_only_for(const ExportView* e) {
+  if (exports_.find(meta_export_) != e) meta_ids_.clear();
+}
 
 void Handshake::tls_established(std::string identity) {
   tls_ = true;
   identity_ = std::move(identity);
   structured_ = false;
-  meta_base_allocation_ = meta_allocation_depth_ = false;
+  meta_ids_.clear();
   meta_export_.clear();
 }
 
@@ -126,6 +204,7 @@ Handshake::Step Handshake::on_oversized_option(uint32_t option, uint32_t length)
     return step;
   }
   if (tls_needed_first(option, step)) return step;
+  if (option == kOptSetMetaContext) meta_ids_.clear();  // a failed SET leaves none
   step.reply = known_option(option)
                    ? encode_option_error(option, kRepErrTooBig, "option payload too large")
                    : encode_option_error(option, kRepErrUnsup, "option not supported");
@@ -162,6 +241,7 @@ Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> d
         return step;
       }
       step.reply = encode_export_name_reply(e->size, tx_flags(*e), no_zeroes_);
+      keep_meta_contexts_only_for(e);
       step.action = Action::kTransmit;
       step.export_view = e;
       return step;
@@ -259,9 +339,7 @@ Handshake::Step Handshake::info_or_go(uint32_t option, std::span<const uint8_t> 
   append(encode_option_reply(option, kRepInfo, p));
   append(encode_option_reply(option, kRepAck));
   if (option == kOptGo) {
-    if (exports_.find(meta_export_) != e) {  // contexts were chosen for another export
-      meta_base_allocation_ = meta_allocation_depth_ = false;
-    }
+    keep_meta_contexts_only_for(e);
     step.action = Action::kTransmit;
     step.export_view = e;
   }
@@ -273,7 +351,7 @@ Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t
   const bool set = option == kOptSetMetaContext;
   // SET replaces the selected contexts even when it fails (doc/proto.md), so
   // a failed SET leaves none: block status then gets EINVAL.
-  if (set) meta_base_allocation_ = meta_allocation_depth_ = false;
+  if (set) meta_ids_.clear();
   if (set && !structured_) {
     step.reply =
         encode_option_error(option, kRepErrInvalid, "structured replies must be negotiated first");
@@ -295,27 +373,18 @@ Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t
     step.refused = true;
     return step;
   }
-  bool base = false, depth = false;
-  if (req->queries.empty() && !set) {
-    base = depth = true;
-  }
-  for (const auto& q : req->queries) {
-    if (q == kMetaBaseAllocation || (!set && q == "base:")) base = true;
-    if (q == kMetaAllocationDepth || (!set && q == "qemu:")) depth = true;
-  }
-  auto append_context = [&](uint32_t id, std::string_view name) {
+  std::vector<uint32_t> ids = matching_contexts(*e, req->queries, !set);
+  for (uint32_t id : ids) {
+    // LIST answers id 0 (as qemu-nbd does): only SET gives contexts ids.
     Bytes p;
-    Writer(p).u32(set ? id : 0).bytes(name);
+    Writer(p).u32(set ? id : 0).bytes(meta_context_name(*e, id));
     auto r = encode_option_reply(option, kRepMetaContext, p);
     step.reply.insert(step.reply.end(), r.begin(), r.end());
-  };
-  if (base) append_context(kMetaIdBaseAllocation, kMetaBaseAllocation);
-  if (depth) append_context(kMetaIdAllocationDepth, kMetaAllocationDepth);
+  }
   auto ack = encode_option_reply(option, kRepAck);
   step.reply.insert(step.reply.end(), ack.begin(), ack.end());
   if (set) {
-    meta_base_allocation_ = base;
-    meta_allocation_depth_ = depth;
+    meta_ids_ = std::move(ids);
     meta_export_ = req->export_name;
   }
   return step;

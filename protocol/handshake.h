@@ -22,6 +22,15 @@
 // (exact, or an fnmatch(3) glob); others get ERR_POLICY and do not see it in
 // LIST.
 //
+// Meta contexts (doc/proto.md, "Metadata querying"): base:allocation,
+// qemu:allocation-depth and qemu:dirty-bitmap:NAME for each of the export's
+// bitmaps, with the ids of nbd.h. LIST answers exact names and, as qemu-nbd
+// does, the queries "base:", "qemu:" (allocation depth and every bitmap) and
+// "qemu:dirty-bitmap:" (every bitmap); no query at all lists every context.
+// SET selects exact names only and replaces the selection even when it fails.
+// A selection is for the export it named: GO or EXPORT_NAME to another export
+// forgets it, so a bitmap id never reaches an export it was not given by.
+//
 // Bounds: a connection may send kMaxOptions options with kMaxOptionBytes of
 // payload in all before it is closed, so a client cannot keep a handshake
 // going (and the server busy) for ever.
@@ -34,6 +43,7 @@
 #include <vector>
 
 #include "protocol/nbd.h"
+#include "protocol/transmission.h"
 
 namespace strata::nbd {
 
@@ -52,7 +62,13 @@ struct ExportView {
   bool tls_required = false;
   // Identities allowed to see and use the export; empty: everyone.
   std::vector<std::string> allow;
+  // Persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME; bitmaps[i]
+  // has the context id kMetaIdDirtyBitmapBase + i. Names are unique.
+  std::vector<std::string> bitmaps;
 };
+
+// The name of meta context `id` of `e`; empty when `e` has no such context.
+std::string meta_context_name(const ExportView& e, uint32_t id);
 
 enum class TlsPolicy { kOff, kOptional, kRequired };
 
@@ -109,8 +125,14 @@ class Handshake {
   const std::string& identity() const { return identity_; }
 
   bool structured_replies() const { return structured_; }
-  bool meta_base_allocation() const { return meta_base_allocation_; }
-  bool meta_allocation_depth() const { return meta_allocation_depth_; }
+  // The contexts the last SET_META_CONTEXT selected, as ids in ascending
+  // order; none after a failed SET, after STARTTLS, or once GO or EXPORT_NAME
+  // entered an export they were not selected for.
+  const std::vector<uint32_t>& meta_contexts() const { return meta_ids_; }
+  bool meta_selected(uint32_t id) const;
+  // Sets the meta context fields of `s` (base_allocation, allocation_depth,
+  // bitmaps) to the selection, for the export `e` entered with kTransmit.
+  void fill_meta_contexts(const ExportView& e, Session& s) const;
   // Transmission flags as sent for `e` on this connection.
   uint16_t tx_flags(const ExportView& e) const;
 
@@ -119,6 +141,8 @@ class Handshake {
   Step list(uint32_t option, std::span<const uint8_t> data);
   Step meta_context(uint32_t option, std::span<const uint8_t> data);
   Step start_tls(uint32_t option, std::span<const uint8_t> data);
+  // Entering `e`: a selection made for another export is dropped.
+  void keep_meta_contexts_only_for(const ExportView* e);
   // A close when this option takes the connection past kMaxOptions or
   // kMaxOptionBytes.
   bool over_limits(uint64_t payload_bytes, Step& step);
@@ -139,9 +163,8 @@ class Handshake {
   bool fixed_newstyle_ = true;  // until the client's flags say otherwise
   bool no_zeroes_ = false;
   bool structured_ = false;
-  bool meta_base_allocation_ = false;
-  bool meta_allocation_depth_ = false;
-  std::string meta_export_;
+  std::vector<uint32_t> meta_ids_;  // ascending
+  std::string meta_export_;         // the name the selection was made with
 };
 
 }  // namespace strata::nbd

@@ -136,11 +136,19 @@ uint32_t errno_to_nbd(int host_errno);
 // (READ, TRIM, CACHE, BLOCK_STATUS), as doc/proto.md "Error values" asks.
 uint32_t out_of_range_error(uint16_t command);
 
-// Meta contexts this server knows; the ids are fixed.
+// Meta contexts this server knows; the ids are fixed. Dirty bitmap i of an
+// export (ExportView::bitmaps[i]) is the context kMetaDirtyBitmapPrefix + its
+// name, with id kMetaIdDirtyBitmapBase + i: ids grow in the order the reply
+// chunks of a block status go out.
 inline constexpr std::string_view kMetaBaseAllocation = "base:allocation";
 inline constexpr std::string_view kMetaAllocationDepth = "qemu:allocation-depth";
+inline constexpr std::string_view kMetaDirtyBitmapPrefix = "qemu:dirty-bitmap:";
 inline constexpr uint32_t kMetaIdBaseAllocation = 1;
 inline constexpr uint32_t kMetaIdAllocationDepth = 2;
+inline constexpr uint32_t kMetaIdDirtyBitmapBase = 3;
+
+// qemu:dirty-bitmap descriptor flags.
+inline constexpr uint32_t kStateDirty = 1 << 0;
 
 // ---- Byte writer / reader --------------------------------------------------
 

@@ -42,7 +42,7 @@ uint32_t validate_write(const Request& r, const Session& s) {
 // BLOCK_STATUS: only after a meta context was selected, never of 0 bytes.
 uint32_t validate_block_status(const Request& r, const Session& s) {
   if (r.flags & ~(kCmdFlagReqOne | kCmdFlagFua)) return kEINVAL;
-  if (!s.base_allocation && !s.allocation_depth) return kEINVAL;
+  if (!s.any_meta_context()) return kEINVAL;
   if (r.length == 0) return kEINVAL;
   return in_range(r, s) ? 0 : out_of_range_error(r.type);
 }
@@ -147,14 +147,18 @@ void append_error(Bytes& out, uint64_t cookie, const Session& s, uint32_t error,
   append_simple_reply(out, error, cookie);
 }
 
-std::vector<BlockStatusDescriptor> describe_extents(std::span<const Extent> extents,
-                                                    uint32_t length, bool req_one,
-                                                    ContextFlags flags_of) {
+namespace {
+
+// The descriptors of one context from runs of any kind (Extent, DirtyRun).
+template <class Run, class FlagsOf>
+std::vector<BlockStatusDescriptor> describe(std::span<const Run> runs, uint32_t length,
+                                            bool req_one, FlagsOf flags_of) {
   std::vector<BlockStatusDescriptor> d;
   uint64_t pos = 0;
-  for (const Extent& x : extents) {
+  for (const Run& x : runs) {
     if (pos >= length) break;
     const auto len = static_cast<uint32_t>(std::min<uint64_t>(x.length, length - pos));
+    if (len == 0) continue;  // a descriptor of 0 bytes is not allowed
     const uint32_t flags = flags_of(x);
     if (!d.empty() && d.back().flags == flags) {
       d.back().length += len;
@@ -167,23 +171,57 @@ std::vector<BlockStatusDescriptor> describe_extents(std::span<const Extent> exte
   return d;
 }
 
+uint32_t dirty_flags(const DirtyRun& run) { return run.dirty ? kStateDirty : 0u; }
+
+}  // namespace
+
+std::vector<BlockStatusDescriptor> describe_extents(std::span<const Extent> extents,
+                                                    uint32_t length, bool req_one,
+                                                    ContextFlags flags_of) {
+  return describe(extents, length, req_one, flags_of);
+}
+
+std::vector<BlockStatusDescriptor> describe_dirty_runs(std::span<const DirtyRun> runs,
+                                                       uint32_t length, bool req_one) {
+  return describe(runs, length, req_one, dirty_flags);
+}
+
 uint32_t base_allocation_flags(const Extent& e) {
   return (e.hole ? kStateHole : 0u) | (e.zero ? kStateZero : 0u);
 }
 
 uint32_t allocation_depth(const Extent& e) { return e.depth; }
 
-void append_block_status(Bytes& out, const Request& r, const Session& s,
-                         std::span<const Extent> extents) {
+bool append_block_status(Bytes& out, const Request& r, const Session& s,
+                         std::span<const Extent> extents,
+                         std::span<const std::vector<DirtyRun>> bitmap_runs) {
+  if (bitmap_runs.size() != s.bitmaps.size() || !s.any_meta_context()) return false;
   const bool req_one = r.flags & kCmdFlagReqOne;
+  struct Chunk {
+    uint32_t id;
+    std::vector<BlockStatusDescriptor> descriptors;
+  };
+  std::vector<Chunk> chunks;
+  chunks.reserve(2 + s.bitmaps.size());
   if (s.base_allocation) {
-    auto d = describe_extents(extents, r.length, req_one, base_allocation_flags);
-    append_chunk_block_status(out, r.cookie, kMetaIdBaseAllocation, d, !s.allocation_depth);
+    chunks.push_back({kMetaIdBaseAllocation,
+                      describe_extents(extents, r.length, req_one, base_allocation_flags)});
   }
   if (s.allocation_depth) {
-    auto d = describe_extents(extents, r.length, req_one, allocation_depth);
-    append_chunk_block_status(out, r.cookie, kMetaIdAllocationDepth, d, true);
+    chunks.push_back(
+        {kMetaIdAllocationDepth, describe_extents(extents, r.length, req_one, allocation_depth)});
   }
+  for (size_t i = 0; i < s.bitmaps.size(); ++i) {
+    chunks.push_back({s.bitmaps[i].id, describe_dirty_runs(bitmap_runs[i], r.length, req_one)});
+  }
+  for (const Chunk& c : chunks) {
+    if (c.descriptors.empty()) return false;
+  }
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    append_chunk_block_status(out, r.cookie, chunks[i].id, chunks[i].descriptors,
+                              i + 1 == chunks.size());
+  }
+  return true;
 }
 
 }  // namespace strata::nbd

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -18,6 +19,12 @@
 #include "protocol/nbd.h"
 
 namespace strata::nbd {
+
+// A qemu:dirty-bitmap:NAME meta context the client selected.
+struct SessionBitmap {
+  uint32_t id = 0;   // kMetaIdDirtyBitmapBase + the bitmap's index in the export
+  std::string name;  // the bitmap's name, without the context prefix
+};
 
 // What the transmission rules depend on: the export and what the client
 // negotiated for it.
@@ -27,8 +34,14 @@ struct Session {
   bool read_only = false;    // writes are refused with EPERM
   uint32_t max_payload = 0;  // longest READ or WRITE accepted
   bool structured = false;
-  bool base_allocation = false;   // meta context selected
-  bool allocation_depth = false;  // meta context selected
+  bool base_allocation = false;        // meta context selected
+  bool allocation_depth = false;       // meta context selected
+  std::vector<SessionBitmap> bitmaps;  // dirty bitmap contexts selected, ids ascending
+
+  // base:allocation or qemu:allocation-depth: block status needs the
+  // device's extents.
+  bool wants_extents() const { return base_allocation || allocation_depth; }
+  bool any_meta_context() const { return wants_extents() || !bitmaps.empty(); }
 };
 
 // ---- Requests ---------------------------------------------------------------
@@ -111,20 +124,30 @@ void append_ok(Bytes& out, uint64_t cookie, const Session& s);
 void append_error(Bytes& out, uint64_t cookie, const Session& s, uint32_t error,
                   std::string_view message = {});
 
-// The descriptors of one context: extents clipped to the request's length,
-// adjacent runs with equal flags merged, only the first with REQ_ONE.
+// The descriptors of one context: runs clipped to the request's length,
+// runs of 0 bytes skipped, adjacent runs with equal flags merged, only the
+// first with REQ_ONE. Empty when the runs cover no byte.
 using ContextFlags = uint32_t (*)(const Extent&);
 std::vector<BlockStatusDescriptor> describe_extents(std::span<const Extent> extents,
                                                     uint32_t length, bool req_one,
                                                     ContextFlags flags_of);
+// The same for a dirty bitmap's runs: flags kStateDirty or 0.
+std::vector<BlockStatusDescriptor> describe_dirty_runs(std::span<const DirtyRun> runs,
+                                                       uint32_t length, bool req_one);
 
 // base:allocation flags (HOLE, ZERO) and qemu:allocation-depth values.
 uint32_t base_allocation_flags(const Extent& e);
 uint32_t allocation_depth(const Extent& e);
 
-// The reply to BLOCK_STATUS: one chunk per selected context, in id order,
-// the last one flagged done. REQUIRES: extents is not empty.
-void append_block_status(Bytes& out, const Request& r, const Session& s,
-                         std::span<const Extent> extents);
+// The reply to BLOCK_STATUS: one chunk per selected context, in id order
+// (base:allocation, qemu:allocation-depth, then s.bitmaps), the last one
+// flagged done. `extents` (read only when s.wants_extents()) and
+// `bitmap_runs[i]` (the runs of s.bitmaps[i], one entry per selected bitmap)
+// start at the request's offset. False, with nothing appended, when a
+// context's runs cover no byte of the request (every chunk must make
+// progress: the device failed), or when no context is selected.
+bool append_block_status(Bytes& out, const Request& r, const Session& s,
+                         std::span<const Extent> extents,
+                         std::span<const std::vector<DirtyRun>> bitmap_runs);
 
 }  // namespace strata::nbd

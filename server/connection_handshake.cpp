@@ -205,9 +205,8 @@ asio::awaitable<bool> Connection::handshake() {
                               .tx_flags = handshake_.tx_flags(*step.export_view),
                               .read_only = export_->caps.read_only,
                               .max_payload = kMaxRequestBytes,
-                              .structured = handshake_.structured_replies(),
-                              .base_allocation = handshake_.meta_base_allocation(),
-                              .allocation_depth = handshake_.meta_allocation_depth()};
+                              .structured = handshake_.structured_replies()};
+      handshake_.fill_meta_contexts(*step.export_view, session_);
       spdlog::info("conn {}: peer={} export='{}' structured={} flags={:#x} tls={}", id_, peer_,
                    export_->config.name, session_.structured, session_.tx_flags,
                    tls_ ? "yes" : "no");

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace strata {
@@ -123,12 +124,29 @@ bool RequestExecutor::read_chunks(const nbd::Request& h, std::span<const nbd::Re
 }
 
 void RequestExecutor::block_status(const nbd::Request& h, ReplyBatch& out) {
+  // Each selected context asks the device once; extents only for the
+  // contexts made of them, so a client of bitmaps alone never maps the image.
   std::vector<Extent> extents;
-  int e = device_.extents(h.offset, h.length, extents);
-  if (e == 0 && extents.empty()) e = EIO;  // a device must describe what it was asked
-  if (e) return refuse(h, nbd::errno_to_nbd(e), std::strerror(e), out);
+  if (session_.wants_extents()) {
+    if (int e = device_.extents(h.offset, h.length, extents)) {
+      return refuse(h, nbd::errno_to_nbd(e), std::strerror(e), out);
+    }
+  }
+  std::vector<std::vector<DirtyRun>> runs(session_.bitmaps.size());
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const std::string& name = session_.bitmaps[i].name;
+    if (int e = device_.dirty_extents(name, h.offset, h.length, runs[i])) {
+      spdlog::warn("conn {}: dirty bitmap '{}' offset={} length={}: {}", conn_id_, name, h.offset,
+                   h.length, std::strerror(e));
+      return refuse(h, nbd::errno_to_nbd(e), std::strerror(e), out);
+    }
+  }
   nbd::Bytes reply;
-  nbd::append_block_status(reply, h, session_, extents);
+  // False: a context's runs covered nothing; a device must describe what it
+  // was asked.
+  if (!nbd::append_block_status(reply, h, session_, extents, runs)) {
+    return refuse(h, nbd::kEIO, std::strerror(EIO), out);
+  }
   out.add_header(std::move(reply));
 }
 

@@ -24,6 +24,20 @@ uint16_t transmission_flags(const Capabilities& caps) {
   return f;
 }
 
+std::vector<std::string> exported_bitmaps(const ExportConfig& cfg, const BlockDevice& device) {
+  std::vector<std::string> available = device.dirty_bitmaps();
+  if (!cfg.bitmaps) return available;
+  for (const std::string& name : *cfg.bitmaps) {
+    if (std::find(available.begin(), available.end(), name) != available.end()) continue;
+    std::string has;
+    for (const std::string& a : available) has += (has.empty() ? "'" : ", '") + a + "'";
+    throw ConfigError("export '" + cfg.name + "': bitmap '" + name + "' is not an exportable " +
+                      "dirty bitmap of " + cfg.path + " (" +
+                      (has.empty() ? std::string("it has none") : "it has " + has) + ")");
+  }
+  return *cfg.bitmaps;
+}
+
 ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& configs) {
   for (const auto& cfg : configs) {
     auto e = std::make_unique<Export>();
@@ -45,8 +59,12 @@ ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& configs) {
     e->view.max_block = std::min<uint32_t>(bs.maximum, kMaxRequestBytes);
     e->view.tls_required = cfg.tls_required;
     e->view.allow = cfg.allow;
-    spdlog::info("export '{}': {} {} ({} bytes){}", cfg.name, e->device->format(), cfg.path,
-                 e->view.size, e->caps.read_only ? ", read-only" : "");
+    e->view.bitmaps = exported_bitmaps(cfg, *e->device);
+    std::string bitmaps;
+    for (const std::string& b : e->view.bitmaps) bitmaps += (bitmaps.empty() ? "" : ", ") + b;
+    spdlog::info("export '{}': {} {} ({} bytes){}{}", cfg.name, e->device->format(), cfg.path,
+                 e->view.size, e->caps.read_only ? ", read-only" : "",
+                 bitmaps.empty() ? "" : ", dirty bitmaps: " + bitmaps);
     exports_.push_back(std::move(e));
   }
 }

@@ -37,4 +37,10 @@ class ExportRegistry final : public nbd::ExportCatalog {
 // Transmission flags that tell the truth about a device.
 uint16_t transmission_flags(const Capabilities& caps);
 
+// The dirty bitmaps export `cfg` offers: every exportable bitmap of `device`
+// when cfg.bitmaps is unset, else cfg.bitmaps in its order. Throws
+// ConfigError naming the export and the first listed bitmap the device does
+// not have.
+std::vector<std::string> exported_bitmaps(const ExportConfig& cfg, const BlockDevice& device);
+
 }  // namespace strata

@@ -36,6 +36,7 @@ struct ServeArgs {
   std::string cache_size;
   std::string data_file;
   bool allow_raw_backing = false;
+  std::vector<std::string> bitmaps;
   std::string log_level;
   uint32_t max_connections = 0;
   uint32_t handshake_timeout_ms = 0;
@@ -109,6 +110,10 @@ Config config_from_args(ServeArgs& a) {
   Config c;
   if (!a.config.empty()) {
     if (!a.image.empty()) throw ConfigError("give either IMAGE or --config, not both");
+    if (!a.bitmaps.empty()) {
+      throw ConfigError(
+          "--bitmap is for IMAGE; with --config, list them in the export's \"bitmaps\"");
+    }
     c = load_config_file(a.config);
   } else {
     ExportConfig e;
@@ -130,6 +135,7 @@ Config config_from_args(ServeArgs& a) {
     }
     if (!a.data_file.empty()) e.data_file = a.data_file;
     e.allow_raw_backing = a.allow_raw_backing;
+    if (!a.bitmaps.empty()) e.bitmaps = a.bitmaps;
     c.exports.push_back(e);
     for (const auto& s : a.sockets) {
       ListenerConfig l;
@@ -199,6 +205,9 @@ int run_command_line(int argc, char** argv) {
   serve_cmd->add_option("--data-file", sa.data_file, "qcow2 external data file override");
   serve_cmd->add_flag("--allow-raw-backing", sa.allow_raw_backing,
                       "Treat a backing file without a recorded format as raw");
+  add_repeatable(serve_cmd, "-B,--bitmap", sa.bitmaps,
+                 "Export only this persistent dirty bitmap as qemu:dirty-bitmap:NAME "
+                 "(default: every exportable bitmap of the image)");
   serve_cmd->add_option("--log-level", sa.log_level, "trace, debug, info, warn, error, off");
   serve_cmd->add_option("--max-connections", sa.max_connections, "Connection limit");
   serve_cmd->add_option("--handshake-timeout-ms", sa.handshake_timeout_ms,

@@ -186,8 +186,8 @@ Plan plan_for(const uint8_t* data, size_t size) {
     if (step.action == Handshake::Action::kTransmit) {
       p.transmission = true;
       p.structured = hs.structured_replies();
-      p.base = hs.meta_base_allocation();
-      p.depth = hs.meta_allocation_depth();
+      p.base = hs.meta_selected(kMetaIdBaseAllocation);
+      p.depth = hs.meta_selected(kMetaIdAllocationDepth);
       p.exp = g_world->server->exports().by_view(step.export_view);
       break;
     }

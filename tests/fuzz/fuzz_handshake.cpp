@@ -19,7 +19,15 @@
 //    asked for; EXPORT_NAME enters it with a reply of the right length;
 //  - SET_META_CONTEXT: the contexts the handshake reports selected are the
 //    ones it replied with, and none after it failed (the option replaces
-//    them "including when this command fails");
+//    them "including when this command fails"); each is a context of the
+//    export named, with its id (base:allocation 1, qemu:allocation-depth 2,
+//    qemu:dirty-bitmap:NAME 3 + the bitmap's index), asked for by its exact
+//    name, replied once, in id order;
+//  - LIST_META_CONTEXT: contexts of the export named, with id 0, each once,
+//    in id order; the selection is left alone;
+//  - GO and EXPORT_NAME keep a selection only for the export it was made
+//    for, so every context id that reaches transmission is one of the
+//    entered export's;
 //  - the decoders are lossless: a decoded request or option payload, encoded
 //    again, gives the same bytes;
 //  - TLS and authorization (the policy is picked from the input's length):
@@ -28,6 +36,7 @@
 //    acknowledged only once and never without TLS configured; the export
 //    with an allow list is never entered by a client whose identity does not
 //    match it.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -59,16 +68,27 @@ class Catalog final : public ExportCatalog {
     ro_.min_block = 512;
     ro_.pref_block = 64 * 1024;
     ro_.allow = {"CN=ok*"};
+    // Bitmaps: names with the context separator in them, one at the longest
+    // length a qcow2 name may have, ones that only another export has, and
+    // one that two exports have at different indexes. "backup" is open to
+    // every client, so a selection made for it can be carried to "disk".
+    disk_.bitmaps = {"backup-0", "a:b", std::string(1023, 'n'), "qemu:"};
+    ro_.bitmaps = {"ro-only"};
+    backup_.name = "backup";
+    backup_.size = 1 << 20;
+    backup_.tx_flags = kTxHasFlags | kTxReadOnly;
+    backup_.bitmaps = {"weekly", "backup-0"};
   }
   const ExportView* find(std::string_view name) const override {
     if (name.empty() || name == disk_.name) return &disk_;
     if (name == ro_.name) return &ro_;
+    if (name == backup_.name) return &backup_;
     return nullptr;
   }
-  std::vector<const ExportView*> all() const override { return {&disk_, &ro_}; }
+  std::vector<const ExportView*> all() const override { return {&disk_, &ro_, &backup_}; }
 
  private:
-  ExportView disk_, ro_;
+  ExportView disk_, ro_, backup_;
 };
 
 uint16_t be16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
@@ -123,11 +143,14 @@ class Harness {
       pos += 16 + hdr.length;
       check_decoders(hdr.option, payload);
       const bool tls_before = hs.tls();
+      meta_before_ = hs.meta_contexts();
       auto step = hs.on_option(hdr.option, payload);
       check_tls_rules(tls_before, hdr.option, step);
       check_step(hs, hdr.option, payload, step);
+      check_meta_on_entry(hs, step);
       if (step.action == Handshake::Action::kClose) return;
       if (step.action == Handshake::Action::kStartTls) {
+        meta_view_ = nullptr;  // the selection is forgotten with TLS
         // The identity alternates between one the allow list takes and one
         // it does not.
         hs.tls_established(hdr.length % 2 ? "CN=ok-client" : "CN=other");
@@ -219,7 +242,8 @@ class Harness {
         check_info(hs, option, payload, replies, step);
         break;
       case kOptSetMetaContext:
-        check_set_meta(hs, replies);
+      case kOptListMetaContext:
+        check_meta(hs, option, payload, replies);
         break;
       default:
         break;
@@ -313,20 +337,68 @@ class Harness {
     }
   }
 
-  static void check_set_meta(const Handshake& hs, const std::vector<OptionReply>& replies) {
-    bool base = false, depth = false;
-    std::set<uint32_t> ids;
+  // The id a context name has on `e`; 0 when `e` has no such context.
+  static uint32_t context_id(const ExportView& e, std::string_view name) {
+    if (name == kMetaBaseAllocation) return kMetaIdBaseAllocation;
+    if (name == kMetaAllocationDepth) return kMetaIdAllocationDepth;
+    if (!name.starts_with(kMetaDirtyBitmapPrefix)) return 0;
+    name.remove_prefix(kMetaDirtyBitmapPrefix.size());
+    for (size_t i = 0; i < e.bitmaps.size(); ++i) {
+      if (e.bitmaps[i] == name) return kMetaIdDirtyBitmapBase + static_cast<uint32_t>(i);
+    }
+    return 0;
+  }
+
+  void check_meta(const Handshake& hs, uint32_t option, std::span<const uint8_t> payload,
+                  const std::vector<OptionReply>& replies) {
+    const bool set = option == kOptSetMetaContext;
+    auto req = decode_meta_context_request(payload);
+    const ExportView* e = req ? catalog_.find(req->export_name) : nullptr;
+    std::vector<uint32_t> ids;
     for (const auto& r : replies) {
       if (r.type != kRepMetaContext) continue;
-      uint32_t id = be32(r.payload.data());
+      FUZZ_CHECK(e != nullptr, "META_CONTEXT: a context for an unknown export");
+      uint32_t wire_id = be32(r.payload.data());
       std::string name(r.payload.begin() + 4, r.payload.end());
-      FUZZ_CHECK(id != 0 && ids.insert(id).second, "SET_META_CONTEXT: ids must be unique");
-      base |= name == kMetaBaseAllocation;
-      depth |= name == kMetaAllocationDepth;
+      const uint32_t id = context_id(*e, name);
+      FUZZ_CHECK(id != 0, "META_CONTEXT: a context the export does not have");
+      FUZZ_CHECK(wire_id == (set ? id : 0), "META_CONTEXT: a context with the wrong id");
+      FUZZ_CHECK(ids.empty() || ids.back() < id, "META_CONTEXT: contexts twice or out of order");
+      if (set) {
+        FUZZ_CHECK(std::find(req->queries.begin(), req->queries.end(), name) != req->queries.end(),
+                   "SET_META_CONTEXT selected a context no query named exactly");
+      }
+      ids.push_back(id);
     }
-    FUZZ_CHECK(hs.meta_base_allocation() == base && hs.meta_allocation_depth() == depth,
+    if (!set) {
+      FUZZ_CHECK(hs.meta_contexts() == meta_before_, "LIST_META_CONTEXT changed the selection");
+      return;
+    }
+    const bool acked = replies.back().type == kRepAck;
+    FUZZ_CHECK(hs.meta_contexts() == (acked ? ids : std::vector<uint32_t>{}),
                "the contexts selected are not those SET_META_CONTEXT replied with "
                "(after a failure: none)");
+    meta_view_ = acked ? e : nullptr;
+  }
+
+  // Entering an export: the selection holds only contexts of it, and none
+  // when it was made for another export.
+  void check_meta_on_entry(const Handshake& hs, const Handshake::Step& step) const {
+    if (step.action != Handshake::Action::kTransmit) return;
+    const ExportView& e = *step.export_view;
+    if (meta_view_ != &e) {
+      FUZZ_CHECK(hs.meta_contexts().empty(),
+                 "a selection for another export survived GO or EXPORT_NAME");
+    }
+    Session s;
+    hs.fill_meta_contexts(e, s);
+    FUZZ_CHECK(s.bitmaps.size() + size_t{s.base_allocation} + size_t{s.allocation_depth} ==
+                   hs.meta_contexts().size(),
+               "a selected context the entered export does not have");
+    for (const auto& b : s.bitmaps) {
+      FUZZ_CHECK(meta_context_name(e, b.id) == std::string(kMetaDirtyBitmapPrefix) + b.name,
+                 "a session bitmap whose id is not its name's");
+    }
   }
 
   // Transmission: each request decodes, and encodes back to the same bytes.
@@ -348,6 +420,8 @@ class Harness {
   }
 
   Catalog catalog_;
+  std::vector<uint32_t> meta_before_;      // the selection before the option
+  const ExportView* meta_view_ = nullptr;  // the export the selection is for
   bool no_zeroes_ = false;
   bool fixed_newstyle_ = true;
   TlsPolicy policy_ = TlsPolicy::kOff;

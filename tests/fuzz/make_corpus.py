@@ -291,6 +291,25 @@ def protocol_seeds():
     for target in ("handshake", "connection"):
         for name, data in streams.items():
             put(target, name, data)
+    # Dirty bitmap contexts: fuzz_handshake's exports have bitmaps (the
+    # connection target's raw exports have none).
+    put("handshake", "meta-bitmaps", fixed_nz + option("STRUCTURED_REPLY")
+        + option("LIST_META_CONTEXT", meta_payload("disk", "qemu:"))
+        + option("LIST_META_CONTEXT", meta_payload("disk", "qemu:dirty-bitmap:", "base:"))
+        + option("LIST_META_CONTEXT", meta_payload("backup"))
+        + option("SET_META_CONTEXT", meta_payload("disk", "qemu:dirty-bitmap:a:b",
+                                                  "qemu:dirty-bitmap:ro-only", "qemu:",
+                                                  "base:allocation",
+                                                  "qemu:dirty-bitmap:backup-0"))
+        + option("GO", info_payload("disk")) + request("BLOCK_STATUS", 0, 4096, cookie=1))
+    # A selection made for one export must not reach another, by GO or EXPORT_NAME.
+    for name, enter in (("go", option("GO", info_payload("disk"))),
+                        ("export-name", option("EXPORT_NAME", b"disk"))):
+        put("handshake", f"meta-bitmaps-other-export-{name}", fixed_nz
+            + option("STRUCTURED_REPLY")
+            + option("SET_META_CONTEXT", meta_payload("backup", "qemu:dirty-bitmap:weekly",
+                                                      "qemu:dirty-bitmap:backup-0"))
+            + enter + request("BLOCK_STATUS", 0, 4096, cookie=1))
 
 
 def main():

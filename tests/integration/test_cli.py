@@ -2,6 +2,7 @@
 so an image after a list option is never taken for one of its values, and
 `serve` falls back to the embedded default export only when neither an image
 nor a config is given, and says so."""
+import json
 import os
 
 from strata_test import STRATA, Server, main, nbd_handle, run, workdir
@@ -89,8 +90,55 @@ def test_embedded_default_only_without_image_and_config_and_logged():
             assert os.path.getsize(default) == 1 << 30
 
 
+def test_bitmap_the_image_lacks_stops_the_start_naming_export_and_bitmap():
+    with workdir() as d:
+        img = os.path.join(d, "disk.raw")
+        raw_image(img, MiB, b"\x00")
+        p = run([STRATA, "serve", "--socket", os.path.join(d, "s"), "--export", "vm1",
+                 "--bitmap", "backup-0", img], check=False, cwd=d)
+        assert p.returncode != 0
+        out = p.stderr + p.stdout
+        assert "export 'vm1': bitmap 'backup-0'" in out and "it has none" in out, out
+        # --bitmap is for IMAGE; a config lists them in the export.
+        cfg = os.path.join(d, "strata.json")
+        with open(cfg, "w") as f:
+            f.write('{"exports": [{"name": "vm1", "path": "%s"}]}' % img)
+        p = run([STRATA, "serve", "--config", cfg, "--bitmap", "backup-0"], check=False, cwd=d)
+        assert p.returncode != 0
+        assert "--bitmap" in p.stderr + p.stdout, p.stderr
+
+
+def test_image_without_bitmaps_lists_none_and_empty_bitmaps_is_accepted():
+    import nbd
+    with workdir() as d:
+        img = os.path.join(d, "disk.raw")
+        raw_image(img, MiB, b"\x00")
+        sock = os.path.join(d, "s.sock")
+        cfg = os.path.join(d, "strata.json")
+        with open(cfg, "w") as f:
+            json.dump({"listeners": [{"type": "unix", "path": sock}],
+                       "exports": [{"name": "vm1", "path": img, "bitmaps": []}]}, f)
+        srv = Server(config=cfg)
+        srv.sock = sock
+        with srv:
+            h = nbd.NBD()
+            h.set_opt_mode(True)
+            h.connect_uri(f"nbd+unix:///vm1?socket={sock}")
+            names = []
+            h.opt_list_meta_context(lambda name: names.append(name) or 0)
+            h.add_meta_context("qemu:dirty-bitmap:")  # the query of the next LIST
+            queried = []
+            h.opt_list_meta_context(lambda name: queried.append(name) or 0)
+            h.opt_abort()
+            assert "base:allocation" in names and "qemu:allocation-depth" in names, names
+            assert not any(n.startswith("qemu:dirty-bitmap:") for n in names), names
+            assert queried == [], queried
+
+
 if __name__ == "__main__":
     main([test_image_after_allowed_dir_is_the_image,
           test_repeated_allowed_dir_confines_children_to_all_of_them,
           test_repeated_socket_listens_on_each, test_two_images_are_refused,
-          test_embedded_default_only_without_image_and_config_and_logged])
+          test_embedded_default_only_without_image_and_config_and_logged,
+          test_bitmap_the_image_lacks_stops_the_start_naming_export_and_bitmap,
+          test_image_without_bitmaps_lists_none_and_empty_bitmaps_is_accepted])

@@ -180,3 +180,40 @@ TEST_CASE("a TCP listener binds loopback unless told otherwise") {
   any.address = "::1";
   CHECK(is_loopback(any));
 }
+
+TEST_CASE("bitmaps: absent is every bitmap of the image, a list those, [] none") {
+  auto c = parse_config_text(R"({"exports": [
+    {"name": "a", "path": "/a.qcow2"},
+    {"name": "b", "path": "/b.qcow2", "bitmaps": ["weekly", "backup-0"]},
+    {"name": "c", "path": "/c.qcow2", "bitmaps": []}]})");
+  REQUIRE(c.exports.size() == 3);
+  CHECK_FALSE(c.exports[0].bitmaps.has_value());
+  REQUIRE(c.exports[1].bitmaps.has_value());
+  CHECK(*c.exports[1].bitmaps == std::vector<std::string>{"weekly", "backup-0"});
+  REQUIRE(c.exports[2].bitmaps.has_value());
+  CHECK(c.exports[2].bitmaps->empty());
+}
+
+TEST_CASE("bitmaps errors name the key") {
+  auto with = [](const std::string& bitmaps) {
+    return error_of(R"({"exports": [{"name": "a", "path": "/a", "bitmaps": )" + bitmaps + "}]}");
+  };
+  CHECK(with(R"("backup-0")") == "exports[0].bitmaps: must be an array of strings");
+  CHECK(with(R"(["a", 7])") == "exports[0].bitmaps[1]: must be a non-empty string");
+  CHECK(with(R"([""])") == "exports[0].bitmaps[0]: must be a non-empty string");
+  CHECK(with(R"(["a", "b", "a"])") == "exports[0].bitmaps[2]: 'a' is listed twice");
+  CHECK(with("[\"" + std::string(1024, 'n') + "\"]") ==
+        "exports[0].bitmaps[0]: a bitmap name is 1..1023 bytes");
+  CHECK(with("[\"" + std::string(1023, 'n') + "\"]").empty());
+}
+
+TEST_CASE("bitmaps given on the command line are checked like the config's") {
+  Config c = parse_config_text(R"({"exports": [{"name": "x", "path": "/x"}]})");
+  c.exports[0].bitmaps = std::vector<std::string>{"daily", "daily"};  // --bitmap daily twice
+  try {
+    validate(c);
+    FAIL("validate accepted a bitmap listed twice");
+  } catch (const ConfigError& e) {
+    CHECK(std::string(e.what()) == "exports[0].bitmaps[1]: 'daily' is listed twice");
+  }
+}

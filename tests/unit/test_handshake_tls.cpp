@@ -104,12 +104,12 @@ TEST_CASE("STARTTLS forgets the structured replies and meta contexts negotiated 
   REQUIRE(reply_type(hs.on_option(kOptStructuredReply, {})) == kRepAck);
   REQUIRE(reply_type(hs.on_option(kOptSetMetaContext, meta_payload("disk", {"base:allocation"}))) ==
           kRepMetaContext);
-  REQUIRE(hs.meta_base_allocation());
+  REQUIRE(hs.meta_selected(kMetaIdBaseAllocation));
   REQUIRE(hs.on_option(kOptStartTls, {}).action == Handshake::Action::kStartTls);
   hs.tls_established("");
   CHECK_FALSE(hs.structured_replies());
-  CHECK_FALSE(hs.meta_base_allocation());
-  CHECK_FALSE(hs.meta_allocation_depth());
+  CHECK_FALSE(hs.meta_selected(kMetaIdBaseAllocation));
+  CHECK_FALSE(hs.meta_selected(kMetaIdAllocationDepth));
   CHECK((hs.tx_flags(cat.a) & kTxSendDf) == 0);
 }
 

@@ -265,12 +265,12 @@ TEST_CASE("structured replies and meta contexts") {
   REQUIRE(s.reply.size() == 20 + 4 + 15 + 20);
   CHECK(load32(s.reply, 20) == kMetaIdBaseAllocation);
   CHECK(load32(s.reply, 20 + 4 + 15 + 12) == kRepAck);
-  CHECK(hs.meta_base_allocation());
-  CHECK_FALSE(hs.meta_allocation_depth());
+  CHECK(hs.meta_selected(kMetaIdBaseAllocation));
+  CHECK_FALSE(hs.meta_selected(kMetaIdAllocationDepth));
   // GO to the same export keeps the contexts.
   s = hs.on_option(kOptGo, info_payload("disk", {}));
   CHECK(s.action == Handshake::Action::kTransmit);
-  CHECK(hs.meta_base_allocation());
+  CHECK(hs.meta_selected(kMetaIdBaseAllocation));
 }
 
 TEST_CASE("a failed SET_META_CONTEXT leaves no context selected") {
@@ -290,23 +290,23 @@ TEST_CASE("a failed SET_META_CONTEXT leaves no context selected") {
     Handshake hs(cat);
     REQUIRE(load32(hs.on_option(kOptStructuredReply, {}).reply, 12) == kRepAck);
     hs.on_option(kOptSetMetaContext, good);
-    REQUIRE(hs.meta_base_allocation());
-    REQUIRE(hs.meta_allocation_depth());
+    REQUIRE(hs.meta_selected(kMetaIdBaseAllocation));
+    REQUIRE(hs.meta_selected(kMetaIdAllocationDepth));
     auto s = hs.on_option(kOptSetMetaContext, f.payload);
     CHECK(load32(s.reply, 12) == f.error);
-    CHECK_FALSE(hs.meta_base_allocation());
-    CHECK_FALSE(hs.meta_allocation_depth());
+    CHECK_FALSE(hs.meta_selected(kMetaIdBaseAllocation));
+    CHECK_FALSE(hs.meta_selected(kMetaIdAllocationDepth));
     s = hs.on_option(kOptGo, info_payload("disk", {}));
     CHECK(s.action == Handshake::Action::kTransmit);
-    CHECK_FALSE(hs.meta_base_allocation());
-    CHECK_FALSE(hs.meta_allocation_depth());
+    CHECK_FALSE(hs.meta_selected(kMetaIdBaseAllocation));
+    CHECK_FALSE(hs.meta_selected(kMetaIdAllocationDepth));
   }
   // LIST_META_CONTEXT only lists: it leaves the selection alone.
   Handshake hs(cat);
   hs.on_option(kOptStructuredReply, {});
   hs.on_option(kOptSetMetaContext, good);
   hs.on_option(kOptListMetaContext, meta_payload("nope", {}));
-  CHECK(hs.meta_base_allocation());
+  CHECK(hs.meta_selected(kMetaIdBaseAllocation));
 }
 
 TEST_CASE("ABORT acks and closes") {

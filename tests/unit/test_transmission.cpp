@@ -2,6 +2,9 @@
 // each case names the doc/proto.md rule it pins down.
 #include <doctest/doctest.h>
 
+#include <span>
+#include <vector>
+
 #include "formats/endian.h"
 #include "protocol/transmission.h"
 
@@ -106,6 +109,9 @@ TEST_CASE("block status needs a selected context and a length") {
   s.base_allocation = false;
   CHECK(validate_request(req(kCmdBlockStatus, 0, 1), s) == kEINVAL);
   s.allocation_depth = true;
+  CHECK(validate_request(req(kCmdBlockStatus, 0, 1), s) == 0);
+  s.allocation_depth = false;
+  s.bitmaps = {{.id = kMetaIdDirtyBitmapBase, .name = "backup-0"}};
   CHECK(validate_request(req(kCmdBlockStatus, 0, 1), s) == 0);
 }
 
@@ -246,7 +252,7 @@ TEST_CASE("block status: each context's flags, merged, clipped, REQ_ONE gives on
   Session s = writable();
   s.allocation_depth = true;
   Bytes b;
-  append_block_status(b, req(kCmdBlockStatus, 0, 12288), s, ext);
+  REQUIRE(append_block_status(b, req(kCmdBlockStatus, 0, 12288), s, ext, {}));
   // base:allocation: 2 descriptors, not done; then allocation-depth: 3, done.
   REQUIRE(b.size() == (20 + 4 + 2 * 8) + (20 + 4 + 3 * 8));
   check_chunk(b, 0, 0, kChunkBlockStatus, 4 + 16);
@@ -254,4 +260,160 @@ TEST_CASE("block status: each context's flags, merged, clipped, REQ_ONE gives on
   check_chunk(b, 40, kReplyFlagDone, kChunkBlockStatus, 4 + 24);
   CHECK(load_be32(b.data() + 60) == kMetaIdAllocationDepth);
   CHECK(load_be32(b.data() + 64 + 8 + 4) == 2);
+}
+
+namespace {
+
+struct ParsedChunk {
+  uint16_t flags;
+  uint32_t id;
+  std::vector<BlockStatusDescriptor> descriptors;
+};
+
+// Splits a block status reply into its chunks, checking each header.
+std::vector<ParsedChunk> parse_block_status(const Bytes& b) {
+  std::vector<ParsedChunk> chunks;
+  size_t at = 0;
+  while (at < b.size()) {
+    REQUIRE(b.size() - at >= 24);
+    const uint32_t length = load_be32(b.data() + at + 16);
+    check_chunk(b, at, load_be16(b.data() + at + 4), kChunkBlockStatus, length);
+    REQUIRE((length - 4) % 8 == 0);
+    REQUIRE(b.size() - at - 20 >= length);
+    ParsedChunk c{load_be16(b.data() + at + 4), load_be32(b.data() + at + 20), {}};
+    for (size_t d = at + 24; d < at + 20 + length; d += 8) {
+      c.descriptors.push_back({load_be32(b.data() + d), load_be32(b.data() + d + 4)});
+    }
+    chunks.push_back(std::move(c));
+    at += 20 + length;
+  }
+  return chunks;
+}
+
+uint64_t covered(const ParsedChunk& c) {
+  uint64_t n = 0;
+  for (const auto& d : c.descriptors) n += d.length;
+  return n;
+}
+
+Session with_bitmaps() {
+  Session s = writable();
+  s.allocation_depth = true;
+  s.bitmaps = {{.id = 3, .name = "backup-0"}, {.id = 4, .name = "daily"}};
+  return s;
+}
+
+const std::vector<Extent> kExtents = {{.length = 4096, .depth = 1},
+                                      {.length = 4096, .depth = 2},
+                                      {.length = 8192, .hole = true, .zero = true, .depth = 0}};
+const std::vector<std::vector<DirtyRun>> kRuns = {
+    {{.length = 4096, .dirty = true}, {.length = 4096, .dirty = true}, {.length = 8192}},
+    {{.length = 1 << 20}}};
+
+}  // namespace
+
+TEST_CASE("block status with two bitmaps: a chunk per context in id order, DONE on the last") {
+  const Session s = with_bitmaps();
+  Bytes b;
+  REQUIRE(append_block_status(b, req(kCmdBlockStatus, 0, 12288), s, kExtents, kRuns));
+  // base:allocation 2 descriptors, allocation depth 3, backup-0 2, daily 1.
+  REQUIRE(b.size() == (24 + 2 * 8) + (24 + 3 * 8) + (24 + 2 * 8) + (24 + 1 * 8));
+  auto chunks = parse_block_status(b);
+  REQUIRE(chunks.size() == 4);
+  CHECK(chunks[0].id == kMetaIdBaseAllocation);
+  CHECK(chunks[1].id == kMetaIdAllocationDepth);
+  CHECK(chunks[2].id == 3);
+  CHECK(chunks[3].id == 4);
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK(chunks[i].flags == (i == 3 ? kReplyFlagDone : 0));
+    CHECK(covered(chunks[i]) == 12288);
+  }
+  // Dirty runs merge; flag 1 is dirty, 0 clean; the last run is clipped.
+  REQUIRE(chunks[2].descriptors.size() == 2);
+  CHECK(chunks[2].descriptors[0].length == 8192);
+  CHECK(chunks[2].descriptors[0].flags == kStateDirty);
+  CHECK(chunks[2].descriptors[1].length == 4096);
+  CHECK(chunks[2].descriptors[1].flags == 0);
+  REQUIRE(chunks[3].descriptors.size() == 1);
+  CHECK(chunks[3].descriptors[0].length == 12288);
+  CHECK(chunks[3].descriptors[0].flags == 0);
+  // The bitmap chunk's bytes: id 3, then (8192, dirty), (4096, clean).
+  const size_t at = (24 + 2 * 8) + (24 + 3 * 8);
+  CHECK(Bytes(b.begin() + at + 20, b.begin() + at + 40) ==
+        Bytes{0, 0, 0, 3, 0, 0, 0x20, 0, 0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 0});
+}
+
+TEST_CASE("block status with REQ_ONE: one descriptor per context") {
+  const Session s = with_bitmaps();
+  Bytes b;
+  REQUIRE(
+      append_block_status(b, req(kCmdBlockStatus, 0, 12288, kCmdFlagReqOne), s, kExtents, kRuns));
+  auto chunks = parse_block_status(b);
+  REQUIRE(chunks.size() == 4);
+  const uint32_t lengths[] = {8192, 4096, 8192, 12288};
+  const uint32_t flags[] = {0, 1, kStateDirty, 0};
+  for (size_t i = 0; i < 4; ++i) {
+    CAPTURE(i);
+    REQUIRE(chunks[i].descriptors.size() == 1);
+    CHECK(chunks[i].descriptors[0].length == lengths[i]);
+    CHECK(chunks[i].descriptors[0].flags == flags[i]);
+  }
+  CHECK(chunks[3].flags == kReplyFlagDone);
+}
+
+TEST_CASE("block status never describes past the request, on any context") {
+  const Session s = with_bitmaps();
+  for (uint32_t length : {1u, 4095u, 4096u, 4097u, 12287u}) {
+    CAPTURE(length);
+    Bytes b;
+    REQUIRE(append_block_status(b, req(kCmdBlockStatus, 0, length), s, kExtents, kRuns));
+    auto chunks = parse_block_status(b);
+    REQUIRE(chunks.size() == 4);
+    for (const auto& c : chunks) {
+      CHECK(covered(c) == length);
+      for (const auto& d : c.descriptors) CHECK(d.length > 0);
+    }
+  }
+}
+
+TEST_CASE("block status: every context must make progress, or nothing is sent") {
+  const Session s = with_bitmaps();
+  const Request r = req(kCmdBlockStatus, 0, 4096);
+  Bytes b;
+  // Runs of 0 bytes are skipped; progress may come after them.
+  std::vector<std::vector<DirtyRun>> runs = {{{.length = 0, .dirty = true}, {.length = 512}},
+                                             {{.length = 4096, .dirty = true}}};
+  REQUIRE(append_block_status(b, r, s, kExtents, runs));
+  auto chunks = parse_block_status(b);
+  REQUIRE(chunks.size() == 4);
+  REQUIRE(chunks[2].descriptors.size() == 1);
+  CHECK(chunks[2].descriptors[0].length == 512);
+  CHECK(chunks[2].descriptors[0].flags == 0);
+  // A bitmap whose runs cover nothing, extents that cover nothing, or runs
+  // missing for a bitmap: false, and no byte appended.
+  b.clear();
+  runs[1] = {{.length = 0, .dirty = true}};
+  CHECK_FALSE(append_block_status(b, r, s, kExtents, runs));
+  runs[1].clear();
+  CHECK_FALSE(append_block_status(b, r, s, kExtents, runs));
+  CHECK_FALSE(append_block_status(b, r, s, {}, kRuns));
+  CHECK_FALSE(append_block_status(b, r, s, kExtents, std::span(kRuns).first(1)));
+  CHECK(b.empty());
+}
+
+TEST_CASE("block status of bitmaps alone: no extents needed, the one chunk is DONE") {
+  Session s = writable();
+  s.base_allocation = false;
+  s.bitmaps = {{.id = 4, .name = "daily"}};
+  CHECK_FALSE(s.wants_extents());
+  CHECK(s.any_meta_context());
+  CHECK(validate_request(req(kCmdBlockStatus, 0, 4096), s) == 0);
+  Bytes b;
+  REQUIRE(
+      append_block_status(b, req(kCmdBlockStatus, 0, 4096), s, {}, std::span(kRuns).subspan(1)));
+  auto chunks = parse_block_status(b);
+  REQUIRE(chunks.size() == 1);
+  CHECK(chunks[0].id == 4);
+  CHECK(chunks[0].flags == kReplyFlagDone);
+  CHECK(covered(chunks[0]) == 4096);
 }
