@@ -1,5 +1,7 @@
 #include "server/tool.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <bit>
 #include <cinttypes>
@@ -178,6 +180,8 @@ int tool_check(const std::string& path, const ToolOptions& t) {
 }
 
 int tool_bitmap(const BitmapArgs& a, const ToolOptions& t) {
+  // The driver's statistics at close are for servers, not for a one-off edit.
+  if (spdlog::get_level() == spdlog::level::info) spdlog::set_level(spdlog::level::warn);
   OpenOptions o = tool_open_options(t);
   o.read_only = a.verb == "list";
   auto dev = open_image(a.image, o);

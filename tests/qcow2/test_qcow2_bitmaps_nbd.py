@@ -341,8 +341,44 @@ def test_corrupt_bitmap_is_skipped():
         assert "in-use" in flags["bad"] and "in-use" not in flags["good"], flags
 
 
+def test_bitmap_verbs():
+    """strata bitmap VERB against qemu-img's view, and its refusals."""
+    with workdir() as d:
+        img = os.path.join(d, "a.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(SIZE)])
+        run([STRATA, "bitmap", "add", img, "b0"])
+        run([STRATA, "bitmap", "add", img, "fine", "-g", "4K", "--disable"])
+        assert qemu_img_bitmaps(img) == [("b0", 65536, ["auto"]), ("fine", 4096, [])]
+        listed = json.loads(run([STRATA, "bitmap", "list", img, "--output", "json"]).stdout)
+        assert [(b["name"], b["granularity"], b["consistent"]) for b in listed] == [
+            ("b0", 65536, True), ("fine", 4096, True)]
+        assert "b0: granularity 65536, flags [auto]" in run([STRATA, "info", img]).stdout
+        run([STRATA, "bitmap", "disable", img, "b0"])
+        run([STRATA, "bitmap", "enable", img, "fine"])
+        assert qemu_img_bitmaps(img) == [("b0", 65536, []), ("fine", 4096, ["auto"])]
+        for bad, why in [(["add", img, "b0"], "exists already"),
+                         (["add", img, "x", "-g", "3000"], "power of two"),
+                         (["add", img, "x", "-g", "256"], "granularity"),
+                         (["remove", img, "nope"], "no bitmap"),
+                         (["clear", img], "NAME")]:
+            p = run([STRATA, "bitmap", *bad], check=False)
+            assert p.returncode == 1 and why in p.stderr, (bad, p.stderr)
+        with Server(img, "--format", "qcow2"):
+            p = run([STRATA, "bitmap", "remove", img, "b0"], check=False)
+            assert p.returncode == 1, "edited an image that is being served"
+        run([STRATA, "bitmap", "remove", img, "b0"])
+        run([STRATA, "bitmap", "clear", img, "fine"])
+        assert qemu_img_bitmaps(img) == [("fine", 4096, ["auto"])]
+        raw = os.path.join(d, "a.raw")
+        run(["qemu-img", "create", "-q", "-f", "raw", raw, "1M"])
+        p = run([STRATA, "bitmap", "add", raw, "b0"], check=False)
+        assert p.returncode == 1 and "only qcow2" in p.stderr, p.stderr
+        p = run(["qemu-img", "check", img], check=False)
+        assert p.returncode == 0, p.stdout
+
+
 if __name__ == "__main__":
     main([test_granularities_and_a_disabled_bitmap, test_small_clusters_many_bitmaps,
           test_data_file, test_data_file_raw, test_backing_chain,
           test_crash_leaves_bitmaps_exact_or_in_use, test_incremental_backup,
-          test_corrupt_bitmap_is_skipped])
+          test_corrupt_bitmap_is_skipped, test_bitmap_verbs])
