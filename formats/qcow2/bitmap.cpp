@@ -50,6 +50,13 @@ bool valid_utf8(const std::string& s) {
 
 }  // namespace
 
+uint64_t bitmap_bytes(uint64_t disk_size, uint32_t granularity_bits) {
+  if (granularity_bits >= 64) return disk_size ? 1 : 0;  // a hostile value: one granule
+  const uint64_t granules = (disk_size >> granularity_bits) +
+                            ((disk_size & ((uint64_t{1} << granularity_bits) - 1)) != 0);
+  return (granules + 7) / 8;
+}
+
 uint64_t bitmap_entry_size(const BitmapEntry& e) {
   return padded_entry_size(e.extra_data.size(), e.name.size());
 }
@@ -114,9 +121,8 @@ uint64_t bitmap_flags_position(const std::vector<BitmapEntry>& entries, size_t i
 
 uint64_t bitmap_table_entries(uint64_t disk_size, uint32_t granularity_bits,
                               uint32_t cluster_bits) {
-  const uint64_t granules = (disk_size + (uint64_t{1} << granularity_bits) - 1) >> granularity_bits;
-  const uint64_t per_cluster = uint64_t{8} << cluster_bits;
-  return (granules + per_cluster - 1) / per_cluster;
+  const uint64_t per_cluster = uint64_t{1} << cluster_bits;  // bytes of bits per data cluster
+  return (bitmap_bytes(disk_size, granularity_bits) + per_cluster - 1) / per_cluster;
 }
 
 std::string bitmap_name_problem(const std::string& name) {
@@ -138,6 +144,8 @@ std::string bitmap_entry_problem(const BitmapEntry& e, uint64_t disk_size, uint3
   if (e.flags & ~kBitmapFlagsKnown) return "unknown flags " + std::to_string(e.flags);
   if (!e.extra_data.empty() && !(e.flags & kBitmapExtraDataCompatible))
     return "it has extra data that is not marked compatible";
+  if (bitmap_bytes(disk_size, e.granularity_bits) > kMaxBitmapBytes)
+    return "its bits would take more than " + std::to_string(kMaxBitmapBytes >> 20) + " MiB";
   const uint64_t need = bitmap_table_entries(disk_size, e.granularity_bits, cluster_bits);
   if (e.table_size != need) {
     return "table size " + std::to_string(e.table_size) + " does not match the disk (" +

@@ -44,6 +44,10 @@ inline constexpr uint32_t kMaxBitmaps = 65535;
 inline constexpr uint64_t kMaxBitmapDirectorySize = uint64_t{64} << 20;
 inline constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;
 inline constexpr uint64_t kDefaultGranularityBits = 16;  // 64 KiB, qemu-img's default
+// Memory: one bitmap's bits (QEMU's BME_MAX_PHYS_SIZE), and all of an image's
+// together, so a hostile image cannot make an open allocate without bound.
+inline constexpr uint64_t kMaxBitmapBytes = uint64_t{512} << 20;
+inline constexpr uint64_t kMaxImageBitmapBytes = uint64_t{1} << 30;
 
 inline constexpr uint64_t kBitmapEntryOffsetMask = 0x00fffffffffffe00ull;
 inline constexpr uint64_t kBitmapEntryAllOnes = 1;
@@ -61,6 +65,10 @@ struct BitmapEntry {
   bool in_use() const { return flags & kBitmapInUse; }
   bool enabled() const { return flags & kBitmapAuto; }
 };
+
+// Bytes of memory (and of data clusters, at most) the bits of a bitmap of
+// `granularity_bits` take for a disk of `disk_size` bytes.
+uint64_t bitmap_bytes(uint64_t disk_size, uint32_t granularity_bits);
 
 // Bytes of the directory entry for `e`, padding included.
 uint64_t bitmap_entry_size(const BitmapEntry& e);
@@ -81,8 +89,8 @@ uint64_t bitmap_flags_position(const std::vector<BitmapEntry>& entries, size_t i
 uint64_t bitmap_table_entries(uint64_t disk_size, uint32_t granularity_bits, uint32_t cluster_bits);
 
 // Why `e` cannot be used as a dirty bitmap of this image, or "": type,
-// granularity, flags, extra data, name (1-1023 bytes of UTF-8), table size
-// and table offset (aligned, inside the file).
+// granularity, flags, extra data, name (1-1023 bytes of UTF-8), size in
+// memory, table size and table offset (aligned, inside the file).
 std::string bitmap_entry_problem(const BitmapEntry& e, uint64_t disk_size, uint32_t cluster_bits,
                                  uint64_t file_size);
 // A name the image tool may give a new bitmap: "" or why not.

@@ -52,11 +52,20 @@ void Qcow2Device::load_bitmaps() {
       bitmaps_usable_ = true;
     }
     std::unordered_set<std::string> names;
+    uint64_t memory = 0;
     for (BitmapEntry& e : entries) {
       TrackedBitmap b;
       b.entry = std::move(e);
-      b.problem = names.insert(b.entry.name).second ? load_bitmap(b)
-                                                    : "a bitmap of the same name comes first";
+      const uint64_t bytes = bitmap_bytes(size_, b.entry.granularity_bits);
+      if (!names.insert(b.entry.name).second) {
+        b.problem = "a bitmap of the same name comes first";
+      } else if (memory + bytes > kMaxImageBitmapBytes) {
+        b.problem = "the bitmaps before it take all the memory an image's bitmaps may (" +
+                    std::to_string(kMaxImageBitmapBytes >> 20) + " MiB)";
+      } else {
+        b.problem = load_bitmap(b);
+        if (b.bits) memory += bytes;
+      }
       if (!b.problem.empty())
         spdlog::warn("{}: bitmap '{}' cannot be used: {}", path(), b.entry.name, b.problem);
       bitmaps_.push_back(std::move(b));
@@ -415,7 +424,8 @@ std::string Qcow2Device::bitmap_add(const std::string& name, uint32_t granularit
   b.entry.granularity_bits = static_cast<uint8_t>(granularity_bits);
   b.entry.name = name;
   const uint64_t entries = bitmap_table_entries(size_, granularity_bits, cluster_bits_);
-  if (entries > kMaxBitmapTableEntries) return "the bitmap would be too large for this disk";
+  if (entries > kMaxBitmapTableEntries || bitmap_bytes(size_, granularity_bits) > kMaxBitmapBytes)
+    return "the bitmap would be too large for this disk: choose a coarser granularity";
   b.entry.table_size = static_cast<uint32_t>(entries);
   if (int r = alloc_zeroed_clusters_locked(entries * 8, b.entry.table_offset))
     return std::strerror(r);

@@ -3,6 +3,7 @@
 // stored consistent at close, IN_USE while open and after a failed store,
 // skipped with a reason when corrupt, and edited by the tool's verbs.
 #include "formats/qcow2/bitmap.h"
+#include "formats/errors.h"
 #include "formats/qcow2/qcow2.h"
 #include "qcow2_helpers.h"
 #include "tests/support/fault_file_system.h"
@@ -333,4 +334,143 @@ TEST_CASE("bitmaps: a corrupt entry is skipped with its reason and made IN_USE o
   CHECK(qemu_flag(img, "bad", "in-use"));
   CHECK(!qemu_flag(img, "good", "in-use"));
   CHECK(our_dirty(img, "good").size() == 2);
+}
+
+TEST_CASE("bitmaps: memory is bounded whatever the image claims") {
+  TempDir d("bitmaps-huge");
+  const std::string img = d / "huge.qcow2";
+  sh("qemu-img create -q -f qcow2 '" + img + "' 16T");
+  sh("qemu-img bitmap --add '" + img + "' b0");  // 16 TiB / 64 KiB: 32 MiB of bits
+  {
+    auto dev = open_rw(img);
+    auto* q = dynamic_cast<Qcow2Device*>(dev.get());
+    REQUIRE(q != nullptr);
+    CHECK(dev->dirty_bitmaps() == std::vector<std::string>{"b0"});
+    // 16 TiB / 512 B would be 4 GiB of bits.
+    CHECK(q->bitmap_add("fine", 9, true).find("too large") == 0);
+  }
+  uint64_t dir = 0;
+  {
+    std::unique_ptr<strata::File> f = strata::host_file_system()->open(img, false);
+    dir = read_header(*f).bitmap_directory_offset;
+  }
+  patch(img, dir + 17, {9});  // the same entry now claims 512-byte granules
+  auto dev = open_rw(img);
+  auto* q = dynamic_cast<Qcow2Device*>(dev.get());
+  CHECK(dev->dirty_bitmaps().empty());
+  CHECK(q->bitmap_list()[0].problem.find("more than 512 MiB") != std::string::npos);
+}
+
+TEST_CASE("bitmaps: a store cut off at any write leaves them IN_USE or exact") {
+  // The close of an image with two enabled bitmaps, its n-th write failing
+  // (n = 0, 1, ...): each time the reopened image is sound for qemu-img, and
+  // each bitmap is IN_USE or holds the granules written.
+  TempDir d("bitmaps-cut");
+  const std::string img = d / "a.qcow2";
+  bool stored = false;
+  for (int n = 0; n < 40 && !stored; ++n) {
+    sh("rm -f '" + img + "' && qemu-img create -q -f qcow2 -o cluster_size=4k '" + img + "' 64M");
+    sh("qemu-img bitmap --add -g 512 '" + img + "' fine");
+    sh("qemu-img bitmap --add '" + img + "' coarse");
+    auto files = std::make_shared<strata::test::FaultFileSystem>();
+    {
+      strata::OpenOptions o;
+      o.file_system = files;
+      auto dev = open_rw(img, o);
+      REQUIRE(dev->write(uint64_t{3} << 20, pattern(4096, 9), false) == 0);
+      REQUIRE(dev->write(uint64_t{50} << 20, pattern(100, 9), false) == 0);
+      REQUIRE(dev->flush() == 0);
+      auto* f = files->file("a.qcow2");
+      f->writes_before_error = n;
+      f->write_error = EIO;
+    }
+    INFO("store cut at write " << n);
+    REQUIRE(sh_status("qemu-img check -q '" + img + "'") != 2);  // leaks at worst
+    for (const char* name : {"fine", "coarse"}) {
+      if (qemu_flag(img, name, "in-use")) continue;
+      stored = true;
+      auto runs = our_dirty(img, name);
+      uint64_t pos = 0, dirty = 0;
+      for (const auto& r : runs) {
+        const bool want = (pos <= (uint64_t{3} << 20) && (uint64_t{3} << 20) < pos + r.length) ||
+                          (pos <= (uint64_t{50} << 20) && (uint64_t{50} << 20) < pos + r.length);
+        if (want) CHECK(r.dirty);
+        dirty += r.dirty ? r.length : 0;
+        pos += r.length;
+      }
+      CHECK(dirty == (std::string(name) == "fine" ? 4096 + 512 : 2 * 65536));
+    }
+  }
+  CHECK(stored);  // some n was past the last write of the store
+}
+
+TEST_CASE("bitmaps: hostile directories are refused or skipped, never written over metadata") {
+  TempDir d("bitmaps-hostile");
+  const std::string img = d / "a.qcow2";
+  auto fresh = [&] {
+    sh("rm -f '" + img + "' && qemu-img create -q -f qcow2 '" + img + "' 64M");
+    sh("qemu-io -f qcow2 -c 'write -P 7 0 64k' '" + img + "'");
+    sh("qemu-img bitmap --add '" + img + "' b0");
+    std::unique_ptr<strata::File> f = strata::host_file_system()->open(img, false);
+    return read_header(*f);
+  };
+  auto ext_offset = [&] {  // the bitmaps extension in cluster 0
+    auto bytes = strata::test::file_bytes<uint8_t>(img);
+    for (size_t i = 104; i + 4 <= 65536; i += 8)
+      if (bytes[i] == 0x23 && bytes[i + 1] == 0x85 && bytes[i + 2] == 0x28 && bytes[i + 3] == 0x75)
+        return i;
+    return size_t{0};
+  };
+  // qemu-img check's verdict as a severity: clean, leaks, corrupt.
+  auto check_severity = [&] {
+    const int rc = sh_status("qemu-img check -q '" + img + "'");
+    return rc == 0 ? 0 : rc == 3 ? 1 : 2;
+  };
+  auto write_and_check = [&](const char* what, const Header& h) {
+    INFO(what);
+    const int severity = check_severity();
+    const auto before = strata::test::file_bytes<uint8_t>(img);
+    {
+      auto dev = open_rw(img);
+      CHECK(dev->dirty_bitmaps().empty());
+      REQUIRE(dev->write(uint64_t{1} << 20, pattern(65536, 3), false) == 0);
+    }
+    CHECK(check_severity() <= severity);  // nothing made worse
+    // The L1 table and the data the bitmap pointed at are intact.
+    const auto after = strata::test::file_bytes<uint8_t>(img);
+    const uint64_t l1 = h.l1_table_offset;
+    CHECK(std::equal(before.begin() + l1, before.begin() + l1 + 8 * h.l1_size, after.begin() + l1));
+    auto got = read_all(*open_ro(img));
+    CHECK(got[0] == std::byte{7});
+    CHECK(got[65535] == std::byte{7});
+    CHECK(got[1 << 20] == std::byte{3});
+  };
+
+  Header h = fresh();
+  // The table at the L1 table's offset.
+  patch(img, h.bitmap_directory_offset, be64(h.l1_table_offset));
+  write_and_check("table over the L1", h);
+  CHECK(qemu_flag(img, "b0", "in-use"));
+
+  h = fresh();
+  // A table entry pointing at the first L2 table... at cluster 0 (the header).
+  {
+    std::unique_ptr<strata::File> f = strata::host_file_system()->open(img, false);
+    std::vector<uint8_t> dir(h.bitmap_directory_size);
+    REQUIRE(strata::read_bytes(*f, h.bitmap_directory_offset, dir.data(), dir.size()) == 0);
+    std::vector<BitmapEntry> e;
+    REQUIRE(parse_bitmap_directory(dir, 1, e).empty());
+    patch(img, e[0].table_offset, be64(h.l1_table_offset));
+  }
+  write_and_check("data cluster on the L1", h);
+
+  h = fresh();
+  // The directory size no longer matches its entries.
+  patch(img, ext_offset() + 8 + 8, be64(h.bitmap_directory_size + 8));
+  write_and_check("directory size", h);
+  CHECK(qemu_bitmaps(img).empty());  // the autoclear bit was cleared: QEMU drops them
+
+  h = fresh();
+  patch(img, ext_offset() + 8, be32(70000));  // more bitmaps than the format allows
+  CHECK_THROWS_WITH_AS(open_rw(img), doctest::Contains("nb_bitmaps 70000"), strata::ImageError);
 }

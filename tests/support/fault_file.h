@@ -18,6 +18,8 @@ class FaultFile final : public ForwardingFile {
   int read_error = 0;
   uint64_t read_fail_from = 0, read_fail_to = UINT64_MAX;
   int write_error = 0;
+  // With write_error: the first `writes_before_error` writes still succeed.
+  std::atomic<int> writes_before_error{0};
   int sync_error = 0;
   int punch_error = 0;
   std::atomic<int> syncs{0};
@@ -27,7 +29,8 @@ class FaultFile final : public ForwardingFile {
     return ForwardingFile::read_at(off, buf);
   }
   int write_at(uint64_t off, std::span<const std::byte> buf) override {
-    return write_error ? write_error : ForwardingFile::write_at(off, buf);
+    if (write_error && writes_before_error-- <= 0) return write_error;
+    return ForwardingFile::write_at(off, buf);
   }
   int sync() override {
     ++syncs;
