@@ -59,7 +59,7 @@ void Qcow2Device::load_bitmaps() {
       const uint64_t bytes = bitmap_bytes(size_, b.entry.granularity_bits);
       if (!names.insert(b.entry.name).second) {
         b.problem = "a bitmap of the same name comes first";
-      } else if (memory + bytes > kMaxImageBitmapBytes) {
+      } else if (bytes <= kMaxBitmapBytes && memory + bytes > kMaxImageBitmapBytes) {
         b.problem = "the bitmaps before it take all the memory an image's bitmaps may (" +
                     std::to_string(kMaxImageBitmapBytes >> 20) + " MiB)";
       } else {
@@ -188,28 +188,37 @@ void Qcow2Device::mark_dirty(uint64_t offset, uint64_t length) {
 
 int Qcow2Device::store_bitmaps_locked() {
   if (!writing_begun_ || read_only_ || corrupt_) return 0;
+  std::vector<TrackedBitmap*> tables;  // whose table gained data clusters
   bool any = false;
   for (TrackedBitmap& b : bitmaps_) {
     if (!b.tracking) continue;
-    if (int r = store_bitmap_locked(b)) return r;
     any = true;
+    bool table_changed = false;
+    if (int r = store_bitmap_data_locked(b, table_changed)) return r;
+    if (table_changed) tables.push_back(&b);
   }
   if (!any) return 0;
-  // Data and tables (and the refcounts of new data clusters) durable before
-  // IN_USE is cleared.
+  // The data, and the refcounts of new data clusters, durable before a
+  // table points at them; the tables durable before IN_USE is cleared.
   if (int r = flush_locked()) return r;
+  for (TrackedBitmap* b : tables) {
+    if (int r = write_bitmap_table_locked(*b)) return r;
+  }
+  if (!tables.empty()) {
+    if (int r = file_->sync()) return r;
+  }
   for (TrackedBitmap& b : bitmaps_) {
     if (b.tracking) b.entry.flags &= ~kBitmapInUse;
   }
   return write_bitmap_directory_locked();
 }
 
-// Writes each chunk of the bitmap that is not all clear to its data cluster
-// (allocated when it had none), then the table if it changed.
-int Qcow2Device::store_bitmap_locked(TrackedBitmap& b) {
+// Writes each chunk of the bitmap that is not all clear to its data cluster,
+// allocating one where the table has none (the table in memory only: its
+// caller writes it once the new clusters' refcounts are durable).
+int Qcow2Device::store_bitmap_data_locked(TrackedBitmap& b, bool& table_changed) {
   const uint64_t per_cluster = cluster_size_ * 8;
   std::vector<uint8_t> data(cluster_size_);
-  bool table_changed = false;
   for (uint64_t k = 0; k < b.table.size(); ++k) {
     const uint64_t first = k * per_cluster;
     const uint64_t n = std::min(per_cluster, b.bits->granules() - first);
@@ -228,7 +237,10 @@ int Qcow2Device::store_bitmap_locked(TrackedBitmap& b) {
     b.bits->store(first, data);
     if (int r = write_metadata_locked(host, data.data(), data.size(), kMetaBitmap)) return r;
   }
-  if (!table_changed) return 0;
+  return 0;
+}
+
+int Qcow2Device::write_bitmap_table_locked(const TrackedBitmap& b) {
   std::vector<uint8_t> raw(b.table.size() * 8);
   for (uint64_t k = 0; k < b.table.size(); ++k) store_be64(raw.data() + k * 8, b.table[k]);
   return write_metadata_locked(b.entry.table_offset, raw.data(), raw.size(), kMetaBitmap);
@@ -468,9 +480,7 @@ std::string Qcow2Device::bitmap_clear(const std::string& name) {
   old.table = b->table;
   old.entry.table_size = 0;  // only the data clusters go
   std::fill(b->table.begin(), b->table.end(), 0);
-  std::vector<uint8_t> raw(b->table.size() * 8, 0);
-  if (int r = write_metadata_locked(b->entry.table_offset, raw.data(), raw.size(), kMetaBitmap))
-    return std::strerror(r);
+  if (int r = write_bitmap_table_locked(*b)) return std::strerror(r);
   if (int r = file_->sync()) return std::strerror(r);
   b->entry.flags &= ~kBitmapInUse;
   b->problem.clear();

@@ -223,7 +223,8 @@ class Qcow2Device final : public BlockDevice {
   void mark_dirty(uint64_t offset, uint64_t length);
   // At a clean close: tables and data written, synced, then IN_USE cleared.
   int store_bitmaps_locked() REQUIRES(mu_);
-  int store_bitmap_locked(TrackedBitmap& b) REQUIRES(mu_);
+  int store_bitmap_data_locked(TrackedBitmap& b, bool& table_changed) REQUIRES(mu_);
+  int write_bitmap_table_locked(const TrackedBitmap& b) REQUIRES(mu_);
   int write_bitmap_directory_locked() REQUIRES(mu_);
   int write_bitmaps_extension_locked(uint64_t offset, uint64_t size, uint32_t count) REQUIRES(mu_);
   int free_bitmap_clusters_locked(const TrackedBitmap& b) REQUIRES(mu_);

@@ -2,8 +2,8 @@
 // driver against qemu-img, the oracle: bitmaps it created are tracked,
 // stored consistent at close, IN_USE while open and after a failed store,
 // skipped with a reason when corrupt, and edited by the tool's verbs.
-#include "formats/qcow2/bitmap.h"
 #include "formats/errors.h"
+#include "formats/qcow2/bitmap.h"
 #include "formats/qcow2/qcow2.h"
 #include "qcow2_helpers.h"
 #include "tests/support/fault_file_system.h"
@@ -347,7 +347,7 @@ TEST_CASE("bitmaps: memory is bounded whatever the image claims") {
     REQUIRE(q != nullptr);
     CHECK(dev->dirty_bitmaps() == std::vector<std::string>{"b0"});
     // 16 TiB / 512 B would be 4 GiB of bits.
-    CHECK(q->bitmap_add("fine", 9, true).find("too large") == 0);
+    CHECK(q->bitmap_add("fine", 9, true).find("too large") != std::string::npos);
   }
   uint64_t dir = 0;
   {
@@ -371,7 +371,7 @@ TEST_CASE("bitmaps: a store cut off at any write leaves them IN_USE or exact") {
   for (int n = 0; n < 40 && !stored; ++n) {
     sh("rm -f '" + img + "' && qemu-img create -q -f qcow2 -o cluster_size=4k '" + img + "' 64M");
     sh("qemu-img bitmap --add -g 512 '" + img + "' fine");
-    sh("qemu-img bitmap --add '" + img + "' coarse");
+    sh("qemu-img bitmap --add -g 64k '" + img + "' coarse");
     auto files = std::make_shared<strata::test::FaultFileSystem>();
     {
       strata::OpenOptions o;
@@ -385,7 +385,7 @@ TEST_CASE("bitmaps: a store cut off at any write leaves them IN_USE or exact") {
       f->write_error = EIO;
     }
     INFO("store cut at write " << n);
-    REQUIRE(sh_status("qemu-img check -q '" + img + "'") != 2);  // leaks at worst
+    if (sh_status("qemu-img check '" + img + "'") == 2) FAIL(last_log());  // leaks at worst
     for (const char* name : {"fine", "coarse"}) {
       if (qemu_flag(img, name, "in-use")) continue;
       stored = true;
