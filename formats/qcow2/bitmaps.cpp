@@ -76,6 +76,17 @@ void Qcow2Device::load_bitmaps() {
   if (!read_only_) update_metadata_ranges();
 }
 
+// What a bitmap structure at [offset, offset + bytes) overlaps, as "overlaps
+// the ...", or "" (read-only opens build no metadata map and check nothing).
+std::string Qcow2Device::bitmap_overlap_locked(uint64_t offset, uint64_t bytes) const {
+  if (read_only_) return {};
+  const uint64_t first = offset >> cluster_bits_;
+  const uint64_t count = (bytes + cluster_size_ - 1) >> cluster_bits_;
+  if (uint16_t k = metadata_map_.kinds(first, count))
+    return "overlaps the " + describe_meta_kinds(k);
+  return {};
+}
+
 // Validates one bitmap and its table; loads its bits when it is consistent.
 // Its clusters are recorded as metadata (read-write opens) once they are
 // known not to overlap anything else, so guest data never lands on them.
@@ -87,15 +98,7 @@ std::string Qcow2Device::load_bitmap(TrackedBitmap& b) {
   std::vector<uint8_t> raw(uint64_t{e.table_size} * 8);
   if (read_bytes(*file_, e.table_offset, raw.data(), raw.size()) != 0)
     return "cannot read its table";
-  const auto overlap = [&](uint64_t offset, uint64_t bytes) -> std::string {
-    if (read_only_) return {};
-    const uint64_t first = offset >> cluster_bits_;
-    const uint64_t count = (bytes + cluster_size_ - 1) >> cluster_bits_;
-    if (uint16_t k = metadata_map_.kinds(first, count))
-      return "overlaps the " + describe_meta_kinds(k);
-    return {};
-  };
-  if (std::string why = overlap(e.table_offset, raw.size()); !why.empty())
+  if (std::string why = bitmap_overlap_locked(e.table_offset, raw.size()); !why.empty())
     return "its table " + why;
   std::vector<uint64_t> table(e.table_size);
   std::unordered_set<uint64_t> clusters;
@@ -105,7 +108,7 @@ std::string Qcow2Device::load_bitmap(TrackedBitmap& b) {
     if (!d.valid) return "table entry " + std::to_string(k) + " is invalid";
     if (!d.host) continue;
     if (d.host >= file_size) return "table entry " + std::to_string(k) + " lies past the end";
-    if (std::string why = overlap(d.host, cluster_size_); !why.empty())
+    if (std::string why = bitmap_overlap_locked(d.host, cluster_size_); !why.empty())
       return "data cluster " + std::to_string(k) + " " + why;
     if (!clusters.insert(d.host).second)
       return "data cluster " + std::to_string(k) + " is used twice";

@@ -218,6 +218,7 @@ class Qcow2Device final : public BlockDevice {
   // bitmap; refuses none, marks the unusable ones with their problem.
   void load_bitmaps() REQUIRES(mu_);
   std::string load_bitmap(TrackedBitmap& b) REQUIRES(mu_);
+  std::string bitmap_overlap_locked(uint64_t offset, uint64_t bytes) const REQUIRES_SHARED(mu_);
   int set_bitmaps_in_use_locked() REQUIRES(mu_);
   // Marks [offset, offset + length) in every tracking bitmap; lock-free.
   void mark_dirty(uint64_t offset, uint64_t length);
