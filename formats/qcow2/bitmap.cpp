@@ -108,7 +108,7 @@ std::vector<uint8_t> encode_bitmap_directory(const std::vector<BitmapEntry>& ent
     store_be16(p + 18, static_cast<uint16_t>(e.name.size()));
     store_be32(p + 20, static_cast<uint32_t>(e.extra_data.size()));
     std::copy(e.extra_data.begin(), e.extra_data.end(), p + kEntryHeaderSize);
-    std::memcpy(p + kEntryHeaderSize + e.extra_data.size(), e.name.data(), e.name.size());
+    std::copy(e.name.begin(), e.name.end(), p + kEntryHeaderSize + e.extra_data.size());
   }
   return out;
 }

@@ -402,7 +402,7 @@ int Qcow2Device::dirty_extents(std::string_view name, uint64_t offset, uint64_t 
     if (b.bits && b.entry.name == name) {
       // Replies stay bounded whatever the request length: at most this many
       // runs (qemu-nbd's limit), the client asks again for the rest.
-      constexpr size_t kMaxRuns = 128 * 1024;
+      constexpr size_t kMaxRuns = size_t{128} * 1024;
       b.bits->runs(offset, length, out, kMaxRuns);
       return 0;
     }
