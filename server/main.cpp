@@ -231,8 +231,15 @@ int serve(ServeArgs& args) {
   Server server(std::move(config), std::move(activated));
   held.release();  // the server's signal handlers are in place
   server.listen();
+  // Under socket activation stdout is often the activator's own
+  // (`nbdcopy -- [ strata serve ... ] -` writes the image there): the URIs
+  // go to the log instead.
   for (const auto& uri : server.uris()) {
-    std::cout << "serving " << uri << std::endl;
+    if (server.activated()) {
+      spdlog::info("serving {}", uri);
+    } else {
+      std::cout << "serving " << uri << std::endl;
+    }
   }
   PidFile pid_file;
   if (!server.config().pid_file.empty()) pid_file = PidFile(server.config().pid_file, ::getpid());

@@ -43,6 +43,8 @@ class Server {
   void stop();
 
   const Config& config() const { return config_; }
+  // True when the listeners are sockets passed in by socket activation.
+  bool activated() const { return !activated_.empty(); }
   ExportRegistry& exports() { return *exports_; }
   // Payload bytes held by all connections (limits.max_total_inflight_bytes).
   MemoryBudget& memory() { return memory_; }
