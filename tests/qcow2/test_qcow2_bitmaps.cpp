@@ -2,8 +2,8 @@
 // driver against qemu-img, the oracle: bitmaps it created are tracked,
 // stored consistent at close, IN_USE while open and after a failed store,
 // skipped with a reason when corrupt, and edited by the tool's verbs.
-#include "formats/qcow2/bitmap.h"
 #include "formats/errors.h"
+#include "formats/qcow2/bitmap.h"
 #include "formats/qcow2/qcow2.h"
 #include "qcow2_helpers.h"
 #include "tests/support/fault_file_system.h"
