@@ -30,12 +30,13 @@ void check_keys(const json& obj, const std::string& where, const std::set<std::s
 
 std::string get_string(const json& obj, const std::string& where, const std::string& key,
                        const std::string& def, bool required = false) {
+  const std::string name = where.empty() ? key : where + "." + key;  // top-level keys bare
   auto it = obj.find(key);
   if (it == obj.end()) {
-    if (required) fail(where + "." + key, "is required");
+    if (required) fail(name, "is required");
     return def;
   }
-  if (!it->is_string()) fail(where + "." + key, "must be a string, not " + type_name(*it));
+  if (!it->is_string()) fail(name, "must be a string, not " + type_name(*it));
   return it->get<std::string>();
 }
 
