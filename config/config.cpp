@@ -30,12 +30,13 @@ void check_keys(const json& obj, const std::string& where, const std::set<std::s
 
 std::string get_string(const json& obj, const std::string& where, const std::string& key,
                        const std::string& def, bool required = false) {
+  const std::string name = where.empty() ? key : where + "." + key;  // top-level keys bare
   auto it = obj.find(key);
   if (it == obj.end()) {
-    if (required) fail(where + "." + key, "is required");
+    if (required) fail(name, "is required");
     return def;
   }
-  if (!it->is_string()) fail(where + "." + key, "must be a string, not " + type_name(*it));
+  if (!it->is_string()) fail(name, "must be a string, not " + type_name(*it));
   return it->get<std::string>();
 }
 
@@ -236,7 +237,8 @@ OpenOptions ExportConfig::open_options() const {
 }
 
 Config parse_config(const json& j) {
-  check_keys(j, "", {"listeners", "exports", "limits", "log_level", "tls"});
+  check_keys(j, "",
+             {"listeners", "exports", "limits", "log_level", "log_format", "pid_file", "tls"});
   Config c;
   if (auto it = j.find("tls"); it != j.end()) c.tls = parse_tls(*it, "tls");
   if (auto it = j.find("listeners"); it != j.end()) {
@@ -272,6 +274,9 @@ Config parse_config(const json& j) {
     l.workers = static_cast<uint32_t>(get_uint(*it, "limits", "workers", l.workers, 1, 256));
   }
   c.log_level = get_string(j, "", "log_level", "info");
+  c.log_format = get_string(j, "", "log_format", "text");
+  c.pid_file = get_string(j, "", "pid_file", "");
+  if (j.contains("pid_file") && c.pid_file.empty()) fail("pid_file", "must not be empty");
   validate(c);
   return c;
 }
@@ -280,6 +285,9 @@ void validate(const Config& c) {
   static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "off"};
   if (!levels.count(c.log_level)) {
     fail("log_level", "'" + c.log_level + "' is not one of trace, debug, info, warn, error, off");
+  }
+  if (c.log_format != "text" && c.log_format != "json") {
+    fail("log_format", "'" + c.log_format + "' is not one of text, json");
   }
   if (c.limits.max_total_inflight_bytes < kMaxRequestBytes) {
     fail("limits.max_total_inflight_bytes", std::to_string(c.limits.max_total_inflight_bytes) +

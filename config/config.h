@@ -111,6 +111,9 @@ struct Config {
   std::vector<ExportConfig> exports;
   Limits limits;
   std::string log_level = "info";
+  std::string log_format = "text";  // text or json (server/log_format.h)
+  // Written once the server is ready, removed at exit; empty: none.
+  std::string pid_file;
 };
 
 // Parses and validates; throws ConfigError.

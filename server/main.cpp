@@ -1,17 +1,24 @@
 // strata: NBD server (`strata serve`) and image tool (`create`, `info`, `check`, `map`).
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <system_error>
 
 #include "config/config.h"
 #include "formats/create.h"
 #include "formats/errors.h"
+#include "server/log_format.h"
+#include "server/pid_file.h"
 #include "server/server.h"
+#include "server/socket_activation.h"
 #include "server/tool.h"
 
 namespace fs = std::filesystem;
@@ -38,6 +45,9 @@ struct ServeArgs {
   bool allow_raw_backing = false;
   std::vector<std::string> bitmaps;
   std::string log_level;
+  std::string log_format;
+  std::string pid_file;
+  bool exit_with_parent = false;
   uint32_t max_connections = 0;
   uint32_t handshake_timeout_ms = 0;
   uint32_t workers = 0;
@@ -152,6 +162,8 @@ Config config_from_args(ServeArgs& a) {
   }
   apply_tls_args(a, c);
   if (!a.log_level.empty()) c.log_level = a.log_level;
+  if (!a.log_format.empty()) c.log_format = a.log_format;
+  if (!a.pid_file.empty()) c.pid_file = a.pid_file;
   if (a.max_connections) c.limits.max_connections = a.max_connections;
   if (a.handshake_timeout_ms) c.limits.handshake_timeout_ms = a.handshake_timeout_ms;
   if (a.workers) c.limits.workers = a.workers;
@@ -166,21 +178,78 @@ Config config_from_args(ServeArgs& a) {
   return c;
 }
 
-int serve(ServeArgs& args) {
-  Config config = config_from_args(args);
-  spdlog::set_level(spdlog::level::from_str(config.log_level));
-  Server server(std::move(config));
-  server.listen();
-  for (const auto& uri : server.uris()) {
-    std::cout << "serving " << uri << std::endl;
+// Holds SIGTERM and SIGINT back from the moment --exit-with-parent asks for
+// a SIGTERM until the server's handlers exist: a parent that dies during
+// start-up then stops the server cleanly instead of killing it mid-open.
+class HeldStopSignals {
+ public:
+  explicit HeldStopSignals(bool hold) : held_(hold) {
+    if (!held_) return;
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGTERM);
+    sigaddset(&set_, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set_, nullptr);
   }
+  ~HeldStopSignals() { release(); }
+  HeldStopSignals(const HeldStopSignals&) = delete;
+  HeldStopSignals& operator=(const HeldStopSignals&) = delete;
+  void release() {
+    if (held_) pthread_sigmask(SIG_UNBLOCK, &set_, nullptr);
+    held_ = false;
+  }
+
+ private:
+  bool held_;
+  sigset_t set_{};
+};
+
+// --exit-with-parent: SIGTERM when the parent exits (Linux sends it when the
+// thread that forked us ends). A parent that died before prctl() took
+// effect sends nothing, and we are reparented: the pid changed. Returns
+// false then.
+bool exit_with_parent() {
+  const pid_t parent = ::getppid();
+  if (::prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) {
+    throw std::system_error(errno, std::generic_category(), "--exit-with-parent: prctl");
+  }
+  if (::getppid() != parent) {
+    spdlog::info("--exit-with-parent: the parent process has already exited, stopping");
+    return false;
+  }
+  return true;
+}
+
+int serve(ServeArgs& args) {
+  HeldStopSignals held(args.exit_with_parent);
+  if (args.exit_with_parent && !exit_with_parent()) return 0;
+  // Read (and unset) before anything else runs: the variables are for this
+  // process only.
+  std::vector<ActivatedSocket> activated = take_activated_sockets();
+  Config config = config_from_args(args);
+  set_log_format(*parse_log_format(config.log_format));
+  spdlog::set_level(spdlog::level::from_str(config.log_level));
+  Server server(std::move(config), std::move(activated));
+  held.release();  // the server's signal handlers are in place
+  server.listen();
+  // Under socket activation stdout is often the activator's own
+  // (`nbdcopy -- [ strata serve ... ] -` writes the image there): the URIs
+  // go to the log instead.
+  for (const auto& uri : server.uris()) {
+    if (server.activated()) {
+      spdlog::info("serving {}", uri);
+    } else {
+      std::cout << "serving " << uri << std::endl;
+    }
+  }
+  PidFile pid_file;
+  if (!server.config().pid_file.empty()) pid_file = PidFile(server.config().pid_file, ::getpid());
   return server.run();
 }
 
 int run_command_line(int argc, char** argv) {
   auto logger = spdlog::stderr_color_mt("strata");
   spdlog::set_default_logger(logger);
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+  set_log_format(LogFormat::text);
 
   CLI::App app{"Strata: a network block device server for raw, VHD and qcow2 images"};
   app.require_subcommand(1);
@@ -209,6 +278,12 @@ int run_command_line(int argc, char** argv) {
                  "Export only this persistent dirty bitmap as qemu:dirty-bitmap:NAME "
                  "(default: every exportable bitmap of the image)");
   serve_cmd->add_option("--log-level", sa.log_level, "trace, debug, info, warn, error, off");
+  serve_cmd->add_option("--log-format", sa.log_format, "text (default) or json (one object a line)")
+      ->check(CLI::IsMember({"text", "json"}));
+  serve_cmd->add_option("--pid-file", sa.pid_file,
+                        "Write the server's pid here once it is ready; removed at exit");
+  serve_cmd->add_flag("--exit-with-parent", sa.exit_with_parent,
+                      "Stop (as on SIGTERM) when the parent process exits (Linux)");
   serve_cmd->add_option("--max-connections", sa.max_connections, "Connection limit");
   serve_cmd->add_option("--handshake-timeout-ms", sa.handshake_timeout_ms,
                         "Drop clients that do not finish the handshake in time");
@@ -277,6 +352,9 @@ int run_command_line(int argc, char** argv) {
   create_cmd->add_option("size", size_text, "Virtual size (e.g. 64M, 1G)");
 
   CLI11_PARSE(app, argc, argv);
+
+  // Before the config is read, so that its errors come in the format asked for.
+  if (!sa.log_format.empty()) set_log_format(*parse_log_format(sa.log_format));
 
   try {
     if (serve_cmd->parsed()) return serve(sa);

@@ -3,10 +3,12 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <asio/experimental/as_tuple.hpp>
+#include <cerrno>
 #include <csignal>
 #include <filesystem>
 
@@ -14,15 +16,17 @@
 
 namespace strata {
 
-Server::Server(Config config)
+Server::Server(Config config, std::vector<ActivatedSocket> activated)
     : config_(std::move(config)),
       memory_(config_.limits.max_total_inflight_bytes),
+      activated_(std::move(activated)),
       signals_(io_, SIGINT, SIGTERM) {
   // Credentials first: a bad key or certificate is refused before any
   // image is opened.
   // Listeners that inherit the top-level settings share one set of
   // credentials: each file is read and checked once.
-  for (size_t i = 0; i < config_.listeners.size(); ++i) {
+  if (!activated_.empty()) listener_tls_.push_back(load_tls(config_.tls));
+  for (size_t i = 0; activated_.empty() && i < config_.listeners.size(); ++i) {
     size_t same = 0;
     while (config_.listeners[same].tls != config_.listeners[i].tls) ++same;
     listener_tls_.push_back(same < i ? listener_tls_[same] : load_tls(config_.listeners[i].tls));
@@ -69,6 +73,14 @@ Server::~Server() {
 }
 
 void Server::listen() {
+  if (activated_.empty()) {
+    bind_configured();
+  } else {
+    adopt_activated();
+  }
+}
+
+void Server::bind_configured() {
   for (size_t i = 0; i < config_.listeners.size(); ++i) {
     const auto& l = config_.listeners[i];
     if (l.kind == ListenerConfig::Kind::tcp) {
@@ -106,6 +118,63 @@ void Server::listen() {
   }
 }
 
+void Server::adopt_activated() {
+  std::string skipped;
+  for (const auto& l : config_.listeners) {
+    skipped += skipped.empty() ? "" : ", ";
+    skipped += l.kind == ListenerConfig::Kind::tcp ? l.address + ":" + std::to_string(l.port)
+                                                   : "unix socket " + l.path;
+  }
+  spdlog::info(
+      "socket activation: {} listening socket(s) passed in; the configured listeners ({}) are "
+      "not bound",
+      activated_.size(), skipped);
+  for (const auto& s : activated_) {
+    const std::string what =
+        "fd " + std::to_string(s.fd) + (s.name.empty() ? "" : " (" + s.name + ")");
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    int type = 0;
+    int listening = 0;
+    socklen_t optlen = sizeof type;
+    if (::getsockname(s.fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+        ::getsockopt(s.fd, SOL_SOCKET, SO_TYPE, &type, &optlen) != 0) {
+      throw std::system_error(errno, std::generic_category(),
+                              "socket activation: " + what + " is not a socket");
+    }
+    optlen = sizeof listening;
+    if (type != SOCK_STREAM ||
+        ::getsockopt(s.fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &optlen) != 0 || !listening) {
+      throw std::runtime_error("socket activation: " + what +
+                               " is not a listening stream socket (use Accept=no)");
+    }
+    if (addr.ss_family == AF_INET || addr.ss_family == AF_INET6) {
+      auto a = std::make_unique<asio::ip::tcp::acceptor>(io_);
+      a->assign(addr.ss_family == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6(), s.fd);
+      const auto ep = a->local_endpoint();
+      ListenerConfig l;
+      l.address = ep.address().to_string();
+      l.port = ep.port();
+      l.tls = config_.tls;
+      spdlog::info("listening on {}:{} ({}, TLS {})", l.address, l.port, what,
+                   to_string(l.tls.mode));
+      warn_if_exposed(l, l.port);
+      tcp_.emplace_back(std::move(a), listener_tls_.front());
+    } else if (addr.ss_family == AF_UNIX) {
+      auto a = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
+      a->assign(asio::local::stream_protocol(), s.fd);
+      std::string path = a->local_endpoint().path();
+      if (path.empty() || path.front() == '\0') path = "(unnamed)";
+      spdlog::info("listening on unix socket {} ({}, TLS {})", path, what,
+                   to_string(config_.tls.mode));
+      unix_.emplace_back(std::move(a), listener_tls_.front());
+    } else {
+      throw std::runtime_error("socket activation: " + what +
+                               " is neither a TCP nor a unix socket");
+    }
+  }
+}
+
 std::vector<std::string> Server::uris() const {
   std::vector<std::string> out;
   std::string name = config_.exports.front().name;
@@ -117,7 +186,12 @@ std::vector<std::string> Server::uris() const {
     const char* scheme = tls.policy == nbd::TlsPolicy::kRequired ? "nbds://" : "nbd://";
     out.push_back(scheme + host + ":" + std::to_string(ep.port()) + "/" + name);
   }
-  for (const auto& p : unix_paths_) out.push_back("nbd+unix:///" + name + "?socket=" + p);
+  for (const auto& [a, tls] : unix_) {
+    std::error_code ec;
+    const std::string p = a->local_endpoint(ec).path();
+    if (ec || p.empty() || p.front() == '\0') continue;  // abstract or unnamed
+    out.push_back("nbd+unix:///" + name + "?socket=" + p);
+  }
   return out;
 }
 

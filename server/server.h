@@ -3,7 +3,9 @@
 // bound shared by all connections, and graceful shutdown on SIGTERM/SIGINT
 // (stop accepting, finish requests being executed, answer the rest
 // ESHUTDOWN, give clients limits.drain_timeout_ms to read their replies,
-// flush every export, exit 0).
+// flush every export, exit 0). Listeners are bound from the config, or, under
+// socket activation, adopted from the service manager instead (then the
+// configured ones are not bound and the adopted ones take the top-level TLS).
 #pragma once
 
 #include <asio.hpp>
@@ -17,6 +19,7 @@
 #include "config/config.h"
 #include "server/exports.h"
 #include "server/memory_budget.h"
+#include "server/socket_activation.h"
 #include "server/tls.h"
 
 namespace strata {
@@ -25,10 +28,13 @@ class Connection;
 
 class Server {
  public:
-  explicit Server(Config config);
+  // `activated`: the sockets passed by socket activation
+  // (take_activated_sockets()); when there are any, they are the listeners.
+  explicit Server(Config config, std::vector<ActivatedSocket> activated = {});
   ~Server();
 
-  // Binds every listener (throws std::system_error naming the address).
+  // Binds every configured listener, or adopts the activated sockets (throws
+  // std::system_error naming the address or the fd).
   void listen();
   // Runs until a signal (or stop()) and every connection has finished.
   // Returns the process exit status.
@@ -37,6 +43,8 @@ class Server {
   void stop();
 
   const Config& config() const { return config_; }
+  // True when the listeners are sockets passed in by socket activation.
+  bool activated() const { return !activated_.empty(); }
   ExportRegistry& exports() { return *exports_; }
   // Payload bytes held by all connections (limits.max_total_inflight_bytes).
   MemoryBudget& memory() { return memory_; }
@@ -57,6 +65,8 @@ class Server {
   // The start-up warning for a listener that lets plain-text clients from
   // other hosts write.
   void warn_if_exposed(const ListenerConfig& l, uint16_t port) const;
+  void bind_configured();
+  void adopt_activated();
 
   template <class Acceptor>
   asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string what, ListenerTls tls);
@@ -68,11 +78,14 @@ class Server {
   asio::io_context io_{1};
   asio::steady_timer drain_timer_{io_};
   std::unique_ptr<ExportRegistry> exports_;
-  std::vector<ListenerTls> listener_tls_;  // by config_.listeners index
+  std::vector<ActivatedSocket> activated_;
+  // By config_.listeners index; under socket activation one entry, the
+  // top-level TLS every adopted socket uses.
+  std::vector<ListenerTls> listener_tls_;
   std::vector<std::pair<std::unique_ptr<asio::ip::tcp::acceptor>, ListenerTls>> tcp_;
   std::vector<std::pair<std::unique_ptr<asio::local::stream_protocol::acceptor>, ListenerTls>>
       unix_;
-  std::vector<std::string> unix_paths_;
+  std::vector<std::string> unix_paths_;  // bound by us: unlinked at exit
   asio::signal_set signals_;
   std::map<uint64_t, std::weak_ptr<Connection>> connections_;
   uint64_t next_id_ = 1;

@@ -217,3 +217,20 @@ TEST_CASE("bitmaps given on the command line are checked like the config's") {
     CHECK(std::string(e.what()) == "exports[0].bitmaps[1]: 'daily' is listed twice");
   }
 }
+
+TEST_CASE("pid_file and log_format: the process keys") {
+  auto c = parse_config_text(R"({"exports": [{"name": "x", "path": "/x.raw"}]})");
+  CHECK(c.pid_file.empty());
+  CHECK(c.log_format == "text");
+  c = parse_config_text(
+      R"({"pid_file": "/run/strata.pid", "log_format": "json",
+          "exports": [{"name": "x", "path": "/x.raw"}]})");
+  CHECK(c.pid_file == "/run/strata.pid");
+  CHECK(c.log_format == "json");
+  CHECK(error_of(R"({"log_format": "xml", "exports": [{"name": "x", "path": "/x"}]})") ==
+        "log_format: 'xml' is not one of text, json");
+  CHECK(error_of(R"({"pid_file": "", "exports": [{"name": "x", "path": "/x"}]})") ==
+        "pid_file: must not be empty");
+  CHECK(error_of(R"({"pid_file": 1, "exports": [{"name": "x", "path": "/x"}]})") ==
+        "pid_file: must be a string, not number");
+}
