@@ -379,6 +379,18 @@ int Qcow2Device::free_bitmap_clusters_locked(const TrackedBitmap& b) {
   return 0;
 }
 
+// The bitmap a verb edits, or nullptr with `error` saying why not.
+Qcow2Device::TrackedBitmap* Qcow2Device::bitmap_to_edit_locked(const std::string& name,
+                                                               std::string& error) {
+  if (read_only_) {
+    error = "the image is open read-only";
+    return nullptr;
+  }
+  TrackedBitmap* b = find_bitmap(name);
+  if (!b) error = "no bitmap named '" + name + "'";
+  return b;
+}
+
 Qcow2Device::TrackedBitmap* Qcow2Device::find_bitmap(const std::string& name) {
   for (TrackedBitmap& b : bitmaps_) {
     if (b.entry.name == name) return &b;
@@ -455,9 +467,9 @@ std::string Qcow2Device::bitmap_add(const std::string& name, uint32_t granularit
 
 std::string Qcow2Device::bitmap_remove(const std::string& name) {
   WriterLock lk(mu_);
-  if (read_only_) return "the image is open read-only";
-  TrackedBitmap* b = find_bitmap(name);
-  if (!b) return "no bitmap named '" + name + "'";
+  std::string error;
+  TrackedBitmap* b = bitmap_to_edit_locked(name, error);
+  if (!b) return error;
   TrackedBitmap gone = std::move(*b);
   bitmaps_.erase(bitmaps_.begin() + (b - bitmaps_.data()));
   // The directory without it first; its clusters are freed once that is
@@ -472,9 +484,9 @@ std::string Qcow2Device::bitmap_remove(const std::string& name) {
 
 std::string Qcow2Device::bitmap_clear(const std::string& name) {
   WriterLock lk(mu_);
-  if (read_only_) return "the image is open read-only";
-  TrackedBitmap* b = find_bitmap(name);
-  if (!b) return "no bitmap named '" + name + "'";
+  std::string error;
+  TrackedBitmap* b = bitmap_to_edit_locked(name, error);
+  if (!b) return error;
   if (b->table.empty() && !b->problem.empty())
     return "bitmap '" + name + "' cannot be cleared (" + b->problem + "); remove it";
   // The table all clear and IN_USE cleared, then the data clusters freed.
@@ -496,9 +508,9 @@ std::string Qcow2Device::bitmap_clear(const std::string& name) {
 
 std::string Qcow2Device::bitmap_enable(const std::string& name, bool enabled) {
   WriterLock lk(mu_);
-  if (read_only_) return "the image is open read-only";
-  TrackedBitmap* b = find_bitmap(name);
-  if (!b) return "no bitmap named '" + name + "'";
+  std::string error;
+  TrackedBitmap* b = bitmap_to_edit_locked(name, error);
+  if (!b) return error;
   if (!b->problem.empty()) return "bitmap '" + name + "' cannot be used: " + b->problem;
   b->entry.flags = enabled ? (b->entry.flags | kBitmapAuto) : (b->entry.flags & ~kBitmapAuto);
   if (int r = write_bitmap_directory_locked()) return std::strerror(r);

@@ -231,6 +231,7 @@ class Qcow2Device final : public BlockDevice {
   int free_bitmap_clusters_locked(const TrackedBitmap& b) REQUIRES(mu_);
   int alloc_zeroed_clusters_locked(uint64_t bytes, uint64_t& offset) REQUIRES(mu_);
   TrackedBitmap* find_bitmap(const std::string& name);
+  TrackedBitmap* bitmap_to_edit_locked(const std::string& name, std::string& error) REQUIRES(mu_);
 
   // ---- refcounts and metadata writeback (refcount.cpp)
   int get_refcount_locked(uint64_t cluster, uint64_t& rc) REQUIRES(mu_);

@@ -6,16 +6,13 @@ import json
 import os
 import subprocess
 
-from strata_test import STRATA, Server, main, run, workdir
+from strata_test import STRATA, Server, main, run, sparse_image, workdir
 
 SIZE = 4 << 20
 
 
 def raw_image(d, name="disk.raw"):
-    img = os.path.join(d, name)
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
-    return img
+    return sparse_image(d, name, SIZE)
 
 
 def start_fails(*args):

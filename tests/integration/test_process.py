@@ -11,16 +11,14 @@ import subprocess
 import sys
 import time
 
-from strata_test import STRATA, Server, log, main, recv_exact, send_option, workdir
+from strata_test import (STRATA, Server, log, main, recv_exact, send_option, sparse_image,
+                         workdir)
 
 SIZE = 1 << 20
 
 
 def make_image(d, name="disk.raw"):
-    img = os.path.join(d, name)
-    with open(img, "wb") as f:
-        f.truncate(SIZE)
-    return img
+    return sparse_image(d, name, SIZE)
 
 
 def accepts(path):

@@ -266,6 +266,14 @@ def nbd_handle(uri):
     return h
 
 
+def sparse_image(d, name="disk.raw", size=1 << 20):
+    """A raw image of `size` bytes, all zeros (a hole), in directory d."""
+    img = os.path.join(d, name)
+    with open(img, "wb") as f:
+        f.truncate(size)
+    return img
+
+
 def file_bytes(path):
     with open(path, "rb") as f:
         return f.read()
