@@ -20,9 +20,7 @@
 namespace strata::qcow2 {
 namespace {
 
-constexpr uint32_t kExtBitmaps = 0x23852875;
 constexpr uint64_t kBitmapsExtLength = 24;
-constexpr uint64_t kOffBackingFileOffset = 8;
 
 const char* const kInUseProblem =
     "in use: it was not stored after its last change (the server stopped without closing "
@@ -73,7 +71,6 @@ void Qcow2Device::load_bitmaps() {
   }
   if (!bitmap_directory_problem_.empty())
     spdlog::warn("{}: the bitmaps are not used: {}", path(), bitmap_directory_problem_);
-  if (!read_only_) update_metadata_ranges();
 }
 
 // What a bitmap structure at [offset, offset + bytes) overlaps, as "overlaps
@@ -362,21 +359,26 @@ int Qcow2Device::alloc_zeroed_clusters_locked(uint64_t bytes, uint64_t& offset) 
   return 0;
 }
 
-// Queues every cluster of the bitmap (table and data) to be freed and takes
-// them out of the metadata map. Only for a bitmap whose table was validated.
-int Qcow2Device::free_bitmap_clusters_locked(const TrackedBitmap& b) {
-  for (uint64_t raw : b.table) {
+// Queues the data clusters of `table` (validated table entries) to be freed
+// and takes them out of the metadata map.
+void Qcow2Device::free_bitmap_data_locked(const std::vector<uint64_t>& table) {
+  for (uint64_t raw : table) {
     const BitmapTableEntry d = decode_bitmap_table_entry(raw, cluster_bits_);
     if (!d.host) continue;
     metadata_map_.remove_cluster(d.host >> cluster_bits_, kMetaBitmap);
     pending_frees_.push_back(d.host >> cluster_bits_);
   }
+}
+
+// The same for every cluster of the bitmap: its data and its table. Only
+// for a bitmap whose table was validated.
+void Qcow2Device::free_bitmap_clusters_locked(const TrackedBitmap& b) {
+  free_bitmap_data_locked(b.table);
   const uint64_t bytes = uint64_t{b.entry.table_size} * 8;
   for (uint64_t c = 0; c < bytes; c += cluster_size_) {
     metadata_map_.remove_cluster((b.entry.table_offset + c) >> cluster_bits_, kMetaBitmap);
     pending_frees_.push_back((b.entry.table_offset + c) >> cluster_bits_);
   }
-  return 0;
 }
 
 // The bitmap a verb edits, or nullptr with `error` saying why not.
@@ -490,10 +492,7 @@ std::string Qcow2Device::bitmap_clear(const std::string& name) {
   if (b->table.empty() && !b->problem.empty())
     return "bitmap '" + name + "' cannot be cleared (" + b->problem + "); remove it";
   // The table all clear and IN_USE cleared, then the data clusters freed.
-  TrackedBitmap old;
-  old.entry = b->entry;
-  old.table = b->table;
-  old.entry.table_size = 0;  // only the data clusters go
+  const std::vector<uint64_t> old_table = b->table;
   std::fill(b->table.begin(), b->table.end(), 0);
   if (int r = write_bitmap_table_locked(*b)) return std::strerror(r);
   if (int r = file_->sync()) return std::strerror(r);
@@ -501,7 +500,7 @@ std::string Qcow2Device::bitmap_clear(const std::string& name) {
   b->problem.clear();
   b->bits = std::make_unique<DirtyBitmap>(size_, b->entry.granularity_bits);
   if (int r = write_bitmap_directory_locked()) return std::strerror(r);
-  free_bitmap_clusters_locked(old);
+  free_bitmap_data_locked(old_table);
   if (int r = flush_locked()) return std::strerror(r);
   return {};
 }

@@ -148,7 +148,7 @@ bool Qcow2Device::check_refcount(uint64_t c, uint64_t used, CheckReport& report,
 // verbs repair them.
 void Qcow2Device::check_bitmaps_locked(CheckReport& report) {
   if (!bitmap_directory_problem_.empty()) {
-    if (bitmaps_usable_ || header_.autoclear & kAutoclearBitmaps) {
+    if (header_.autoclear & kAutoclearBitmaps) {  // a directory in force that cannot be read
       report.errors.push_back("bitmaps: " + bitmap_directory_problem_);
     } else {
       report.notes.push_back("bitmaps: " + bitmap_directory_problem_);

@@ -12,7 +12,6 @@ namespace {
 constexpr uint32_t kExtEnd = 0;
 constexpr uint32_t kExtBackingFormat = 0xE2792ACA;
 constexpr uint32_t kExtFeatureTable = 0x6803F857;
-constexpr uint32_t kExtBitmaps = 0x23852875;
 constexpr uint32_t kExtEncryption = 0x0537BE77;
 constexpr uint32_t kExtDataFile = 0x44415441;
 

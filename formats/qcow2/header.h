@@ -28,8 +28,12 @@ inline constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
 inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
 inline constexpr uint64_t kAutoclearKnown = 0x3;
 
+// Header extension types.
+inline constexpr uint32_t kExtBitmaps = 0x23852875;
+
 // Header field offsets used when rewriting single fields.
-inline constexpr uint64_t kOffRefcountTable = 48;  // u64 offset + u32 clusters
+inline constexpr uint64_t kOffBackingFileOffset = 8;  // u64
+inline constexpr uint64_t kOffRefcountTable = 48;     // u64 offset + u32 clusters
 inline constexpr uint64_t kOffIncompat = 72;
 inline constexpr uint64_t kOffAutoclear = 88;
 

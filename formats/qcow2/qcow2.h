@@ -228,7 +228,8 @@ class Qcow2Device final : public BlockDevice {
   int write_bitmap_table_locked(const TrackedBitmap& b) REQUIRES(mu_);
   int write_bitmap_directory_locked() REQUIRES(mu_);
   int write_bitmaps_extension_locked(uint64_t offset, uint64_t size, uint32_t count) REQUIRES(mu_);
-  int free_bitmap_clusters_locked(const TrackedBitmap& b) REQUIRES(mu_);
+  void free_bitmap_data_locked(const std::vector<uint64_t>& table) REQUIRES(mu_);
+  void free_bitmap_clusters_locked(const TrackedBitmap& b) REQUIRES(mu_);
   int alloc_zeroed_clusters_locked(uint64_t bytes, uint64_t& offset) REQUIRES(mu_);
   TrackedBitmap* find_bitmap(const std::string& name);
   TrackedBitmap* bitmap_to_edit_locked(const std::string& name, std::string& error) REQUIRES(mu_);
