@@ -79,16 +79,23 @@ int psk_lookup(gnutls_session_t session, const char* username, gnutls_datum_t* k
 
 // Receives for GnuTLS through a read-ahead buffer: GnuTLS asks for a
 // record's 5-byte header and then its body, two system calls per record
-// without one. Only the receiving thread calls it.
+// without one. Only the receiving thread calls it. With buffered_only set
+// it never touches the socket: an empty buffer is EAGAIN, and GnuTLS keeps
+// the part of a record it has and resumes on the next receive.
 struct ReadAhead {
   int fd;
   std::vector<uint8_t> buf = std::vector<uint8_t>(size_t{64} * 1024);
   size_t pos = 0, end = 0;
+  bool buffered_only = false;
 };
 
 ssize_t pull(gnutls_transport_ptr_t p, void* dst, size_t n) {
   auto* ra = static_cast<ReadAhead*>(p);
   if (ra->pos == ra->end) {
+    if (ra->buffered_only) {
+      errno = EAGAIN;
+      return -1;
+    }
     const ssize_t got = ::recv(ra->fd, ra->buf.data(), ra->buf.size(), 0);
     if (got <= 0) return got;  // errno (EAGAIN, EINTR...) is what GnuTLS reads
     ra->pos = 0;
@@ -310,6 +317,15 @@ ssize_t TlsSession::recv(void* dst, size_t n) {
   return result(static_cast<int>(gnutls_record_recv(session_, dst, n)));
 }
 
+ssize_t TlsSession::recv_buffered(void* dst, size_t n) {
+  auto* ra = static_cast<ReadAhead*>(gnutls_transport_get_ptr(session_));
+  if (gnutls_record_check_pending(session_) == 0 && ra->pos == ra->end) return kAgain;
+  ra->buffered_only = true;
+  const ssize_t got = recv(dst, n);
+  ra->buffered_only = false;
+  return got;
+}
+
 ssize_t TlsSession::send(const void* src, size_t n) {
   return result(static_cast<int>(gnutls_record_send(session_, src, n)));
 }
@@ -325,10 +341,18 @@ TlsTransport::TlsTransport(TlsSession& session, int fd, int send_timeout_ms)
   make_blocking_with_send_timeout(fd_, send_timeout_ms);
 }
 
+// A record holds what the client sent in one write, often a single request
+// header. Records already received are decrypted into the same call, so one
+// receive still yields many requests (and one thread runs them as a batch)
+// as it does on a plain socket.
 ssize_t TlsTransport::recv_some(void* dst, size_t n) {
   for (;;) {
     const ssize_t got = session_.recv(dst, n);
-    if (got >= 0) return got;
+    if (got > 0) {
+      const auto first = static_cast<size_t>(got);
+      return static_cast<ssize_t>(first + recv_buffered(dst, first, n));
+    }
+    if (got == 0) return 0;
     if (got == TlsSession::kFailed) {
       errno = EPROTO;
       return -1;
@@ -336,6 +360,19 @@ ssize_t TlsTransport::recv_some(void* dst, size_t n) {
     pollfd p{fd_, POLLIN, 0};  // kAgain on a blocking socket: a signal, or a spurious wake
     if (::poll(&p, 1, -1) < 0 && errno != EINTR) return -1;
   }
+}
+
+// An end of stream or a failure met here is met again by the next receive,
+// which reports it.
+size_t TlsTransport::recv_buffered(void* dst, size_t have, size_t n) {
+  auto* out = static_cast<uint8_t*>(dst);
+  size_t more = 0;
+  while (have + more < n) {
+    const ssize_t got = session_.recv_buffered(out + have + more, n - have - more);
+    if (got <= 0) break;
+    more += static_cast<size_t>(got);
+  }
+  return more;
 }
 
 namespace {

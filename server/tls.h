@@ -85,6 +85,9 @@ class TlsSession {
   // stream, kAgain or kFailed.
   ssize_t recv(void* dst, size_t n);
   ssize_t send(const void* src, size_t n);
+  // Like recv, from bytes already received only (never the socket): kAgain
+  // when they hold no whole record.
+  ssize_t recv_buffered(void* dst, size_t n);
   // After kAgain: true if the call waits for the socket to be writable.
   bool wants_write() const;
   // Sends a close_notify without waiting for the peer's.
@@ -111,6 +114,10 @@ class TlsTransport final : public Transport {
   void shutdown(int how) override;
 
  private:
+  // Appends to dst[have, n) what records already received hold; returns
+  // how many bytes.
+  size_t recv_buffered(void* dst, size_t have, size_t n);
+
   TlsSession& session_;
   const int fd_;
 };
