@@ -604,6 +604,111 @@ def test_starttls_pipelined_with_go():
             assert_serves(srv, nbds(srv, tls_certificates=pki.ca_only), img)
 
 
+class RecordWriter:
+    """TLS over a socket through memory BIOs, so the test decides which
+    records share a TCP send: ssl's own sockets send each record at once."""
+
+    def __init__(self, s, ca_dir):
+        self.s, self.inc, self.out = s, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = tls_context(ca_dir).wrap_bio(self.inc, self.out, server_hostname="localhost")
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+                self.receive()
+        self.flush()
+
+    def receive(self):
+        data = self.s.recv(65536)
+        assert data, "the server closed the connection"
+        self.inc.write(data)
+
+    def record(self, data):
+        """Queues `data` as one TLS record, not sent yet."""
+        assert self.obj.write(data) == len(data)
+
+    def pending(self):
+        return self.out.read()
+
+    def flush(self):
+        if self.out.pending:
+            self.s.sendall(self.out.read())
+
+    def read_exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            try:
+                buf += self.obj.read(n - len(buf))
+            except ssl.SSLWantReadError:
+                self.receive()
+        return buf
+
+
+def test_many_records_in_one_segment():
+    """Requests in many small records that arrive together, the way a
+    client under load sends them: each is answered, with the right data,
+    also when a write's payload is a record of its own and when the last
+    record is cut in two across sends (the server decrypts what it has,
+    then waits for the rest)."""
+    with workdir() as d:
+        pki = make_pki(os.path.join(d, "pki"))
+        img = os.path.join(d, "pattern.raw")
+        content = bytearray(os.urandom(SIZE))
+        with open(img, "wb") as f:
+            f.write(content)
+        with Server(img, "--format", "raw", "--tls", "require",
+                    "--tls-certificates", pki.server, tcp=True) as srv:
+            s = raw_client(srv)
+            s.settimeout(10)
+            send_option(s, OPT_STARTTLS)
+            assert read_option_reply(s)[:2] == (OPT_STARTTLS, REP_ACK)
+            t = RecordWriter(s, pki.ca_only)
+            t.record(option_header(OPT_GO, go_data("test")))
+            t.flush()
+            while True:
+                rtype, plen = struct.unpack(">QIII", t.read_exact(20))[2:]
+                t.read_exact(plen)
+                if rtype == REP_ACK:
+                    break
+                assert rtype == REP_INFO, hex(rtype)
+            count, length = 300, 512
+            expected = {}
+            for i in range(count):
+                cookie = 1000 + i
+                offset = (i * 7919) % (SIZE // length) * length  # distinct: 7919 is odd
+                if i % 50 == 25:
+                    # A write: header and payload in separate records.
+                    payload = bytes([i % 251]) * length
+                    t.record(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, offset, length))
+                    t.record(payload)
+                    content[offset:offset + length] = payload
+                    expected[cookie] = None
+                else:
+                    t.record(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, cookie, offset,
+                                         length))
+                    expected[cookie] = offset
+            wire = t.pending()
+            s.sendall(wire[:-3])  # the last record cut in two
+            time.sleep(0.2)
+            s.sendall(wire[-3:])
+            # Replies come out of order, as NBD allows; no two requests touch the
+            # same bytes, so each read is checked against the final content.
+            got = {}
+            while len(got) < count:
+                magic, error, cookie = struct.unpack(">IIQ", t.read_exact(16))
+                assert magic == 0x67446698 and error == 0, (hex(magic), error)
+                assert cookie in expected and cookie not in got, cookie
+                got[cookie] = t.read_exact(length) if expected[cookie] is not None else b""
+            for cookie, offset in expected.items():
+                if offset is not None:
+                    assert got[cookie] == bytes(content[offset:offset + length]), cookie
+            s.close()
+            with open(img, "rb") as f:
+                assert f.read() == bytes(content)
+
+
 def test_garbage_instead_of_client_hello():
     with workdir() as d:
         pki = make_pki(os.path.join(d, "pki"))
@@ -998,6 +1103,7 @@ if __name__ == "__main__":
           test_allow_list_psk,
           test_selective_tls,
           test_starttls_pipelined_with_go,
+          test_many_records_in_one_segment,
           test_garbage_instead_of_client_hello,
           test_stalled_tls_handshake_times_out,
           test_option_count_and_payload_caps,
