@@ -126,6 +126,16 @@ ListenerConfig parse_listener(const json& j, const std::string& where, const Tls
   return l;
 }
 
+HttpConfig parse_http(const json& j) {
+  check_keys(j, "http", {"address", "port"});
+  HttpConfig h;
+  h.enabled = true;
+  h.address = get_string(j, "http", "address", kDefaultListenAddress);
+  if (h.address.empty()) fail("http.address", "must not be empty");
+  h.port = static_cast<uint16_t>(get_uint(j, "http", "port", kDefaultHttpPort, 0, 65535));
+  return h;
+}
+
 ExportConfig parse_export(const json& j, const std::string& where) {
   check_keys(j, where,
              {"name", "path", "format", "read_only", "description", "allowed_dirs", "cache_size",
@@ -221,6 +231,24 @@ bool is_loopback(const ListenerConfig& l) {
   return l.address.rfind("127.", 0) == 0 || l.address == "::1" || l.address == "localhost";
 }
 
+HttpConfig parse_http_endpoint(std::string_view text) {
+  const std::string where = "--http";
+  const size_t colon = text.rfind(':');
+  if (colon == std::string_view::npos) fail(where, "'" + std::string(text) + "' is not ADDR:PORT");
+  std::string address(text.substr(0, colon));
+  const std::string port(text.substr(colon + 1));
+  if (address.size() >= 2 && address.front() == '[' && address.back() == ']') {
+    address = address.substr(1, address.size() - 2);
+  }
+  if (address.empty()) address = kDefaultListenAddress;
+  if (port.empty() || port.size() > 5 ||
+      port.find_first_not_of("0123456789") != std::string::npos || std::stoul(port) > 65535) {
+    fail(where, "'" + port + "' is not a port (0..65535)");
+  }
+  return HttpConfig{
+      .enabled = true, .address = address, .port = static_cast<uint16_t>(std::stoul(port))};
+}
+
 OpenOptions ExportConfig::open_options() const {
   OpenOptions o;
   o.format = format;
@@ -237,8 +265,9 @@ OpenOptions ExportConfig::open_options() const {
 }
 
 Config parse_config(const json& j) {
-  check_keys(j, "",
-             {"listeners", "exports", "limits", "log_level", "log_format", "pid_file", "tls"});
+  check_keys(
+      j, "",
+      {"listeners", "exports", "limits", "log_level", "log_format", "pid_file", "tls", "http"});
   Config c;
   if (auto it = j.find("tls"); it != j.end()) c.tls = parse_tls(*it, "tls");
   if (auto it = j.find("listeners"); it != j.end()) {
@@ -273,6 +302,7 @@ Config parse_config(const json& j) {
         get_uint(*it, "limits", "drain_timeout_ms", l.drain_timeout_ms, 0, 3600000));
     l.workers = static_cast<uint32_t>(get_uint(*it, "limits", "workers", l.workers, 1, 256));
   }
+  if (auto it = j.find("http"); it != j.end()) c.http = parse_http(*it);
   c.log_level = get_string(j, "", "log_level", "info");
   c.log_format = get_string(j, "", "log_format", "text");
   c.pid_file = get_string(j, "", "pid_file", "");

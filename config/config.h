@@ -92,6 +92,23 @@ struct ExportConfig {
   OpenOptions open_options() const;
 };
 
+// The HTTP endpoint for metrics and probes (docs/OPERATIONS.md): off unless
+// the config's "http" or --http names it; loopback unless its address says
+// otherwise. Port 0 takes a free port (the start-up log line names it).
+inline constexpr uint16_t kDefaultHttpPort = 10810;
+
+struct HttpConfig {
+  bool enabled = false;
+  std::string address = kDefaultListenAddress;  // IPv4 or IPv6 literal
+  uint16_t port = kDefaultHttpPort;
+
+  bool operator==(const HttpConfig&) const = default;
+};
+
+// "ADDR:PORT", "[IPv6]:PORT" or ":PORT" (loopback), as --http takes it.
+// Throws ConfigError.
+HttpConfig parse_http_endpoint(std::string_view text);
+
 struct Limits {
   uint32_t max_connections = 128;
   uint32_t handshake_timeout_ms = 10000;
@@ -110,6 +127,7 @@ struct Config {
   std::vector<ListenerConfig> listeners;
   std::vector<ExportConfig> exports;
   Limits limits;
+  HttpConfig http;
   std::string log_level = "info";
   std::string log_format = "text";  // text or json (server/log_format.h)
   // Written once the server is ready, removed at exit; empty: none.

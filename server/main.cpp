@@ -57,6 +57,7 @@ struct ServeArgs {
   std::string tls_psk;
   bool tls_verify_peer = false;
   std::string tls_priority;
+  std::string http;
 };
 
 // The --tls* options, over the config file's top-level "tls" when both are
@@ -164,6 +165,7 @@ Config config_from_args(ServeArgs& a) {
   if (!a.log_level.empty()) c.log_level = a.log_level;
   if (!a.log_format.empty()) c.log_format = a.log_format;
   if (!a.pid_file.empty()) c.pid_file = a.pid_file;
+  if (!a.http.empty()) c.http = parse_http_endpoint(a.http);
   if (a.max_connections) c.limits.max_connections = a.max_connections;
   if (a.handshake_timeout_ms) c.limits.handshake_timeout_ms = a.handshake_timeout_ms;
   if (a.workers) c.limits.workers = a.workers;
@@ -282,6 +284,9 @@ int run_command_line(int argc, char** argv) {
       ->check(CLI::IsMember({"text", "json"}));
   serve_cmd->add_option("--pid-file", sa.pid_file,
                         "Write the server's pid here once it is ready; removed at exit");
+  serve_cmd->add_option("--http", sa.http,
+                        "Serve /metrics, /healthz, /readyz and /exports on ADDR:PORT (e.g. "
+                        "127.0.0.1:10810; off by default)");
   serve_cmd->add_flag("--exit-with-parent", sa.exit_with_parent,
                       "Stop (as on SIGTERM) when the parent process exits (Linux)");
   serve_cmd->add_option("--max-connections", sa.max_connections, "Connection limit");

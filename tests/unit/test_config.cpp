@@ -234,3 +234,40 @@ TEST_CASE("pid_file and log_format: the process keys") {
   CHECK(error_of(R"({"pid_file": 1, "exports": [{"name": "x", "path": "/x"}]})") ==
         "pid_file: must be a string, not number");
 }
+
+TEST_CASE("http: off by default, on with the key, loopback and 10810 unless told") {
+  auto c = parse_config_text(R"({"exports": [{"name": "x", "path": "/x.raw"}]})");
+  CHECK_FALSE(c.http.enabled);
+  c = parse_config_text(R"({"http": {}, "exports": [{"name": "x", "path": "/x.raw"}]})");
+  CHECK(c.http.enabled);
+  CHECK(c.http.address == "127.0.0.1");
+  CHECK(c.http.port == 10810);
+  c = parse_config_text(
+      R"({"http": {"address": "0.0.0.0", "port": 9100},
+          "exports": [{"name": "x", "path": "/x.raw"}]})");
+  CHECK(c.http.address == "0.0.0.0");
+  CHECK(c.http.port == 9100);
+  CHECK(error_of(R"({"http": {"port": 70000}, "exports": [{"name": "x", "path": "/x"}]})") ==
+        "http.port: 70000 is outside 0..65535");
+  CHECK(error_of(R"({"http": {"path": "/m"}, "exports": [{"name": "x", "path": "/x"}]})") ==
+        "http.path: unknown key");
+  CHECK(error_of(R"({"http": {"address": ""}, "exports": [{"name": "x", "path": "/x"}]})") ==
+        "http.address: must not be empty");
+}
+
+TEST_CASE("--http ADDR:PORT, [IPv6]:PORT and :PORT") {
+  auto h = parse_http_endpoint("0.0.0.0:9100");
+  CHECK(h.enabled);
+  CHECK(h.address == "0.0.0.0");
+  CHECK(h.port == 9100);
+  h = parse_http_endpoint("[::1]:0");
+  CHECK(h.address == "::1");
+  CHECK(h.port == 0);
+  h = parse_http_endpoint(":10811");
+  CHECK(h.address == "127.0.0.1");
+  CHECK(h.port == 10811);
+  for (const char* bad : {"127.0.0.1", "127.0.0.1:", "1.2.3.4:65536", "x:1a", "h:123456"}) {
+    CAPTURE(bad);
+    CHECK_THROWS_AS(parse_http_endpoint(bad), ConfigError);
+  }
+}
