@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "formats/create.h"
+#include "formats/direct_file.h"
 
 namespace strata {
 
@@ -140,7 +141,7 @@ ExportConfig parse_export(const json& j, const std::string& where) {
   check_keys(j, where,
              {"name", "path", "format", "read_only", "description", "allowed_dirs", "cache_size",
               "data_file", "allow_raw_backing", "vhd_strict_parent_timestamp", "vhd_size_mode",
-              "vhd_size", "max_chain_depth", "tls_required", "allow", "bitmaps"});
+              "vhd_size", "max_chain_depth", "tls_required", "allow", "bitmaps", "cache"});
   ExportConfig e;
   e.name = get_string(j, where, "name", "", true);
   if (e.name.size() > 4096) fail(where + ".name", "longer than 4096 bytes");
@@ -162,6 +163,10 @@ ExportConfig parse_export(const json& j, const std::string& where) {
     }
   }
   e.cache_size = get_uint(j, where, "cache_size", 0, 0, 1ull << 40);
+  e.cache = get_string(j, where, "cache", "writeback");
+  if (e.cache != "writeback" && e.cache != "none") {
+    fail(where + ".cache", "'" + e.cache + "' is not one of writeback, none");
+  }
   if (j.contains("data_file")) e.data_file = get_string(j, where, "data_file", "");
   e.allow_raw_backing = get_bool(j, where, "allow_raw_backing", false);
   e.vhd_strict_parent_timestamp = get_bool(j, where, "vhd_strict_parent_timestamp", false);
@@ -261,6 +266,7 @@ OpenOptions ExportConfig::open_options() const {
   o.vhd_strict_parent_timestamp = vhd_strict_parent_timestamp;
   o.vhd_size_mode = vhd_size_mode;
   o.vhd_size_override = vhd_size;
+  if (cache == "none") o.file_system = direct_file_system();
   return o;
 }
 

@@ -73,6 +73,9 @@ struct ExportConfig {
   bool read_only = false;
   std::vector<std::string> allowed_dirs;
   uint64_t cache_size = 0;  // qcow2 metadata cache; 0 = default
+  // Host page cache use: "writeback" (through the page cache) or "none"
+  // (O_DIRECT on every file of the chain, formats/direct_file.h).
+  std::string cache = "writeback";
   std::optional<std::string> data_file;
   bool allow_raw_backing = false;
   bool vhd_strict_parent_timestamp = false;

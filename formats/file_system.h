@@ -64,6 +64,10 @@ class FileSystem {
 // process-wide instance without state, the default of OpenOptions.
 std::shared_ptr<FileSystem> host_file_system();
 
+// The descriptor of a File opened by host_file_system(); -1 for any other
+// File. For reopening the same file with other flags (direct_file.h).
+int host_descriptor(File& file);
+
 // Creates a file for a new image on the host file system (image creation,
 // `strata create`, is not part of opening a chain and has no OpenOptions).
 std::unique_ptr<File> create_file(const std::string& path);

@@ -39,8 +39,8 @@ uint64_t voluntary_switches() {
 
 struct Connection::Request {
   nbd::Request hdr;
-  std::unique_ptr<std::byte[]> payload;  // WRITE data
-  uint64_t accounted = 0;                // bytes taken from the budgets
+  IoBuffer payload;        // WRITE data
+  uint64_t accounted = 0;  // bytes taken from the budgets
 };
 
 Connection::Connection(Server& server, Socket socket, uint64_t id, std::string peer,
@@ -128,7 +128,7 @@ void Connection::start_transmission() {
     transport_ = std::make_unique<SocketTransport>(fd_, kSendTimeoutMs);
   }
   executor_ = std::make_unique<RequestExecutor>(id_, *export_->device, export_->caps.has_extents,
-                                                session_, stats_);
+                                                session_, stats_, export_->buffer_alignment);
   in_transmission_ = true;
   const uint32_t n = std::max<uint32_t>(1, limits_.workers);
   running_ = n;
@@ -212,7 +212,7 @@ bool Connection::next_request(Request& req, ReplyBatch& out, bool may_block) {
       continue;
     }
     if (h.type == kCmdWrite) {
-      req.payload = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+      req.payload = make_io_buffer(h.length, export_->buffer_alignment);
       if (!reader_.read_exact(*transport_, req.payload.get(), h.length)) {
         spdlog::warn("conn {}: disconnected in the middle of a write payload", id_);
         release_bytes(req.accounted);

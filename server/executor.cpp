@@ -81,7 +81,7 @@ void RequestExecutor::read_failed(const nbd::Request& h, int host_errno, uint64_
 }
 
 void RequestExecutor::read(const nbd::Request& h, ReplyBatch& out) {
-  auto owned = std::make_unique_for_overwrite<std::byte[]>(std::max<uint32_t>(h.length, 1));
+  IoBuffer owned = make_io_buffer(h.length, buffer_alignment_);
   std::byte* buf = owned.get();
   if (has_extents_ && nbd::wants_sparse_read(h, session_)) {
     std::vector<Extent> extents;

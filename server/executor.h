@@ -27,12 +27,13 @@ struct ConnectionStats {
 class RequestExecutor {
  public:
   RequestExecutor(uint64_t conn_id, BlockDevice& device, bool has_extents,
-                  const nbd::Session& session, ConnectionStats& stats)
+                  const nbd::Session& session, ConnectionStats& stats, size_t buffer_alignment = 0)
       : conn_id_(conn_id),
         device_(device),
         has_extents_(has_extents),
         session_(session),
-        stats_(stats) {}
+        stats_(stats),
+        buffer_alignment_(buffer_alignment) {}
 
   // REQUIRES: validate_request(h) == 0; `payload` holds a WRITE's data.
   void execute(const nbd::Request& h, const std::byte* payload, ReplyBatch& out);
@@ -54,6 +55,7 @@ class RequestExecutor {
   const bool has_extents_;
   const nbd::Session& session_;
   ConnectionStats& stats_;
+  const size_t buffer_alignment_;  // of read buffers (server/io_buffer.h)
 };
 
 }  // namespace strata

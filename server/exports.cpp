@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "formats/direct_file.h"
 #include "formats/errors.h"
 #include "formats/open.h"
 
@@ -48,6 +49,7 @@ ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& configs) {
       throw ImageError("export '" + cfg.name + "': " + err.what());
     }
     e->caps = e->device->capabilities();
+    if (cfg.cache == "none") e->buffer_alignment = kDirectIoBufferAlignment;
     if (cfg.read_only) e->caps.read_only = true;
     BlockSizes bs = e->device->block_sizes();
     e->view.name = cfg.name;

@@ -18,6 +18,9 @@ struct Export {
   std::shared_ptr<BlockDevice> device;
   Capabilities caps;
   nbd::ExportView view;
+  // Request buffers of this export: aligned for direct I/O under cache none
+  // (server/io_buffer.h), else 0.
+  size_t buffer_alignment = 0;
 };
 
 class ExportRegistry final : public nbd::ExportCatalog {

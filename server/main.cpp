@@ -41,6 +41,7 @@ struct ServeArgs {
   bool read_only = false;
   std::vector<std::string> allowed_dirs;
   std::string cache_size;
+  std::string cache;
   std::string data_file;
   bool allow_raw_backing = false;
   std::vector<std::string> bitmaps;
@@ -125,6 +126,9 @@ Config config_from_args(ServeArgs& a) {
       throw ConfigError(
           "--bitmap is for IMAGE; with --config, list them in the export's \"bitmaps\"");
     }
+    if (!a.cache.empty()) {
+      throw ConfigError("--cache is for IMAGE; with --config, set the export's \"cache\"");
+    }
     c = load_config_file(a.config);
   } else {
     ExportConfig e;
@@ -144,6 +148,7 @@ Config config_from_args(ServeArgs& a) {
         throw ConfigError(std::string("--cache-size: ") + ex.what());
       }
     }
+    if (!a.cache.empty()) e.cache = a.cache;
     if (!a.data_file.empty()) e.data_file = a.data_file;
     e.allow_raw_backing = a.allow_raw_backing;
     if (!a.bitmaps.empty()) e.bitmaps = a.bitmaps;
@@ -273,6 +278,10 @@ int run_command_line(int argc, char** argv) {
   add_repeatable(serve_cmd, "--allowed-dir", sa.allowed_dirs,
                  "Directory child images (backing, parent, data file) may live in");
   serve_cmd->add_option("--cache-size", sa.cache_size, "qcow2 metadata cache size (e.g. 4M)");
+  serve_cmd
+      ->add_option("--cache", sa.cache,
+                   "writeback (default: through the host page cache) or none (O_DIRECT)")
+      ->check(CLI::IsMember({"writeback", "none"}));
   serve_cmd->add_option("--data-file", sa.data_file, "qcow2 external data file override");
   serve_cmd->add_flag("--allow-raw-backing", sa.allow_raw_backing,
                       "Treat a backing file without a recorded format as raw");

@@ -11,13 +11,14 @@
 #include <vector>
 
 #include "protocol/nbd.h"
+#include "server/io_buffer.h"
 
 namespace strata {
 
 struct ReplyBatch {
   std::vector<iovec> iov;
   std::vector<nbd::Bytes> headers;
-  std::vector<std::unique_ptr<std::byte[]>> data;
+  std::vector<IoBuffer> data;
   uint64_t read_bytes = 0;  // payload bytes of successful reads, counted once sent
 
   void reserve(size_t replies) {
@@ -31,7 +32,7 @@ struct ReplyBatch {
   }
   void add_data(std::byte* p, size_t n) { iov.push_back({p, n}); }
   // Keeps a read buffer alive until the batch is sent.
-  void keep(std::unique_ptr<std::byte[]> buffer) { data.push_back(std::move(buffer)); }
+  void keep(IoBuffer buffer) { data.push_back(std::move(buffer)); }
   bool empty() const { return iov.empty(); }
   void clear() {
     iov.clear();

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "formats/create.h"
+#include "formats/direct_file.h"
 #include "formats/open.h"
 #include "tests/support/images.h"
 #include "tests/support/shell.h"
@@ -321,6 +322,22 @@ TEST_CASE("every driver configuration keeps the BlockDevice contract") {
       const std::string image = c.make(dir, model);
       INFO(c.name);
       CHECK(run_contract(opener(image), model, 20261203) == "");
+    }
+  }
+}
+
+// Cache none reads and writes every file of the chain with O_DIRECT
+// (formats/direct_file.h); the drivers must not see the difference.
+TEST_CASE("every driver configuration keeps the BlockDevice contract under cache none") {
+  for (const Config& c : configs()) {
+    SUBCASE(c.name) {
+      TempDir dir;
+      Model model(kSize, 0);
+      const std::string image = c.make(dir, model);
+      INFO(c.name);
+      OpenOptions o;
+      o.file_system = direct_file_system();
+      CHECK(run_contract(opener(image, o), model, 20261204) == "");
     }
   }
 }

@@ -271,3 +271,13 @@ TEST_CASE("--http ADDR:PORT, [IPv6]:PORT and :PORT") {
     CHECK_THROWS_AS(parse_http_endpoint(bad), ConfigError);
   }
 }
+
+TEST_CASE("cache: writeback unless an export says none") {
+  auto c = parse_config_text(
+      R"({"exports": [{"name": "x", "path": "/x.raw"},
+                      {"name": "y", "path": "/y.raw", "cache": "none"}]})");
+  CHECK(c.exports[0].cache == "writeback");
+  CHECK(c.exports[1].cache == "none");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "cache": "directsync"}]})") ==
+        "exports[0].cache: 'directsync' is not one of writeback, none");
+}
