@@ -9,7 +9,7 @@ RUN bash .ci/install-deps build \
 
 FROM debian:12-slim
 RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends libspdlog1.10 libfmt9 libzstd1 zlib1g libgnutls30 \
+ && apt-get install -y -qq --no-install-recommends libspdlog1.10 libfmt9 libzstd1 zlib1g libgnutls30 libcpp-httplib0.11 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd -g 10809 strata && useradd -u 10809 -g strata -d /images -s /usr/sbin/nologin strata \
  && mkdir -p /images /etc/strata /run/strata && chown strata:strata /images /run/strata

@@ -68,6 +68,19 @@ struct ZeroFlags {
 
 class BlockDevice;
 
+// Counters of one metadata cache of a driver (for metrics).
+struct CacheCounters {
+  std::string_view cache;  // "l2", "refcount", "bitmap"
+  uint64_t hits = 0, misses = 0, evictions = 0;
+};
+
+// What a layer counts about itself, for metrics; read from any thread.
+struct DeviceCounters {
+  std::vector<CacheCounters> caches;
+  std::string_view allocation_unit;  // "cluster", "block"; empty: does not allocate
+  uint64_t allocations = 0;
+};
+
 struct Child {
   ChildRole role;
   std::shared_ptr<BlockDevice> device;
@@ -140,6 +153,8 @@ class BlockDevice {
   virtual void check(CheckReport& report) { (void)report; }
   // Counters for logs (cache hits/misses and the like); empty by default.
   virtual std::string stats() const { return {}; }
+  // The same counters as numbers (this layer only); none by default.
+  virtual DeviceCounters counters() const { return {}; }
 };
 
 // Appends `e` to `out`, merging with the last extent when they are of one kind.

@@ -125,6 +125,7 @@ bool Handshake::tls_needed_first(uint32_t option, Step& step) const {
   if (tls_policy_ != TlsPolicy::kRequired || tls_) return false;
   if (option == kOptStartTls || option == kOptAbort) return false;
   step.refused = true;
+  step.refusal = Refusal::kTlsRequired;
   if (option == kOptExportName) {  // the only option a client without fixed newstyle gets here
     step.action = Action::kClose;  // no reply can say why
     step.note = "option " + std::to_string(option) + " before STARTTLS, TLS is required";
@@ -133,6 +134,10 @@ bool Handshake::tls_needed_first(uint32_t option, Step& step) const {
   step.reply = encode_option_error(option, kRepErrTlsReqd, "TLS is required: start it first");
   step.note = "option " + std::to_string(option) + " refused before STARTTLS";
   return true;
+}
+
+Handshake::Refusal Handshake::refusal_kind(uint32_t error) {
+  return error == kRepErrTlsReqd ? Refusal::kTlsRequired : Refusal::kPolicy;
 }
 
 uint32_t Handshake::refusal(const ExportView& e, std::string* why) const {
@@ -233,11 +238,13 @@ Handshake::Step Handshake::on_option(uint32_t option, std::span<const uint8_t> d
       if (!e) {
         step.action = Action::kClose;
         step.note = unknown_export_message(name);
+        step.refusal = Refusal::kUnknownExport;
         return step;
       }
-      if (refusal(*e, &step.note)) {
+      if (uint32_t error = refusal(*e, &step.note)) {
         step.action = Action::kClose;
         step.refused = true;
+        step.refusal = refusal_kind(error);
         return step;
       }
       step.reply = encode_export_name_reply(e->size, tx_flags(*e), no_zeroes_);
@@ -308,11 +315,13 @@ Handshake::Step Handshake::info_or_go(uint32_t option, std::span<const uint8_t> 
   if (!e) {
     step.reply = encode_option_error(option, kRepErrUnknown, unknown_export_message(req->name));
     step.note = unknown_export_message(req->name);
+    step.refusal = Refusal::kUnknownExport;
     return step;
   }
   if (uint32_t error = refusal(*e, &step.note)) {
     step.reply = encode_option_error(option, error, step.note);
     step.refused = true;
+    step.refusal = refusal_kind(error);
     return step;
   }
   auto append = [&](const Bytes& b) { step.reply.insert(step.reply.end(), b.begin(), b.end()); };
@@ -366,11 +375,13 @@ Handshake::Step Handshake::meta_context(uint32_t option, std::span<const uint8_t
   if (!e) {
     step.reply =
         encode_option_error(option, kRepErrUnknown, unknown_export_message(req->export_name));
+    step.refusal = Refusal::kUnknownExport;
     return step;
   }
   if (uint32_t error = refusal(*e, &step.note)) {
     step.reply = encode_option_error(option, error, step.note);
     step.refused = true;
+    step.refusal = refusal_kind(error);
     return step;
   }
   std::vector<uint32_t> ids = matching_contexts(*e, req->queries, !set);

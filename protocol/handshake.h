@@ -97,12 +97,15 @@ class Handshake {
   // kStartTls: send the reply, drop every buffered client byte, run the TLS
   // handshake, then call tls_established() (or close if it fails).
   enum class Action { kContinue, kTransmit, kStartTls, kClose };
+  // Why an option was refused, for the server's counters.
+  enum class Refusal : uint8_t { kNone, kTlsRequired, kPolicy, kUnknownExport };
   struct Step {
     Bytes reply;
     Action action = Action::kContinue;
     const ExportView* export_view = nullptr;  // set with kTransmit
     std::string note;                         // for logs
     bool refused = false;  // an export was refused by TLS or authorization policy
+    Refusal refusal = Refusal::kNone;
   };
 
   explicit Handshake(const ExportCatalog& exports, TlsPolicy tls = TlsPolicy::kOff)
@@ -152,6 +155,8 @@ class Handshake {
   // Why `e` is not for this client: 0 (it is), kRepErrTlsReqd or
   // kRepErrPolicy, with a message for the client and the log.
   uint32_t refusal(const ExportView& e, std::string* why) const;
+  // The Refusal of an option error refusal() returned.
+  static Refusal refusal_kind(uint32_t error);
   static bool known_option(uint32_t option);
 
   const ExportCatalog& exports_;

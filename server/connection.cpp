@@ -39,8 +39,9 @@ uint64_t voluntary_switches() {
 
 struct Connection::Request {
   nbd::Request hdr;
-  IoBuffer payload;        // WRITE data
-  uint64_t accounted = 0;  // bytes taken from the budgets
+  IoBuffer payload;                               // WRITE data
+  uint64_t accounted = 0;                         // bytes taken from the budgets
+  std::chrono::steady_clock::time_point read_at;  // for its latency
 };
 
 Connection::Connection(Server& server, Socket socket, uint64_t id, std::string peer,
@@ -87,12 +88,16 @@ asio::awaitable<void> Connection::run(std::shared_ptr<Connection> self) { co_awa
 
 asio::awaitable<void> Connection::serve() {
   spdlog::debug("conn {}: connected from {}", id_, peer_);
-  if (co_await handshake()) {
+  const bool transmitting = co_await handshake();
+  if (!transmitting && failure_ && !stopping_) server_.metrics().count_handshake_failure(*failure_);
+  if (transmitting) {
     start_transmission();
     while (running_.load() > 0) co_await done_.async_wait(use_nothrow);
     for (auto& t : threads_) t.join();
     threads_.clear();
-    if (!export_->caps.read_only && stats_.writes.load() > 0) export_->device->flush();
+    const uint64_t writes = value(stats_->requests[static_cast<size_t>(Command::write)]) +
+                            value(stats_->requests[static_cast<size_t>(Command::write_zeroes)]);
+    if (!export_->caps.read_only && writes > 0) export_->device->flush();
   }
   std::error_code ec;
   if (in_transmission_ && !socket_.is_open()) {
@@ -109,6 +114,7 @@ asio::awaitable<void> Connection::serve() {
     socket_.close(ec);
   }
   log_closed();
+  if (stats_) export_->metrics->detach(stats_);
   server_.connection_closed(id_);
 }
 
@@ -128,7 +134,7 @@ void Connection::start_transmission() {
     transport_ = std::make_unique<SocketTransport>(fd_, kSendTimeoutMs);
   }
   executor_ = std::make_unique<RequestExecutor>(id_, *export_->device, export_->caps.has_extents,
-                                                session_, stats_, export_->buffer_alignment);
+                                                session_, *stats_, export_->buffer_alignment);
   in_transmission_ = true;
   const uint32_t n = std::max<uint32_t>(1, limits_.workers);
   running_ = n;
@@ -145,12 +151,19 @@ void Connection::start_transmission() {
 
 void Connection::log_closed() const {
   auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  RequestTotals t;
+  if (stats_) t.add(*stats_);
+  const auto count = [&](Command c) { return t.requests[static_cast<size_t>(c)]; };
+  const uint64_t reads = count(Command::read);
+  const uint64_t writes = count(Command::write) + count(Command::write_zeroes);
+  uint64_t all = 0, errors = 0;
+  for (uint64_t n : t.requests) all += n;
+  for (uint64_t n : t.errors) errors += n;
   spdlog::info(
       "conn {}: closed peer={} export='{}' reads={} writes={} other={} errors={} "
       "bytes_read={} bytes_written={} seconds={:.3f}",
-      id_, peer_, export_ ? export_->config.name : "", stats_.reads.load(), stats_.writes.load(),
-      stats_.other.load(), stats_.errors.load(), stats_.bytes_read.load(),
-      stats_.bytes_written.load(), secs);
+      id_, peer_, export_ ? export_->config.name : "", reads, writes, all - reads - writes, errors,
+      t.bytes_read, t.bytes_written, secs);
 }
 
 // Takes n bytes from this connection's budget and from the server's.
@@ -220,6 +233,9 @@ bool Connection::next_request(Request& req, ReplyBatch& out, bool may_block) {
         return false;
       }
     }
+    req.read_at = std::chrono::steady_clock::now();
+    bump(stats_->in_flight);
+    bump(stats_->in_flight_bytes, req.accounted);
     return true;
   }
 }
@@ -276,17 +292,25 @@ void Connection::worker_loop() NO_THREAD_SAFETY_ANALYSIS {
     holding = n > 0 && keep;
     if (!holding) read_mu_.unlock();
     const uint64_t switches = voluntary_switches();
+    size_t unsent = 0;  // batch[unsent..i) have replies waiting in `out`
     for (size_t i = 0; i < n; ++i) {
       // A flush can take long: the replies ready so far do not wait for it.
-      if (batch[i].hdr.type == nbd::kCmdFlush) send(out);
+      if (batch[i].hdr.type == nbd::kCmdFlush) {
+        send(out);
+        replied(batch, unsent, i);
+        unsent = i;
+      }
       executor_->execute(batch[i].hdr, batch[i].payload.get(), out);
       batch[i].payload.reset();
     }
     read_side_.batch_done(voluntary_switches() != switches);
     send(out);
+    replied(batch, unsent, n);
     uint64_t held = 0;
     for (size_t i = 0; i < n; ++i) held += batch[i].accounted;
     release_bytes(held);
+    stats_->in_flight.fetch_sub(n, std::memory_order_relaxed);
+    stats_->in_flight_bytes.fetch_sub(held, std::memory_order_relaxed);
     if (n == 0) break;
   }
 }
@@ -309,8 +333,16 @@ void Connection::send(ReplyBatch& out) {
       }
     }
   }
-  if (sent) stats_.bytes_read += out.read_bytes;
+  if (sent) bump(stats_->bytes_read, out.read_bytes);
   out.clear();
+}
+
+void Connection::replied(std::span<const Request> batch, size_t from, size_t to) {
+  if (from == to) return;
+  const auto now = std::chrono::steady_clock::now();
+  for (size_t i = from; i < to; ++i) {
+    stats_->record_latency(command_of(batch[i].hdr.type), now - batch[i].read_at);
+  }
 }
 
 }  // namespace strata

@@ -30,6 +30,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -92,7 +93,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // After STARTTLS was acknowledged: drops what the client sent before, runs
   // the TLS handshake. False: close.
   asio::awaitable<bool> start_tls() NO_THREAD_SAFETY_ANALYSIS;
-  void log_step(const nbd::Handshake::Step& step) const;
+  // Logs a step and remembers the refusal it carries (failure_).
+  void log_step(const nbd::Handshake::Step& step);
+  void tls_failed();
 
   asio::awaitable<void> serve();
   void start_transmission();
@@ -113,6 +116,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool take_bytes(uint64_t n, bool may_wait);
   void release_bytes(uint64_t n);
   void send(ReplyBatch& out) EXCLUDES(write_mu_);
+  // Latency of requests [from, to) of a batch whose replies were just sent.
+  void replied(std::span<const Request> batch, size_t from, size_t to);
 
   Server& server_;
   Socket socket_;
@@ -144,12 +149,17 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::atomic<bool> stopping_{false};
   ReadSidePolicy read_side_;
   bool in_transmission_ = false;
+  // Why the handshake would count as failed if it ended now; none while
+  // nothing went wrong (a client that leaves, or aborts, did not fail).
+  std::optional<HandshakeFailure> failure_;
 
   // Replies: one thread sends at a time, whole batches.
   Mutex write_mu_;
   bool dead_ GUARDED_BY(write_mu_) = false;
 
-  ConnectionStats stats_;
+  // From the moment the client chose an export: this connection's counters,
+  // attached to the export's metrics until the connection closes.
+  std::shared_ptr<RequestCounters> stats_;
   std::chrono::steady_clock::time_point started_;
 };
 

@@ -107,6 +107,7 @@ asio::awaitable<bool> Connection::start_tls() {
                  dropped);
   }
   if (!tls_credentials_) co_return false;  // STARTTLS is only acknowledged with TLS configured
+  bump(server_.metrics().tls_handshakes);
   std::error_code ec;
   socket_.native_non_blocking(true, ec);
   try {
@@ -120,9 +121,13 @@ asio::awaitable<bool> Connection::start_tls() {
     if (r == 0) break;
     if (r == TlsSession::kFailed) {
       spdlog::warn("conn {}: peer={} TLS handshake failed: {}", id_, peer_, tls_->error());
+      tls_failed();
       co_return false;
     }
-    if (!co_await async_wait_tls()) co_return false;
+    if (!co_await async_wait_tls()) {
+      tls_failed();
+      co_return false;
+    }
   }
   handshake_.tls_established(tls_->identity());
   spdlog::info("conn {}: peer={} TLS {} identity='{}'", id_, peer_, tls_->describe(),
@@ -130,7 +135,26 @@ asio::awaitable<bool> Connection::start_tls() {
   co_return true;
 }
 
-void Connection::log_step(const nbd::Handshake::Step& step) const {
+void Connection::tls_failed() {
+  bump(server_.metrics().tls_handshakes_failed);
+  if (failure_ != HandshakeFailure::timeout) failure_ = HandshakeFailure::tls_handshake;
+}
+
+void Connection::log_step(const nbd::Handshake::Step& step) {
+  using Refusal = nbd::Handshake::Refusal;
+  switch (step.refusal) {
+    case Refusal::kNone:
+      break;
+    case Refusal::kTlsRequired:
+      failure_ = HandshakeFailure::tls_required;
+      break;
+    case Refusal::kPolicy:
+      failure_ = HandshakeFailure::policy;
+      break;
+    case Refusal::kUnknownExport:
+      failure_ = HandshakeFailure::unknown_export;
+      break;
+  }
   if (step.note.empty()) return;
   if (step.refused) {
     spdlog::warn("conn {}: peer={} identity='{}' refused: {}", id_, peer_, handshake_.identity(),
@@ -148,6 +172,7 @@ asio::awaitable<bool> Connection::handshake() {
   timer->async_wait([this, self = shared_from_this()](std::error_code ec) {
     if (!ec && !in_transmission_) {
       spdlog::warn("conn {}: handshake timed out", id_);
+      failure_ = HandshakeFailure::timeout;
       std::error_code ignored;
       socket_.close(ignored);
     }
@@ -170,6 +195,7 @@ asio::awaitable<bool> Connection::handshake() {
   std::string why;
   if (!handshake_.accept_client_flags(load_be32(flags_buf), &why)) {
     spdlog::warn("conn {}: {}", id_, why);
+    failure_ = HandshakeFailure::protocol;
     co_return false;
   }
   for (;;) {
@@ -178,6 +204,7 @@ asio::awaitable<bool> Connection::handshake() {
     auto opt = nbd::decode_option_header(std::span<const uint8_t, nbd::kOptionHeaderSize>(hdr));
     if (opt.magic != nbd::kOptMagic) {
       spdlog::warn("conn {}: bad option magic {:#x}", id_, opt.magic);
+      failure_ = HandshakeFailure::protocol;
       co_return false;
     }
     nbd::Handshake::Step step;
@@ -185,6 +212,7 @@ asio::awaitable<bool> Connection::handshake() {
       step = handshake_.on_oversized_option(opt.option, opt.length);
       if (step.action == nbd::Handshake::Action::kClose) {
         spdlog::warn("conn {}: {}, closing", id_, step.note);
+        failure_ = HandshakeFailure::protocol;
         co_return false;
       }
       if (!co_await async_discard(opt.length)) co_return false;
@@ -194,13 +222,25 @@ asio::awaitable<bool> Connection::handshake() {
       step = handshake_.on_option(opt.option, data);
     }
     log_step(step);
+    if (step.action == nbd::Handshake::Action::kTransmit) {
+      // A client of the export before it hears so: whoever it tells next
+      // finds it in /exports.
+      export_ = server_.exports().by_view(step.export_view);
+      stats_ = export_->metrics->attach();
+    }
     if (!step.reply.empty() && !co_await async_send(step.reply)) co_return false;
-    if (step.action == nbd::Handshake::Action::kClose) co_return false;
+    if (step.action == nbd::Handshake::Action::kClose) {
+      // Closed by the rules (not by the client's own ABORT) with no refusal
+      // named: the client broke them.
+      if (opt.option != nbd::kOptAbort && step.refusal == nbd::Handshake::Refusal::kNone) {
+        failure_ = HandshakeFailure::protocol;
+      }
+      co_return false;
+    }
     if (step.action == nbd::Handshake::Action::kStartTls && !co_await start_tls()) {
       co_return false;
     }
     if (step.action == nbd::Handshake::Action::kTransmit) {
-      export_ = server_.exports().by_view(step.export_view);
       session_ = nbd::Session{.size = export_->view.size,
                               .tx_flags = handshake_.tx_flags(*step.export_view),
                               .read_only = export_->caps.read_only,

@@ -13,36 +13,30 @@ namespace strata {
 
 void RequestExecutor::execute(const nbd::Request& h, const std::byte* payload, ReplyBatch& out) {
   using namespace nbd;
+  stats_.count_request(command_of(h.type));
   int e = 0;
   switch (h.type) {
     case kCmdRead:
-      ++stats_.reads;
       return read(h, out);
     case kCmdBlockStatus:
-      ++stats_.other;
       return block_status(h, out);
     case kCmdWrite:
-      ++stats_.writes;
       e = device_.write(h.offset, {payload, h.length}, h.flags & kCmdFlagFua);
-      if (!e) stats_.bytes_written += h.length;
+      if (!e) bump(stats_.bytes_written, h.length);
       break;
     case kCmdFlush:
-      ++stats_.other;
       e = device_.flush();
       break;
     case kCmdTrim:
-      ++stats_.other;
       e = device_.trim(h.offset, h.length, h.flags & kCmdFlagFua);
       break;
     case kCmdWriteZeroes:
-      ++stats_.writes;
       e = device_.write_zeroes(h.offset, h.length,
                                ZeroFlags{.may_trim = !(h.flags & kCmdFlagNoHole),
                                          .fast_only = (h.flags & kCmdFlagFastZero) != 0,
                                          .fua = (h.flags & kCmdFlagFua) != 0});
       break;
     case kCmdCache:
-      ++stats_.other;
       e = device_.cache(h.offset, h.length);
       break;
   }
@@ -54,7 +48,13 @@ void RequestExecutor::execute(const nbd::Request& h, const std::byte* payload, R
 
 void RequestExecutor::refuse(const nbd::Request& h, uint32_t error, std::string_view message,
                              ReplyBatch& out) {
-  ++stats_.errors;
+  stats_.count_request(command_of(h.type));
+  reply_error(h, error, message, out);
+}
+
+void RequestExecutor::reply_error(const nbd::Request& h, uint32_t error, std::string_view message,
+                                  ReplyBatch& out) {
+  stats_.count_error(error);
   nbd::Bytes reply;
   nbd::append_error(reply, h.cookie, session_, error, message);
   out.add_header(std::move(reply));
@@ -66,14 +66,14 @@ void RequestExecutor::device_failed(const nbd::Request& h, int host_errno, Reply
     spdlog::warn("conn {}: command {} offset={} length={} failed: {}", conn_id_, h.type, h.offset,
                  h.length, std::strerror(host_errno));
   }
-  refuse(h, nbd::errno_to_nbd(host_errno), std::strerror(host_errno), out);
+  reply_error(h, nbd::errno_to_nbd(host_errno), std::strerror(host_errno), out);
 }
 
 void RequestExecutor::read_failed(const nbd::Request& h, int host_errno, uint64_t offset,
                                   ReplyBatch& out) {
   spdlog::warn("conn {}: read at offset {} failed: {}", conn_id_, offset,
                std::strerror(host_errno));
-  ++stats_.errors;
+  stats_.count_error(nbd::errno_to_nbd(host_errno));
   nbd::Bytes reply;
   nbd::append_read_error(reply, h, session_, nbd::errno_to_nbd(host_errno),
                          std::strerror(host_errno), offset);
@@ -129,7 +129,7 @@ void RequestExecutor::block_status(const nbd::Request& h, ReplyBatch& out) {
   std::vector<Extent> extents;
   if (session_.wants_extents()) {
     if (int e = device_.extents(h.offset, h.length, extents)) {
-      return refuse(h, nbd::errno_to_nbd(e), std::strerror(e), out);
+      return reply_error(h, nbd::errno_to_nbd(e), std::strerror(e), out);
     }
   }
   std::vector<std::vector<DirtyRun>> runs(session_.bitmaps.size());
@@ -138,14 +138,14 @@ void RequestExecutor::block_status(const nbd::Request& h, ReplyBatch& out) {
     if (int e = device_.dirty_extents(name, h.offset, h.length, runs[i])) {
       spdlog::warn("conn {}: dirty bitmap '{}' offset={} length={}: {}", conn_id_, name, h.offset,
                    h.length, std::strerror(e));
-      return refuse(h, nbd::errno_to_nbd(e), std::strerror(e), out);
+      return reply_error(h, nbd::errno_to_nbd(e), std::strerror(e), out);
     }
   }
   nbd::Bytes reply;
   // False: a context's runs covered nothing; a device must describe what it
   // was asked.
   if (!nbd::append_block_status(reply, h, session_, extents, runs)) {
-    return refuse(h, nbd::kEIO, std::strerror(EIO), out);
+    return reply_error(h, nbd::kEIO, std::strerror(EIO), out);
   }
   out.add_header(std::move(reply));
 }

@@ -5,7 +5,8 @@
 // errors are logged.
 //
 // Threads: execute() runs on every transmission thread of the connection at
-// once; the device is thread-safe and the counters are atomics.
+// once; the device is thread-safe and the counters are relaxed atomics
+// (server/metrics.h).
 #pragma once
 
 #include <atomic>
@@ -14,20 +15,15 @@
 
 #include "formats/block_device.h"
 #include "protocol/transmission.h"
+#include "server/metrics.h"
 #include "server/reply_batch.h"
 
 namespace strata {
 
-// Totals of one connection, for its closing log line.
-struct ConnectionStats {
-  std::atomic<uint64_t> reads{0}, writes{0}, other{0}, errors{0};
-  std::atomic<uint64_t> bytes_read{0}, bytes_written{0};
-};
-
 class RequestExecutor {
  public:
   RequestExecutor(uint64_t conn_id, BlockDevice& device, bool has_extents,
-                  const nbd::Session& session, ConnectionStats& stats, size_t buffer_alignment = 0)
+                  const nbd::Session& session, RequestCounters& stats, size_t buffer_alignment = 0)
       : conn_id_(conn_id),
         device_(device),
         has_extents_(has_extents),
@@ -41,6 +37,9 @@ class RequestExecutor {
   void refuse(const nbd::Request& h, uint32_t error, std::string_view message, ReplyBatch& out);
 
  private:
+  // The error reply of a request, counted by its error.
+  void reply_error(const nbd::Request& h, uint32_t error, std::string_view message,
+                   ReplyBatch& out);
   void read(const nbd::Request& h, ReplyBatch& out);
   // A sparse read along `chunks`; false when a data chunk failed to read
   // (its error is queued).
@@ -54,7 +53,7 @@ class RequestExecutor {
   BlockDevice& device_;
   const bool has_extents_;
   const nbd::Session& session_;
-  ConnectionStats& stats_;
+  RequestCounters& stats_;
   const size_t buffer_alignment_;  // of read buffers (server/io_buffer.h)
 };
 

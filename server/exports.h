@@ -10,6 +10,7 @@
 #include "config/config.h"
 #include "formats/block_device.h"
 #include "protocol/handshake.h"
+#include "server/metrics.h"
 
 namespace strata {
 
@@ -21,6 +22,9 @@ struct Export {
   // Request buffers of this export: aligned for direct I/O under cache none
   // (server/io_buffer.h), else 0.
   size_t buffer_alignment = 0;
+  // Counters of this export's requests; made with the export, wherever it is
+  // opened, and gone with it.
+  std::shared_ptr<ExportMetrics> metrics = std::make_shared<ExportMetrics>();
 };
 
 class ExportRegistry final : public nbd::ExportCatalog {

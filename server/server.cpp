@@ -13,6 +13,7 @@
 #include <filesystem>
 
 #include "server/connection.h"
+#include "server/http_endpoint.h"
 
 namespace strata {
 
@@ -69,6 +70,7 @@ void Server::warn_if_exposed(const ListenerConfig& l, uint16_t port) const {
 }
 
 Server::~Server() {
+  http_.reset();
   for (const auto& p : unix_paths_) ::unlink(p.c_str());
 }
 
@@ -78,6 +80,34 @@ void Server::listen() {
   } else {
     adopt_activated();
   }
+  if (config_.http.enabled) {
+    http_ = std::make_unique<HttpEndpoint>(*this, config_.http);
+    if (reload_hook_) http_->set_reload(reload_hook_);
+  }
+  listening_ = true;
+}
+
+uint16_t Server::http_port() const { return http_ ? http_->port() : 0; }
+
+std::vector<ExportSample> Server::export_samples() const {
+  std::vector<ExportSample> out;
+  for (const auto& e : exports_->exports()) {
+    out.push_back({.name = e->config.name,
+                   .size = e->view.size,
+                   .read_only = e->caps.read_only,
+                   .metrics = e->metrics,
+                   .device = e->device});
+  }
+  return out;
+}
+
+std::string Server::not_ready_reason() const {
+  if (stopping_) {
+    return "shutting down: " + std::to_string(connections_.size()) + " connection(s) to finish";
+  }
+  if (!listening_) return "the listeners are not bound yet";
+  if (exports_->exports().empty()) return "no export is open";
+  return {};
 }
 
 void Server::bind_configured() {
@@ -213,6 +243,7 @@ asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, 
       peer = ep.address().to_string() + ":" + std::to_string(ep.port());
     }
     if (connections_.size() >= config_.limits.max_connections) {
+      bump(metrics_.connections_refused);
       spdlog::warn("refusing connection from {}: limit of {} connections reached", peer,
                    config_.limits.max_connections);
       std::error_code ignored;
@@ -223,12 +254,14 @@ asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, 
     auto conn = std::make_shared<Connection>(*this, Connection::Socket(std::move(sock)), id, peer,
                                              tls.policy, tls.credentials);
     connections_[id] = conn;
+    bump(metrics_.connections_total);
+    bump(metrics_.connections_open);
     asio::co_spawn(io_, Connection::run(conn), asio::detached);
   }
 }
 
 void Server::connection_closed(uint64_t id) {
-  connections_.erase(id);
+  if (connections_.erase(id)) metrics_.connections_open.fetch_sub(1, std::memory_order_relaxed);
   if (stopping_ && connections_.empty()) io_.stop();
 }
 
@@ -277,6 +310,8 @@ int Server::run() {
   for (auto& [a, tls] : tcp_) asio::co_spawn(io_, accept_loop(*a, "tcp", tls), asio::detached);
   for (auto& [a, tls] : unix_) asio::co_spawn(io_, accept_loop(*a, "unix", tls), asio::detached);
   io_.run();
+  // Probes would only time out from here on.
+  if (http_) http_->stop();
   int status = 0;
   for (auto& e : exports_->exports()) {
     if (e->caps.read_only) continue;

@@ -6,11 +6,15 @@
 // flush every export, exit 0). Listeners are bound from the config, or, under
 // socket activation, adopted from the service manager instead (then the
 // configured ones are not bound and the adopted ones take the top-level TLS).
+// With config.http enabled, the HTTP endpoint for metrics and probes
+// (server/http_endpoint.h) is bound next to the listeners and stopped when
+// the network thread has finished.
 #pragma once
 
 #include <asio.hpp>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -19,12 +23,15 @@
 #include "config/config.h"
 #include "server/exports.h"
 #include "server/memory_budget.h"
+#include "server/metrics.h"
+#include "server/reload_result.h"
 #include "server/socket_activation.h"
 #include "server/tls.h"
 
 namespace strata {
 
 class Connection;
+class HttpEndpoint;
 
 class Server {
  public:
@@ -34,7 +41,8 @@ class Server {
   ~Server();
 
   // Binds every configured listener, or adopts the activated sockets (throws
-  // std::system_error naming the address or the fd).
+  // std::system_error naming the address or the fd), then the HTTP endpoint
+  // (throws std::runtime_error naming its address).
   void listen();
   // Runs until a signal (or stop()) and every connection has finished.
   // Returns the process exit status.
@@ -54,6 +62,18 @@ class Server {
 
   // Connection bookkeeping (network thread).
   void connection_closed(uint64_t id);
+
+  // Counters any thread may read and add to.
+  ServerMetrics& metrics() { return metrics_; }
+  // The HTTP endpoint's port, 0 when it is off.
+  uint16_t http_port() const;
+  // What a scrape needs of every export. Network thread.
+  std::vector<ExportSample> export_samples() const;
+  // Empty when every export is open, every listener bound and the server is
+  // not stopping; else why not. Network thread.
+  std::string not_ready_reason() const;
+  // What POST /reload on the HTTP endpoint calls; set before listen().
+  void set_reload_hook(std::function<ReloadResult()> hook) { reload_hook_ = std::move(hook); }
 
  private:
   // What a listener's connections need to know about TLS.
@@ -90,7 +110,12 @@ class Server {
   std::map<uint64_t, std::weak_ptr<Connection>> connections_;
   uint64_t next_id_ = 1;
   bool stopping_ = false;
+  bool listening_ = false;
   std::atomic<bool> stop_requested_{false};
+  ServerMetrics metrics_;
+  std::function<ReloadResult()> reload_hook_;
+  // Last: its handler threads post to io_, so it stops before io_ goes.
+  std::unique_ptr<HttpEndpoint> http_;
 };
 
 }  // namespace strata

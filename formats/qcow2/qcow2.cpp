@@ -581,6 +581,21 @@ std::string Qcow2Device::stats_locked_free() const {
          std::to_string(cow_allocations_) + ", metadata writebacks " + std::to_string(writebacks_);
 }
 
+DeviceCounters Qcow2Device::counters() const {
+  ReaderLock lk(mu_);
+  DeviceCounters c;
+  for (const auto& [name, cache] :
+       {std::pair{"l2", l2_cache_.get()}, {"refcount", refblock_cache_.get()}}) {
+    c.caches.push_back({.cache = name,
+                        .hits = cache->hits + cache->shared_hits(),
+                        .misses = cache->misses,
+                        .evictions = cache->evictions});
+  }
+  c.allocation_unit = "cluster";
+  c.allocations = cow_allocations_.load(std::memory_order_relaxed);
+  return c;
+}
+
 std::string Qcow2Device::stats() const {
   WriterLock lk(mu_);
   return stats_locked_free();

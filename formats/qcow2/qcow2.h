@@ -113,6 +113,8 @@ class Qcow2Device final : public BlockDevice {
   void describe(nlohmann::json& out) const override;
   void check(CheckReport& report) override;
   std::string stats() const override;
+  // Takes the metadata lock shared only: a scrape never stops I/O.
+  DeviceCounters counters() const override;
 
  private:
   std::string stats_locked_free() const REQUIRES_SHARED(mu_);

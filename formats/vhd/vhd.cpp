@@ -137,6 +137,7 @@ void VhdDevice::evict_bitmaps() {
     if (dirty_bitmaps_.count(*it)) continue;
     bitmaps_.erase(*it);
     it = lru_.erase(it);
+    bitmap_evictions_.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -570,6 +571,17 @@ int VhdDevice::fixed_extents(uint64_t offset, uint64_t length, std::vector<Exten
 std::vector<Child> VhdDevice::children() const {
   if (parent_) return {Child{ChildRole::backing, parent_, "parent"}};
   return {};
+}
+
+DeviceCounters VhdDevice::counters() const {
+  DeviceCounters c;
+  c.caches.push_back({.cache = "bitmap",
+                      .hits = bitmap_hits_.load(std::memory_order_relaxed),
+                      .misses = bitmap_misses_.load(std::memory_order_relaxed),
+                      .evictions = bitmap_evictions_.load(std::memory_order_relaxed)});
+  c.allocation_unit = "block";
+  c.allocations = allocations_.load(std::memory_order_relaxed);
+  return c;
 }
 
 std::string VhdDevice::stats() const {

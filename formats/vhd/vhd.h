@@ -67,6 +67,7 @@ class VhdDevice final : public BlockDevice {
   void describe(nlohmann::json& out) const override;
   void check(CheckReport& report) override;
   std::string stats() const override;
+  DeviceCounters counters() const override;
 
   const Footer& footer() const { return footer_; }
   uint32_t disk_type() const { return footer_.disk_type; }
@@ -138,6 +139,7 @@ class VhdDevice final : public BlockDevice {
   std::set<uint64_t> dirty_bitmaps_ GUARDED_BY(meta_mutex_);
   Mutex flush_mutex_;
   mutable std::atomic<uint64_t> bitmap_hits_{0}, bitmap_misses_{0}, allocations_{0};
+  std::atomic<uint64_t> bitmap_evictions_{0};
 };
 
 }  // namespace strata::vhd

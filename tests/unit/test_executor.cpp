@@ -34,7 +34,7 @@ nbd::Request block_status(uint64_t offset, uint32_t length, uint16_t flags = 0) 
 
 // The reply bytes the executor queued.
 nbd::Bytes run(FakeBitmapDevice& dev, const nbd::Session& s, const nbd::Request& r) {
-  ConnectionStats stats;
+  RequestCounters stats;
   RequestExecutor ex(1, dev, true, s, stats);
   REQUIRE(nbd::validate_request(r, s) == 0);
   ReplyBatch out;
