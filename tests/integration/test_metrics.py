@@ -1,10 +1,11 @@
 """The HTTP endpoint (--http / the "http" key): /metrics after a known workload,
 checked by promtool and by a real Prometheus server scraping it; /healthz,
 /readyz (also while draining after SIGTERM), /exports, unknown paths and
-methods, POST /reload without a hook, and hostile HTTP that must not disturb
-the NBD side."""
+methods, POST /reload without a hook, handshakes that fail counted by reason,
+and hostile HTTP that must not disturb the NBD side."""
 import json
 import os
+import struct
 import re
 import shutil
 import signal
@@ -17,6 +18,7 @@ import urllib.parse
 import urllib.request
 
 from strata_test import Server, log, main, run, sparse_image, workdir
+from tls_certs import make_psk
 
 RW_SIZE = 16 << 20
 RO_SIZE = 8 << 20
@@ -298,6 +300,105 @@ def test_hostile_http_does_not_disturb_nbd():
         assert http(s.port, "/readyz")[0] == 200
 
 
+def connect_fails(uri, psk_file=None):
+    """A libnbd client to `uri` that must not get through the handshake."""
+    import nbd
+    h = nbd.NBD()
+    if psk_file:
+        h.set_uri_allow_local_file(True)
+        uri += f"?tls-psk-file={psk_file}"
+    try:
+        h.connect_uri(uri)
+    except nbd.Error as e:
+        log(f"{uri}: {e}")
+        return
+    raise AssertionError(f"connecting to {uri} should have failed")
+
+
+def raw_handshake(port, client_flags=None):
+    """A plain socket past the greeting; sends `client_flags` if given, then
+    waits until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
+        greeting = b""
+        while len(greeting) < 18:
+            chunk = c.recv(18 - len(greeting))
+            assert chunk, "the server closed before its greeting"
+            greeting += chunk
+        assert greeting[:16] == b"NBDMAGICIHAVEOPT", greeting
+        if client_flags is not None:
+            c.sendall(struct.pack(">I", client_flags))
+        while c.recv(4096):
+            pass
+
+
+def test_handshake_failures_are_counted_by_reason():
+    """One connection per reason, over a TCP listener in TLS mode "on" with
+    PSK users alice (allowed on "rw") and bob (not), a TLS-only export, and a
+    short handshake timeout; then one good TLS client."""
+    with workdir() as d:
+        img = sparse_image(d, "rw.raw", RW_SIZE)
+        keys = make_psk(os.path.join(d, "keys.psk"), "alice")
+        with open(keys, "a") as f, open(make_psk(os.path.join(d, "bob.psk"), "bob")) as b:
+            f.write(b.read())
+        wrong = make_psk(os.path.join(d, "wrong.psk"), "alice")  # alice, another key
+        conf = os.path.join(d, "strata.json")
+        with open(conf, "w") as f:
+            json.dump({"tls": {"mode": "on", "psk_file": keys},
+                       "listeners": [{"type": "tcp", "address": "127.0.0.1", "port": 0}],
+                       "exports": [{"name": "rw", "path": img, "format": "raw", "allow": ["alice"]},
+                                   {"name": "secret", "path": sparse_image(d, "s.raw", RO_SIZE),
+                                    "format": "raw",
+                                    "read_only": True, "tls_required": True}],
+                       "limits": {"handshake_timeout_ms": 1000},
+                       "http": {"address": "127.0.0.1", "port": 0}}, f)
+        with Server(config=conf, tcp=True, unix=False, export="rw") as srv:
+            port = int(HTTP_LINE.search(srv.read_log()).group(1))
+            nbd_uri = f"nbd://127.0.0.1:{srv.port}"
+            tls_uri = f"nbds://{{user}}@127.0.0.1:{srv.port}/rw"
+            # The start-up probe of the test harness connected already.
+            before = metric(parse_metrics(http(port, "/metrics")[1]), "strata_connections_total")
+            connect_fails(f"{nbd_uri}/nope")                                   # unknown_export
+            connect_fails(f"{nbd_uri}/secret")                                 # tls_required
+            connect_fails(tls_uri.format(user="bob"), keys)                    # policy
+            connect_fails(tls_uri.format(user="alice"), wrong)                 # tls_handshake
+            raw_handshake(srv.port)                                            # timeout
+            raw_handshake(srv.port, client_flags=0xFFFFFFFF)                   # protocol
+            import nbd
+            h = nbd.NBD()
+            h.set_uri_allow_local_file(True)
+            h.connect_uri(tls_uri.format(user="alice") + f"?tls-psk-file={keys}")
+            h.pwrite(b"a" * 4096, 0)
+            h.shutdown()
+
+            def counts():
+                samples = parse_metrics(http(port, "/metrics")[1])
+                return {r: metric(samples, "strata_handshakes_failed_total", reason=r)
+                        for r in ("unknown_export", "tls_required", "policy", "tls_handshake",
+                                  "timeout", "protocol")}
+            want = dict.fromkeys(counts(), 1)
+            wait_for(lambda: counts() == want, f"every reason counted once: {want}")
+            samples = parse_metrics(http(port, "/metrics")[1])
+            assert metric(samples, "strata_tls_handshakes_total") == 3
+            assert metric(samples, "strata_tls_handshakes_failed_total") == 1
+            assert metric(samples, "strata_connections_total") == before + 7
+            assert metric(samples, "strata_written_bytes_total", export="rw") == 4096
+            assert srv.alive()
+
+
+def test_http_port_in_use_stops_the_server_with_its_address():
+    with workdir() as d, socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        img = sparse_image(d, "rw.raw", RW_SIZE)
+        p = subprocess.run([os.environ["STRATA"], "serve", img, "--format", "raw",
+                            "--socket", os.path.join(d, "s.sock"), "--http", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=60)
+        log(p.stderr.strip())
+        assert p.returncode != 0
+        assert f"cannot listen for HTTP on 127.0.0.1:{port}" in p.stderr, p.stderr
+
+
 def test_readyz_is_503_while_draining_and_healthz_stays_200():
     import nbd
     with workdir() as d, Strata(d, drain_timeout_ms=120000) as s:
@@ -326,4 +427,6 @@ if __name__ == "__main__":
     main([test_metrics_after_a_known_workload_pass_promtool_and_prometheus_agrees,
           test_probes_exports_and_errors,
           test_hostile_http_does_not_disturb_nbd,
+          test_handshake_failures_are_counted_by_reason,
+          test_http_port_in_use_stops_the_server_with_its_address,
           test_readyz_is_503_while_draining_and_healthz_stays_200])
