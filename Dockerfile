@@ -9,7 +9,7 @@ WORKDIR /src
 COPY .ci/install-deps /src/.ci/install-deps
 RUN bash .ci/install-deps build
 COPY CMakeLists.txt /src/
-COPY .ci /src/.ci
+COPY .ci/build /src/.ci/build
 COPY protocol /src/protocol
 COPY formats /src/formats
 COPY config /src/config

@@ -43,8 +43,8 @@ volume_fix="Prepare the volume for uid 10809: on the host \`chown 10809:10809 DI
 securityContext.fsGroup: 10809; or run with --user UID of the volume's owner."
 
 socket_fix="The socket directory must be writable: with a read-only root file system mount a \
-tmpfs there (podman/docker run --read-only --tmpfs $sockets:uid=10809,gid=10809,mode=0750; \
-Kubernetes: an emptyDir volume at $sockets)."
+tmpfs there (podman run --read-only --tmpfs $sockets:rw,U; docker run --read-only --tmpfs \
+$sockets:uid=10809,gid=10809; Kubernetes: an emptyDir volume at $sockets)."
 
 http_args=()
 [ -n "${STRATA_HTTP:-}" ] && http_args=(--http "$STRATA_HTTP")
