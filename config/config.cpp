@@ -103,7 +103,7 @@ std::vector<std::string> get_string_list(const json& obj, const std::string& whe
 }
 
 ListenerConfig parse_listener(const json& j, const std::string& where, const TlsConfig& tls) {
-  check_keys(j, where, {"type", "address", "port", "path", "tls"});
+  check_keys(j, where, {"type", "address", "port", "path", "mode", "group", "tls"});
   ListenerConfig l;
   l.own_tls = j.contains("tls");
   l.tls = l.own_tls ? parse_tls(j["tls"], where + ".tls") : tls;
@@ -112,7 +112,9 @@ ListenerConfig parse_listener(const json& j, const std::string& where, const Tls
     l.kind = ListenerConfig::Kind::tcp;
     l.address = get_string(j, where, "address", kDefaultListenAddress);
     l.port = static_cast<uint16_t>(get_uint(j, where, "port", 10809, 0, 65535));
-    if (j.contains("path")) fail(where + ".path", "only for unix listeners");
+    for (const char* key : {"path", "mode", "group"}) {
+      if (j.contains(key)) fail(where + "." + key, "only for unix listeners");
+    }
   } else if (type == "unix") {
     l.kind = ListenerConfig::Kind::unix_socket;
     l.path = get_string(j, where, "path", "", true);
@@ -120,6 +122,17 @@ ListenerConfig parse_listener(const json& j, const std::string& where, const Tls
     if (l.path.size() >= 108) fail(where + ".path", "longer than a unix socket path may be");
     if (j.contains("port") || j.contains("address")) {
       fail(where, "address/port are only for tcp listeners");
+    }
+    if (j.contains("mode")) {
+      if (!j["mode"].is_string()) {
+        fail(where + ".mode",
+             "must be a string of octal digits such as \"0660\", not " + type_name(j["mode"]));
+      }
+      l.mode = parse_socket_mode(j["mode"].get<std::string>(), where + ".mode");
+    }
+    if (j.contains("group")) {
+      l.group = get_string(j, where, "group", "");
+      check_socket_group(l.group, where + ".group");
     }
   } else {
     fail(where + ".type", "'" + type + "' is not one of tcp, unix");
@@ -229,6 +242,38 @@ std::string_view to_string(TlsMode m) {
       return "require";
   }
   return "?";
+}
+
+uint32_t parse_socket_mode(const std::string& text, const std::string& where) {
+  if (text.size() < 3 || text.size() > 4 ||
+      text.find_first_not_of("01234567") != std::string::npos) {
+    fail(where, "'" + text + "' is not 3 or 4 octal digits such as \"0660\"");
+  }
+  const auto mode = static_cast<uint32_t>(std::stoul(text, nullptr, 8));
+  if (mode > 0777) {
+    fail(where, "'" + text + "' sets set-id or sticky bits, which mean nothing on a socket");
+  }
+  if ((mode & 0222) == 0) {
+    fail(where, "'" + text + "' gives no one write permission: no client could connect");
+  }
+  return mode;
+}
+
+void check_socket_group(const std::string& text, const std::string& where) {
+  if (text.empty()) fail(where, "must not be empty");
+  if (text.find_first_not_of("0123456789") == std::string::npos) {
+    // Above 10 digits stoull could overflow; 4294967295 is chown's "unchanged".
+    if (text.size() > 10 || std::stoull(text) > 4294967294ull) {
+      fail(where, "'" + text + "' is not a gid (0..4294967294)");
+    }
+    return;
+  }
+  static constexpr std::string_view name_chars =
+      "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.";
+  if (text.size() > 32 || text.front() == '-' ||
+      text.find_first_not_of(name_chars) != std::string::npos) {
+    fail(where, "'" + text + "' is neither a gid nor a group name");
+  }
 }
 
 bool is_loopback(const ListenerConfig& l) {

@@ -55,9 +55,23 @@ struct ListenerConfig {
   std::string address = kDefaultListenAddress;  // tcp: IPv4 or IPv6 literal
   uint16_t port = 10809;                        // tcp
   std::string path;                             // unix
-  TlsConfig tls;                                // the listener's own "tls", else the top-level one
-  bool own_tls = false;                         // "tls" was given for this listener
+  // unix: permission bits and group the socket gets after bind (the bits
+  // gate connect(): a client needs write permission). Unset: as the umask
+  // leaves it, the server's own group. The group is a name or a numeric gid,
+  // resolved when the socket is bound.
+  std::optional<uint32_t> mode;
+  std::string group;
+  TlsConfig tls;         // the listener's own "tls", else the top-level one
+  bool own_tls = false;  // "tls" was given for this listener
 };
+
+// A unix socket's "mode": 3 or 4 octal digits, at most 0777 (set-id and
+// sticky bits mean nothing on a socket). Throws ConfigError naming `where`.
+uint32_t parse_socket_mode(const std::string& text, const std::string& where);
+// A unix socket's "group": a numeric gid (0..4294967294) or a group name
+// (1..32 of letters, digits, '_', '-', '.', not starting with '-'). Throws
+// ConfigError naming `where`.
+void check_socket_group(const std::string& text, const std::string& where);
 
 // True for 127.0.0.0/8 and ::1 (and unix sockets, which never leave the host).
 bool is_loopback(const ListenerConfig& l);

@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <grp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <spdlog/spdlog.h>
@@ -10,12 +11,95 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <filesystem>
+#include <optional>
 
 #include "server/connection.h"
 #include "server/http_endpoint.h"
 
 namespace strata {
+
+namespace {
+
+std::string octal(uint32_t mode) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "%04o", mode);
+  return buf;
+}
+
+// The gid a listener's "group" names (config/config.h checked its syntax).
+gid_t resolve_group(const std::string& group, const std::string& path) {
+  if (group.find_first_not_of("0123456789") == std::string::npos) {
+    return static_cast<gid_t>(std::stoul(group));
+  }
+  std::vector<char> buf(16384);
+  struct group entry;
+  struct group* found = nullptr;
+  const int r = ::getgrnam_r(group.c_str(), &entry, buf.data(), buf.size(), &found);
+  if (r != 0 || found == nullptr) {
+    throw std::runtime_error("unix socket " + path + ": group '" + group +
+                             "' is not known on this host (give a numeric gid)");
+  }
+  return found->gr_gid;
+}
+
+// Gives a just-bound socket its configured group, then its mode. The socket
+// was created under umask 0177 (owner only), so no client could connect to
+// it with wider rights in between.
+void apply_socket_permissions(const ListenerConfig& l) {
+  if (!l.group.empty()) {
+    const gid_t gid = resolve_group(l.group, l.path);
+    if (::chown(l.path.c_str(), static_cast<uid_t>(-1), gid) != 0) {
+      const int err = errno;
+      std::string hint;
+      if (err == EPERM) {
+        hint = ": the server's user (uid " + std::to_string(::geteuid()) +
+               ") must be a member of that group (podman/docker run --group-add " +
+               std::to_string(gid) + "; Kubernetes securityContext.fsGroup or supplementalGroups)";
+      }
+      throw std::system_error(err, std::generic_category(),
+                              "cannot give unix socket " + l.path + " to group '" + l.group +
+                                  "' (gid " + std::to_string(gid) + ")" + hint);
+    }
+  }
+  const uint32_t mode = l.mode.value_or(0777 & ~0177);
+  if (::chmod(l.path.c_str(), static_cast<mode_t>(mode)) != 0) {
+    throw std::system_error(errno, std::generic_category(),
+                            "cannot set mode " + octal(mode) + " on unix socket " + l.path);
+  }
+}
+
+// What to do about a unix socket that cannot be bound, for the errors a
+// container meets: a read-only root file system, a directory not mounted,
+// a volume owned by someone else.
+std::string unix_bind_hint(const std::error_code& ec, const std::string& path) {
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  if (ec == std::errc::read_only_file_system) {
+    return " (" + dir + " is on a read-only file system: mount a writable directory there, " +
+           "e.g. a tmpfs or an emptyDir volume)";
+  }
+  if (ec == std::errc::no_such_file_or_directory) return " (" + dir + " does not exist)";
+  if (ec == std::errc::permission_denied) {
+    return " (" + dir + " is not writable by uid " + std::to_string(::geteuid()) + ")";
+  }
+  return "";
+}
+
+// Restores the umask it replaced when it goes (umask is per process: this
+// runs before any other thread creates files).
+class ScopedUmask {
+ public:
+  explicit ScopedUmask(mode_t mask) : old_(::umask(mask)) {}
+  ~ScopedUmask() { ::umask(old_); }
+  ScopedUmask(const ScopedUmask&) = delete;
+  ScopedUmask& operator=(const ScopedUmask&) = delete;
+
+ private:
+  mode_t old_;
+};
+
+}  // namespace
 
 Server::Server(Config config, std::vector<ActivatedSocket> activated)
     : config_(std::move(config)),
@@ -138,11 +222,27 @@ void Server::bind_configured() {
       auto a = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
       asio::local::stream_protocol::endpoint ep(l.path);
       a->open(ep.protocol());
-      a->bind(ep, ec);
-      if (ec) throw std::system_error(ec, "cannot listen on unix socket " + l.path);
-      a->listen(asio::socket_base::max_listen_connections);
-      spdlog::info("listening on unix socket {} (TLS {})", l.path, to_string(l.tls.mode));
+      const bool own_permissions = l.mode || !l.group.empty();
+      {
+        std::optional<ScopedUmask> owner_only;
+        if (own_permissions) owner_only.emplace(0177);
+        a->bind(ep, ec);
+      }
+      if (ec) {
+        throw std::system_error(
+            ec, "cannot listen on unix socket " + l.path + unix_bind_hint(ec, l.path));
+      }
       unix_paths_.push_back(l.path);
+      if (own_permissions) apply_socket_permissions(l);
+      a->listen(asio::socket_base::max_listen_connections);
+      if (own_permissions) {
+        struct stat bound;
+        ::stat(l.path.c_str(), &bound);
+        spdlog::info("listening on unix socket {} (mode {}, gid {}, TLS {})", l.path,
+                     octal(bound.st_mode & 07777), bound.st_gid, to_string(l.tls.mode));
+      } else {
+        spdlog::info("listening on unix socket {} (TLS {})", l.path, to_string(l.tls.mode));
+      }
       unix_.emplace_back(std::move(a), listener_tls_[i]);
     }
   }

@@ -281,3 +281,51 @@ TEST_CASE("cache: writeback unless an export says none") {
   CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "cache": "directsync"}]})") ==
         "exports[0].cache: 'directsync' is not one of writeback, none");
 }
+
+TEST_CASE("unix listener mode and group: unset unless given, octal and a gid or name") {
+  auto c = parse_config_text(R"({
+    "listeners": [{"type": "unix", "path": "/run/a.sock"},
+                  {"type": "unix", "path": "/run/b.sock", "mode": "0660", "group": "10809"},
+                  {"type": "unix", "path": "/run/c.sock", "mode": "666", "group": "vm-users"}],
+    "exports": [{"name": "a", "path": "/img/a.raw"}]})");
+  REQUIRE(c.listeners.size() == 3);
+  CHECK_FALSE(c.listeners[0].mode);
+  CHECK(c.listeners[0].group.empty());
+  CHECK(c.listeners[1].mode == 0660u);
+  CHECK(c.listeners[1].group == "10809");
+  CHECK(c.listeners[2].mode == 0666u);
+  CHECK(c.listeners[2].group == "vm-users");
+}
+
+TEST_CASE("unix listener mode and group: hostile values name the key") {
+  const auto with = [](const std::string& extra) {
+    return error_of(R"({"listeners": [{"type": "unix", "path": "/run/s.sock", )" + extra +
+                    R"(}], "exports": [{"name": "a", "path": "/a"}]})");
+  };
+  CHECK(with(R"("mode": 660)").find("listeners[0].mode: must be a string of octal") == 0);
+  CHECK(with(R"("mode": "0860")").find("listeners[0].mode: '0860' is not 3 or 4 octal") == 0);
+  CHECK(with(R"("mode": "rw-rw----")").find("is not 3 or 4 octal") != std::string::npos);
+  CHECK(with(R"("mode": "06")").find("is not 3 or 4 octal") != std::string::npos);
+  CHECK(with(R"("mode": "00660")").find("is not 3 or 4 octal") != std::string::npos);
+  CHECK(with(R"("mode": "-660")").find("is not 3 or 4 octal") != std::string::npos);
+  CHECK(with(R"("mode": "4660")").find("set-id or sticky") != std::string::npos);
+  CHECK(with(R"("mode": "0444")").find("no client could connect") != std::string::npos);
+  CHECK(with(R"("group": "")").find("listeners[0].group: must not be empty") == 0);
+  CHECK(with(R"("group": 10809)").find("listeners[0].group: must be a string") == 0);
+  CHECK(with(R"("group": "4294967295")").find("is not a gid") != std::string::npos);
+  CHECK(with(R"("group": "99999999999999999999999")").find("is not a gid") != std::string::npos);
+  CHECK(with(R"("group": "-rf")").find("neither a gid nor a group name") != std::string::npos);
+  CHECK(with(R"("group": "a:b")").find("neither a gid nor a group name") != std::string::npos);
+  CHECK(with(R"("group": "a b")").find("neither a gid nor a group name") != std::string::npos);
+  CHECK(with(R"("group": "../etc")").find("neither a gid nor a group name") != std::string::npos);
+  CHECK(with(R"("group": "a\nb")").find("neither a gid nor a group name") != std::string::npos);
+  CHECK(
+      with(R"("group": ")" + std::string(33, 'g') + "\"").find("neither a gid nor a group name") !=
+      std::string::npos);
+  CHECK(error_of(R"({"listeners": [{"type": "tcp", "mode": "0660"}],
+                     "exports": [{"name": "a", "path": "/a"}]})") ==
+        "listeners[0].mode: only for unix listeners");
+  CHECK(error_of(R"({"listeners": [{"type": "tcp", "group": "0"}],
+                     "exports": [{"name": "a", "path": "/a"}]})") ==
+        "listeners[0].group: only for unix listeners");
+}
