@@ -13,7 +13,9 @@ COPY .ci/build /src/.ci/build
 COPY protocol /src/protocol
 COPY formats /src/formats
 COPY config /src/config
-COPY server /src/server
+# The sources only: the container scripts in server/container/ are not
+# compiled, and changing them must not rebuild the binary.
+COPY server/*.cpp server/*.h /src/server/
 RUN bash .ci/build /src/build-release -DSTRATA_TESTS=OFF \
  && strip /src/build-release/strata
 

@@ -4,7 +4,8 @@
 #   Without, config: strata serve --config /etc/strata/strata.json
 #   Without, else:   /images/disk.img as export "default" on 0.0.0.0:10809,
 #                    created sparse (1 GiB) if missing; its format (qcow2,
-#                    VHD, raw) is probed, never assumed.
+#                    VHD, raw) is probed, never assumed, unless
+#                    $STRATA_FORMAT pins it (raw, qcow2, vhd).
 # Without arguments the HTTP endpoint (/healthz, /readyz, /metrics) listens
 # on $STRATA_HTTP (the image sets 0.0.0.0:10810; empty: the config's "http").
 # Before the server starts, the directories it must write are checked, so a
@@ -69,4 +70,5 @@ else
   require_writable_dir "$images" "$volume_fix"
   truncate -s 1G "$disk"
 fi
-exec strata serve "$disk" --export default --port 10809 --bind 0.0.0.0 "${http_args[@]}"
+exec strata serve "$disk" --format "${STRATA_FORMAT:-auto}" --export default --port 10809 \
+  --bind 0.0.0.0 "${http_args[@]}"
