@@ -46,11 +46,18 @@ gid_t resolve_group(const std::string& group, const std::string& path) {
 
 // Gives a just-bound socket its configured group, then its mode. The socket
 // was created under umask 0177 (owner only), so no client could connect to
-// it with wider rights in between.
+// it with wider rights in between. Only the path can carry the rights (a
+// socket fd's fchmod does not reach the file), so the path is checked to
+// still be a socket and not followed if it became a symlink.
 void apply_socket_permissions(const ListenerConfig& l) {
+  struct stat st {};
+  if (::lstat(l.path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) {
+    throw std::runtime_error("unix socket " + l.path +
+                             " was removed or replaced right after it was bound");
+  }
   if (!l.group.empty()) {
     const gid_t gid = resolve_group(l.group, l.path);
-    if (::chown(l.path.c_str(), static_cast<uid_t>(-1), gid) != 0) {
+    if (::lchown(l.path.c_str(), static_cast<uid_t>(-1), gid) != 0) {
       const int err = errno;
       std::string hint;
       if (err == EPERM) {
@@ -236,8 +243,8 @@ void Server::bind_configured() {
       if (own_permissions) apply_socket_permissions(l);
       a->listen(asio::socket_base::max_listen_connections);
       if (own_permissions) {
-        struct stat bound;
-        ::stat(l.path.c_str(), &bound);
+        struct stat bound {};
+        ::lstat(l.path.c_str(), &bound);
         spdlog::info("listening on unix socket {} (mode {}, gid {}, TLS {})", l.path,
                      octal(bound.st_mode & 07777), bound.st_gid, to_string(l.tls.mode));
       } else {

@@ -30,13 +30,19 @@ owner_of() {
   stat -c 'owned by uid %u gid %g, mode %a' "$1"
 }
 
-# $1 must be a directory this user can create files in.
+# $1 must be a directory this user can create files in. The reason comes
+# from a real attempt: "Read-only file system" and "Permission denied" need
+# different fixes.
 require_writable_dir() {
-  local dir=$1 fix=$2
+  local dir=$1 fix=$2 probe reason
   [ -d "$dir" ] || die "$dir does not exist. $fix"
-  if [ ! -w "$dir" ] || [ ! -x "$dir" ]; then
-    die "$dir ($(owner_of "$dir")) is not writable by $(whoami_line). $fix"
+  probe=$dir/.strata-entrypoint-probe
+  if reason=$( (: >"$probe") 2>&1); then
+    rm -f "$probe"
+    return
   fi
+  reason=${reason##*: }
+  die "$dir ($(owner_of "$dir")) is not writable by $(whoami_line): ${reason:-unknown}. $fix"
 }
 
 volume_fix="Prepare the volume for uid 10809: on the host \`chown 10809:10809 DIR\` \
