@@ -57,6 +57,8 @@ struct ListenerConfig {
   std::string path;                             // unix
   TlsConfig tls;                                // the listener's own "tls", else the top-level one
   bool own_tls = false;                         // "tls" was given for this listener
+
+  bool operator==(const ListenerConfig&) const = default;
 };
 
 // True for 127.0.0.0/8 and ::1 (and unix sockets, which never leave the host).
@@ -93,6 +95,8 @@ struct ExportConfig {
   std::optional<std::vector<std::string>> bitmaps;
 
   OpenOptions open_options() const;
+  // Every key: a reload replaces an export whose entry differs in any.
+  bool operator==(const ExportConfig&) const = default;
 };
 
 // The HTTP endpoint for metrics and probes (docs/OPERATIONS.md): off unless
@@ -121,6 +125,8 @@ struct Limits {
   // On SIGTERM/SIGINT, how long clients get to read the replies still owed
   // to them before their connections are closed.
   uint32_t drain_timeout_ms = 30000;
+
+  bool operator==(const Limits&) const = default;
 };
 
 inline constexpr uint32_t kMaxRequestBytes = 32 * 1024 * 1024;
