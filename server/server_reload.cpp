@@ -1,5 +1,9 @@
 // Server::reload and the retirement of the exports it takes out (the rules
 // are in server/server.h and docs/OPERATIONS.md, "Reload").
+//
+// server.h comes first, as in server.cpp: asio decides how it allocates
+// handlers from what the standard headers included before it defined, and
+// two translation units that decide differently free with the wrong call.
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -231,9 +235,10 @@ void Server::open_deferred() {
       log_opened(*open.back());
     } catch (const std::exception& e) {
       failed_.push_back(std::string("reload: ") + e.what());
-      spdlog::error("reload: export '{}' cannot be opened now that its old image has closed, it "
-                    "is not served: {}",
-                    cfg.name, e.what());
+      spdlog::error(
+          "reload: export '{}' cannot be opened now that its old image has closed, it "
+          "is not served: {}",
+          cfg.name, e.what());
     }
   }
   deferred_.clear();

@@ -55,8 +55,8 @@ TEST_CASE("exports are matched by name, whatever their order") {
 }
 
 TEST_CASE("a rename is a removal and an addition") {
-  const ReloadPlan p = plan_reload(with_exports({disk("a", "/i/a.raw")}),
-                                   with_exports({disk("z", "/i/a.raw")}));
+  const ReloadPlan p =
+      plan_reload(with_exports({disk("a", "/i/a.raw")}), with_exports({disk("z", "/i/a.raw")}));
   CHECK(p.added == Names{"z"});
   CHECK(p.removed == Names{"a"});
 }
