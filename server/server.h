@@ -138,6 +138,8 @@ class Server {
   // The drain timeout of a reload passed: close what still drains.
   void abort_retiring_clients();
   void open_deferred();
+  // warn_if_exposed for every bound TCP listener, after exports changed.
+  void warn_if_exposed_listeners() const;
   // The registry in config_.exports order, from what is open.
   void order_registry(std::vector<std::shared_ptr<Export>> open);
 

@@ -1,9 +1,5 @@
 // Server::reload and the retirement of the exports it takes out (the rules
 // are in server/server.h and docs/OPERATIONS.md, "Reload").
-//
-// server.h comes first, as in server.cpp: asio decides how it allocates
-// handlers from what the standard headers included before it defined, and
-// two translation units that decide differently free with the wrong call.
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -149,6 +145,7 @@ ReloadResult Server::reload() {
                deferred_.empty() ? ""
                                  : "; " + std::to_string(deferred_.size()) +
                                        " export(s) open once their old image has closed");
+  if (!plan.added.empty() || !plan.changed.empty()) warn_if_exposed_listeners();
   for (auto& e : out) retire(std::move(e));
   // Clients that do not read their replies are not waited for forever.
   retire_timer_.expires_after(std::chrono::milliseconds(config_.limits.drain_timeout_ms));
@@ -157,6 +154,15 @@ ReloadResult Server::reload() {
   });
   finish_retirements();
   return {.applied = true, .message = "applied: " + summary(plan)};
+}
+
+void Server::warn_if_exposed_listeners() const {
+  if (!activated_.empty()) return;  // adopted sockets were warned about at start-up
+  for (const auto& [acceptor, index] : tcp_) {
+    std::error_code ec;
+    const auto ep = acceptor->local_endpoint(ec);
+    if (!ec) warn_if_exposed(config_.listeners[index], ep.port());
+  }
 }
 
 void Server::order_registry(std::vector<std::shared_ptr<Export>> open) {

@@ -40,14 +40,14 @@ class Rig:
                              unix=not tls)
         self.write(exports)
 
-    def write(self, exports):
+    def write(self, exports, **top):
         listener = {"type": "tcp", "address": "127.0.0.1", "port": 0} if self.tls else \
             {"type": "unix", "path": self.server.sock}
         conf = {"listeners": [listener],
                 "exports": [{"name": name, "path": path, "format": "raw", **extra}
                             for name, (path, extra) in exports.items()],
                 "http": {"address": "127.0.0.1", "port": 0},
-                "pid_file": self.pid_file}
+                "pid_file": self.pid_file, **top}
         if self.tls:
             conf["tls"] = self.tls
         with open(self.conf, "w") as f:
@@ -162,12 +162,14 @@ def test_add_export():
         with Rig(d, {"keep": (img["keep"], {})}) as rig:
             keeper = Keeper(rig.uri("keep"))
             assert_connect_fails(rig.uri("new"))
-            rig.write({"keep": (img["keep"], {}), "new": (img["new"], {})})
+            assert "connected from" not in rig.server.read_log()  # a debug line
+            rig.write({"keep": (img["keep"], {}), "new": (img["new"], {})}, log_level="debug")
             assert rig.reload_http() == (200, "applied: 1 added, 0 removed, 0 changed, "
                                               "1 unchanged\n")
             keeper.check()
             h = handle()
             h.connect_uri(rig.uri("new"))
+            wait_for_log(rig.server, r"conn \d+: connected from")
             h.pwrite(b"n" * BLOCK, 0)
             assert read_block(h) == b"n" * BLOCK
             h.shutdown()
@@ -252,6 +254,36 @@ def test_change_to_read_only():
             except nbd.Error as e:
                 assert e.errno == "EPERM", e
             ro.shutdown()
+            keeper.finish(rig, img["keep"])
+
+
+def test_change_path():
+    with workdir() as d:
+        img = images(d, "keep", "a", "b")
+        for name in ("a", "b"):
+            with open(img[name], "r+b") as f:
+                f.write(name.encode() * BLOCK)
+        with Rig(d, {"keep": (img["keep"], {}), "moved": (img["a"], {})}) as rig:
+            keeper = Keeper(rig.uri("keep"))
+            old = handle()
+            old.connect_uri(rig.uri("moved"))
+            assert read_block(old) == b"a" * BLOCK
+            rig.write({"keep": (img["keep"], {}), "moved": (img["b"], {})})
+            assert rig.reload_http() == (200, "applied: 0 added, 0 removed, 1 changed, "
+                                              "1 unchanged\n")
+            # Another image: no lock in the way, the new one is offered at once.
+            h = handle()
+            h.connect_uri(rig.uri("moved"))
+            assert read_block(h) == b"b" * BLOCK
+            h.shutdown()
+            assert http(rig.port, "/readyz")[0] == 200
+            # The old connection was drained and closed by the server.
+            rig.wait_closed("moved")
+            try:
+                read_block(old)
+                raise AssertionError("the old client of the changed export still reads")
+            except nbd.Error:
+                pass
             keeper.finish(rig, img["keep"])
 
 
@@ -354,5 +386,5 @@ def test_reload_command_errors():
 
 if __name__ == "__main__":
     main([test_add_export, test_remove_export_while_its_client_writes, test_change_to_read_only,
-          test_broken_configs_are_refused, test_tls_certificates_are_swapped,
+          test_change_path, test_broken_configs_are_refused, test_tls_certificates_are_swapped,
           test_without_config_reload_is_refused, test_reload_command_errors])
