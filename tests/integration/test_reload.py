@@ -223,6 +223,14 @@ def test_remove_export_while_its_client_writes():
             h = handle()
             h.connect_uri(rig.uri("gone"))
             rig.write({"keep": (img["keep"], {})})
+            # Scrapes go on while the export and its metrics go away.
+            scraped, scraping = [], threading.Event()
+
+            def scrape():
+                while not scraping.is_set():
+                    scraped.append(http(rig.port, "/metrics")[0])
+            scraper = threading.Thread(target=scrape)
+            scraper.start()
             before = rig.outcomes()
             done, failed = write_until_cut_off(
                 h, (64 << 20) // BLOCK, lambda: rig.server.proc.send_signal(signal.SIGHUP))
@@ -232,6 +240,9 @@ def test_remove_export_while_its_client_writes():
                 f"{sorted(set(e for _, e in failed.values()))}")
             assert failed, "the client was never stopped"
             rig.wait_closed("gone")
+            scraping.set()
+            scraper.join()
+            assert scraped and set(scraped) == {200}, scraped
             executed = int(re.search(r"export='gone' reads=\d+ writes=\d+ other=\d+ errors=\d+ "
                                      r"bytes_read=\d+ bytes_written=(\d+)",
                                      rig.server.read_log()).group(1)) // BLOCK
