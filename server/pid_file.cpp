@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -67,6 +68,14 @@ void signal_reload(const std::string& path) {
   char rest = 0;
   if (!(text >> pid) || pid <= 1 || (text >> rest)) {
     throw std::runtime_error("pid file " + path + " does not hold a process id");
+  }
+  // A stale pid may name another program now, which SIGHUP would end.
+  std::ifstream cmdline("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string program;
+  if (cmdline && std::getline(cmdline, program, '\0') &&
+      std::filesystem::path(program).filename().string().find("strata") == std::string::npos) {
+    throw std::runtime_error("process " + std::to_string(pid) + " (from " + path + ") is '" +
+                             program + "', not a strata server: the pid file is stale");
   }
   if (::kill(static_cast<pid_t>(pid), SIGHUP) == 0) return;
   if (errno == ESRCH) {

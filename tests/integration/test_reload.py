@@ -433,6 +433,17 @@ def test_reload_command_errors():
             f.write(f"{dead.pid}\n")
         p = run([STRATA, "reload", "--pid-file", stale], check=False)
         assert p.returncode != 0 and "stale" in p.stderr, p.stderr
+        # A pid reused by another program: it is not sent SIGHUP.
+        other = subprocess.Popen(["sleep", "60"])
+        try:
+            with open(stale, "w") as f:
+                f.write(f"{other.pid}\n")
+            p = run([STRATA, "reload", "--pid-file", stale], check=False)
+            assert p.returncode != 0 and "not a strata server" in p.stderr, p.stderr
+            assert other.poll() is None
+        finally:
+            other.kill()
+            other.wait()
 
 
 if __name__ == "__main__":
