@@ -122,8 +122,9 @@ struct Limits {
   uint64_t max_inflight_bytes = 64 << 20;          // per connection
   uint64_t max_total_inflight_bytes = 1ull << 30;  // all connections together
   uint32_t workers = 16;                           // I/O threads per connection
-  // On SIGTERM/SIGINT, how long clients get to read the replies still owed
-  // to them before their connections are closed.
+  // On SIGTERM/SIGINT, and for the clients of an export a reload takes out,
+  // how long clients get to read the replies still owed to them before their
+  // connections are closed.
   uint32_t drain_timeout_ms = 30000;
 
   bool operator==(const Limits&) const = default;
