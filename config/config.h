@@ -63,6 +63,8 @@ struct ListenerConfig {
   std::string group;
   TlsConfig tls;         // the listener's own "tls", else the top-level one
   bool own_tls = false;  // "tls" was given for this listener
+
+  bool operator==(const ListenerConfig&) const = default;
 };
 
 // A unix socket's "mode": 3 or 4 octal digits, at most 0777 (set-id and
@@ -107,6 +109,8 @@ struct ExportConfig {
   std::optional<std::vector<std::string>> bitmaps;
 
   OpenOptions open_options() const;
+  // Every key: a reload replaces an export whose entry differs in any.
+  bool operator==(const ExportConfig&) const = default;
 };
 
 // The HTTP endpoint for metrics and probes (docs/OPERATIONS.md): off unless
@@ -132,9 +136,12 @@ struct Limits {
   uint64_t max_inflight_bytes = 64 << 20;          // per connection
   uint64_t max_total_inflight_bytes = 1ull << 30;  // all connections together
   uint32_t workers = 16;                           // I/O threads per connection
-  // On SIGTERM/SIGINT, how long clients get to read the replies still owed
-  // to them before their connections are closed.
+  // On SIGTERM/SIGINT, and for the clients of an export a reload takes out,
+  // how long clients get to read the replies still owed to them before their
+  // connections are closed.
   uint32_t drain_timeout_ms = 30000;
+
+  bool operator==(const Limits&) const = default;
 };
 
 inline constexpr uint32_t kMaxRequestBytes = 32 * 1024 * 1024;

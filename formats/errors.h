@@ -15,6 +15,14 @@ class ImageError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// An image another export or process holds a lock on (formats/file.h,
+// lock_image): a reload tells it from other refusals, because the holder may
+// be an export it is about to close.
+class ImageInUseError : public ImageError {
+ public:
+  using ImageError::ImageError;
+};
+
 // "PATH: WHAT" — the usual shape of an ImageError message.
 [[noreturn]] void throw_image_error(const std::string& path, const std::string& what);
 

@@ -115,6 +115,10 @@ asio::awaitable<void> Connection::serve() {
   }
   log_closed();
   if (stats_) export_->metrics->detach(stats_);
+  // The export may be retiring (a reload took it out): the server closes its
+  // image once no connection holds it.
+  executor_.reset();
+  export_.reset();
   server_.connection_closed(id_);
 }
 

@@ -72,6 +72,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // fail at once. Call on the io thread.
   void abort();
   uint64_t id() const { return id_; }
+  // The export the client chose, null before it chose one. Network thread.
+  const Export* chosen_export() const { return export_.get(); }
 
  private:
   struct Request;
@@ -126,7 +128,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const std::string peer_;
   const Limits& limits_;
   nbd::Handshake handshake_;
-  Export* export_ = nullptr;
+  // Held so that a reload that takes the export out of the registry leaves
+  // it (and its image) open until this connection has drained.
+  std::shared_ptr<Export> export_;
   nbd::Session session_;  // fixed when the handshake ends
 
   // The handshake coroutine, then the thread holding read_mu_.

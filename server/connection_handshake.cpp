@@ -241,12 +241,15 @@ asio::awaitable<bool> Connection::handshake() {
       co_return false;
     }
     if (step.action == nbd::Handshake::Action::kTransmit) {
+      // export_->view, not step.export_view: a reload during the send may
+      // have taken the export out of the registry (and stopped this
+      // connection), export_ keeps it alive.
       session_ = nbd::Session{.size = export_->view.size,
-                              .tx_flags = handshake_.tx_flags(*step.export_view),
+                              .tx_flags = handshake_.tx_flags(export_->view),
                               .read_only = export_->caps.read_only,
                               .max_payload = kMaxRequestBytes,
                               .structured = handshake_.structured_replies()};
-      handshake_.fill_meta_contexts(*step.export_view, session_);
+      handshake_.fill_meta_contexts(export_->view, session_);
       spdlog::info("conn {}: peer={} export='{}' structured={} flags={:#x} tls={}", id_, peer_,
                    export_->config.name, session_.structured, session_.tx_flags,
                    tls_ ? "yes" : "no");

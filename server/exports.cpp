@@ -39,35 +39,49 @@ std::vector<std::string> exported_bitmaps(const ExportConfig& cfg, const BlockDe
   return *cfg.bitmaps;
 }
 
+std::shared_ptr<Export> open_export(const ExportConfig& cfg) {
+  return open_export(cfg, cfg.open_options());
+}
+
+std::shared_ptr<Export> open_export(const ExportConfig& cfg, const OpenOptions& options) {
+  auto e = std::make_shared<Export>();
+  e->config = cfg;
+  try {
+    e->device = open_image(cfg.path, options);
+  } catch (const ImageInUseError& err) {
+    throw ImageInUseError("export '" + cfg.name + "': " + err.what());
+  } catch (const ImageError& err) {
+    throw ImageError("export '" + cfg.name + "': " + err.what());
+  }
+  e->caps = e->device->capabilities();
+  if (cfg.cache == "none") e->buffer_alignment = kDirectIoBufferAlignment;
+  if (cfg.read_only) e->caps.read_only = true;
+  BlockSizes bs = e->device->block_sizes();
+  e->view.name = cfg.name;
+  e->view.description = cfg.description;
+  e->view.size = e->device->size();
+  e->view.tx_flags = transmission_flags(e->caps);
+  e->view.min_block = std::max<uint32_t>(bs.minimum, 1);
+  e->view.pref_block = std::max(bs.preferred, e->view.min_block);
+  e->view.max_block = std::min<uint32_t>(bs.maximum, kMaxRequestBytes);
+  e->view.tls_required = cfg.tls_required;
+  e->view.allow = cfg.allow;
+  e->view.bitmaps = exported_bitmaps(cfg, *e->device);
+  return e;
+}
+
+void log_opened(const Export& e) {
+  std::string bitmaps;
+  for (const std::string& b : e.view.bitmaps) bitmaps += (bitmaps.empty() ? "" : ", ") + b;
+  spdlog::info("export '{}': {} {} ({} bytes){}{}", e.config.name, e.device->format(),
+               e.config.path, e.view.size, e.caps.read_only ? ", read-only" : "",
+               bitmaps.empty() ? "" : ", dirty bitmaps: " + bitmaps);
+}
+
 ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& configs) {
   for (const auto& cfg : configs) {
-    auto e = std::make_unique<Export>();
-    e->config = cfg;
-    try {
-      e->device = open_image(cfg.path, cfg.open_options());
-    } catch (const ImageError& err) {
-      throw ImageError("export '" + cfg.name + "': " + err.what());
-    }
-    e->caps = e->device->capabilities();
-    if (cfg.cache == "none") e->buffer_alignment = kDirectIoBufferAlignment;
-    if (cfg.read_only) e->caps.read_only = true;
-    BlockSizes bs = e->device->block_sizes();
-    e->view.name = cfg.name;
-    e->view.description = cfg.description;
-    e->view.size = e->device->size();
-    e->view.tx_flags = transmission_flags(e->caps);
-    e->view.min_block = std::max<uint32_t>(bs.minimum, 1);
-    e->view.pref_block = std::max(bs.preferred, e->view.min_block);
-    e->view.max_block = std::min<uint32_t>(bs.maximum, kMaxRequestBytes);
-    e->view.tls_required = cfg.tls_required;
-    e->view.allow = cfg.allow;
-    e->view.bitmaps = exported_bitmaps(cfg, *e->device);
-    std::string bitmaps;
-    for (const std::string& b : e->view.bitmaps) bitmaps += (bitmaps.empty() ? "" : ", ") + b;
-    spdlog::info("export '{}': {} {} ({} bytes){}{}", cfg.name, e->device->format(), cfg.path,
-                 e->view.size, e->caps.read_only ? ", read-only" : "",
-                 bitmaps.empty() ? "" : ", dirty bitmaps: " + bitmaps);
-    exports_.push_back(std::move(e));
+    exports_.push_back(open_export(cfg));
+    log_opened(*exports_.back());
   }
 }
 
@@ -85,9 +99,16 @@ std::vector<const nbd::ExportView*> ExportRegistry::all() const {
   return out;
 }
 
-Export* ExportRegistry::by_view(const nbd::ExportView* view) {
-  for (auto& e : exports_) {
-    if (&e->view == view) return e.get();
+std::shared_ptr<Export> ExportRegistry::by_view(const nbd::ExportView* view) const {
+  for (const auto& e : exports_) {
+    if (&e->view == view) return e;
+  }
+  return nullptr;
+}
+
+std::shared_ptr<Export> ExportRegistry::by_name(std::string_view name) const {
+  for (const auto& e : exports_) {
+    if (e->config.name == name) return e;
   }
   return nullptr;
 }

@@ -1,4 +1,5 @@
-// strata: NBD server (`strata serve`) and image tool (`create`, `info`, `check`, `map`).
+// strata: NBD server (`strata serve`, `strata reload`) and image tool (`create`, `info`,
+// `check`, `map`).
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/prctl.h>
@@ -236,6 +237,10 @@ int serve(ServeArgs& args) {
   set_log_format(*parse_log_format(config.log_format));
   spdlog::set_level(spdlog::level::from_str(config.log_level));
   Server server(std::move(config), std::move(activated));
+  if (!args.config.empty()) {
+    // A reload reads the file again with the same command-line options over it.
+    server.set_config_source([args]() mutable { return config_from_args(args); });
+  }
   held.release();  // the server's signal handlers are in place
   server.listen();
   // Under socket activation stdout is often the activator's own
@@ -316,6 +321,11 @@ int run_command_line(int argc, char** argv) {
   serve_cmd->add_option("--tls-priority", sa.tls_priority,
                         "GnuTLS priority string (default: the system's)");
 
+  std::string reload_pid_file;
+  auto* reload_cmd = app.add_subcommand(
+      "reload", "Make a running server re-read its --config file (sends it SIGHUP)");
+  reload_cmd->add_option("--pid-file", reload_pid_file, "The server's --pid-file")->required();
+
   ToolOptions topt;
   std::string tool_format = "auto";
   std::string output = "human";
@@ -372,6 +382,10 @@ int run_command_line(int argc, char** argv) {
 
   try {
     if (serve_cmd->parsed()) return serve(sa);
+    if (reload_cmd->parsed()) {
+      signal_reload(reload_pid_file);
+      return 0;
+    }
     topt.format = *parse_format(tool_format);
     topt.json_output = output == "json";
     if (info_cmd->parsed()) return tool_info(tool_image, topt);

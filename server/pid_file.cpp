@@ -4,6 +4,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
 #include <system_error>
 
 namespace strata {
@@ -48,6 +54,36 @@ PidFile& PidFile::operator=(PidFile&& other) noexcept {
 
 PidFile::~PidFile() {
   if (!path_.empty()) ::unlink(path_.c_str());
+}
+
+void signal_reload(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    throw std::runtime_error("cannot read pid file " + path + ": " + std::strerror(errno) +
+                             " (is the server running with --pid-file " + path + "?)");
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  long pid = 0;
+  char rest = 0;
+  if (!(text >> pid) || pid <= 1 || (text >> rest)) {
+    throw std::runtime_error("pid file " + path + " does not hold a process id");
+  }
+  // A stale pid may name another program now, which SIGHUP would end.
+  std::ifstream cmdline("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string program;
+  if (cmdline && std::getline(cmdline, program, '\0') &&
+      std::filesystem::path(program).filename().string().find("strata") == std::string::npos) {
+    throw std::runtime_error("process " + std::to_string(pid) + " (from " + path + ") is '" +
+                             program + "', not a strata server: the pid file is stale");
+  }
+  if (::kill(static_cast<pid_t>(pid), SIGHUP) == 0) return;
+  if (errno == ESRCH) {
+    throw std::runtime_error("no process " + std::to_string(pid) + " (from " + path +
+                             "): the server is not running, the pid file is stale");
+  }
+  throw std::system_error(errno, std::generic_category(),
+                          "cannot signal process " + std::to_string(pid) + " (from " + path + ")");
 }
 
 }  // namespace strata

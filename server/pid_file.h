@@ -26,4 +26,10 @@ class PidFile {
   std::string path_;  // empty: nothing to remove
 };
 
+// `strata reload --pid-file F`: sends SIGHUP to the server whose pid `path`
+// holds. Throws std::runtime_error saying what is wrong: no file, not a pid,
+// no such process or a process that is not strata (a stale file), not
+// allowed to signal it.
+void signal_reload(const std::string& path);
+
 }  // namespace strata

@@ -112,18 +112,28 @@ Server::Server(Config config, std::vector<ActivatedSocket> activated)
     : config_(std::move(config)),
       memory_(config_.limits.max_total_inflight_bytes),
       activated_(std::move(activated)),
-      signals_(io_, SIGINT, SIGTERM) {
+      signals_(io_, SIGINT, SIGTERM),
+      reload_signals_(io_, SIGHUP) {
   // Credentials first: a bad key or certificate is refused before any
   // image is opened.
+  listener_tls_ = load_listener_tls(config_);
+  exports_ = std::make_unique<ExportRegistry>(config_.exports);
+}
+
+std::vector<Server::ListenerTls> Server::load_listener_tls(const Config& config) const {
   // Listeners that inherit the top-level settings share one set of
   // credentials: each file is read and checked once.
-  if (!activated_.empty()) listener_tls_.push_back(load_tls(config_.tls));
-  for (size_t i = 0; activated_.empty() && i < config_.listeners.size(); ++i) {
-    size_t same = 0;
-    while (config_.listeners[same].tls != config_.listeners[i].tls) ++same;
-    listener_tls_.push_back(same < i ? listener_tls_[same] : load_tls(config_.listeners[i].tls));
+  std::vector<ListenerTls> out;
+  if (!activated_.empty()) {
+    out.push_back(load_tls(config.tls));
+    return out;
   }
-  exports_ = std::make_unique<ExportRegistry>(config_.exports);
+  for (size_t i = 0; i < config.listeners.size(); ++i) {
+    size_t same = 0;
+    while (config.listeners[same].tls != config.listeners[i].tls) ++same;
+    out.push_back(same < i ? out[same] : load_tls(config.listeners[i].tls));
+  }
+  return out;
 }
 
 Server::ListenerTls Server::load_tls(const TlsConfig& config) {
@@ -173,7 +183,7 @@ void Server::listen() {
   }
   if (config_.http.enabled) {
     http_ = std::make_unique<HttpEndpoint>(*this, config_.http);
-    if (reload_hook_) http_->set_reload(reload_hook_);
+    http_->set_reload(reload_hook_ ? reload_hook_ : [this] { return request_reload(); });
   }
   listening_ = true;
 }
@@ -198,6 +208,10 @@ std::string Server::not_ready_reason() const {
   }
   if (!listening_) return "the listeners are not bound yet";
   if (exports_->exports().empty()) return "no export is open";
+  if (!deferred_.empty()) {
+    return "export '" + deferred_.front().name + "' is being replaced by a reload";
+  }
+  if (!failed_.empty()) return failed_.front();
   return {};
 }
 
@@ -221,7 +235,7 @@ void Server::bind_configured() {
       spdlog::info("listening on {}:{} (TLS {})", l.address, a->local_endpoint().port(),
                    to_string(l.tls.mode));
       warn_if_exposed(l, a->local_endpoint().port());
-      tcp_.emplace_back(std::move(a), listener_tls_[i]);
+      tcp_.emplace_back(std::move(a), i);
     } else {
       std::error_code ec;
       struct stat st;
@@ -250,7 +264,7 @@ void Server::bind_configured() {
       } else {
         spdlog::info("listening on unix socket {} (TLS {})", l.path, to_string(l.tls.mode));
       }
-      unix_.emplace_back(std::move(a), listener_tls_[i]);
+      unix_.emplace_back(std::move(a), i);
     }
   }
 }
@@ -296,7 +310,7 @@ void Server::adopt_activated() {
       spdlog::info("listening on {}:{} ({}, TLS {})", l.address, l.port, what,
                    to_string(l.tls.mode));
       warn_if_exposed(l, l.port);
-      tcp_.emplace_back(std::move(a), listener_tls_.front());
+      tcp_.emplace_back(std::move(a), 0);
     } else if (addr.ss_family == AF_UNIX) {
       auto a = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
       a->assign(asio::local::stream_protocol(), s.fd);
@@ -304,7 +318,7 @@ void Server::adopt_activated() {
       if (path.empty() || path.front() == '\0') path = "(unnamed)";
       spdlog::info("listening on unix socket {} ({}, TLS {})", path, what,
                    to_string(config_.tls.mode));
-      unix_.emplace_back(std::move(a), listener_tls_.front());
+      unix_.emplace_back(std::move(a), 0);
     } else {
       throw std::runtime_error("socket activation: " + what +
                                " is neither a TCP nor a unix socket");
@@ -320,7 +334,8 @@ std::vector<std::string> Server::uris() const {
     std::string host = ep.address().to_string();
     if (ep.address().is_unspecified()) host = "localhost";
     if (ep.address().is_v6() && host != "localhost") host = "[" + host + "]";
-    const char* scheme = tls.policy == nbd::TlsPolicy::kRequired ? "nbds://" : "nbd://";
+    const char* scheme =
+        listener_tls_[tls].policy == nbd::TlsPolicy::kRequired ? "nbds://" : "nbd://";
     out.push_back(scheme + host + ":" + std::to_string(ep.port()) + "/" + name);
   }
   for (const auto& [a, tls] : unix_) {
@@ -333,7 +348,7 @@ std::vector<std::string> Server::uris() const {
 }
 
 template <class Acceptor>
-asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, ListenerTls tls) {
+asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, size_t tls_index) {
   for (;;) {
     auto [ec, sock] =
         co_await acceptor.async_accept(asio::experimental::as_tuple(asio::use_awaitable));
@@ -358,6 +373,7 @@ asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, 
       continue;
     }
     uint64_t id = next_id_++;
+    const ListenerTls& tls = listener_tls_[tls_index];
     auto conn = std::make_shared<Connection>(*this, Connection::Socket(std::move(sock)), id, peer,
                                              tls.policy, tls.credentials);
     connections_[id] = conn;
@@ -369,6 +385,7 @@ asio::awaitable<void> Server::accept_loop(Acceptor& acceptor, std::string what, 
 
 void Server::connection_closed(uint64_t id) {
   if (connections_.erase(id)) metrics_.connections_open.fetch_sub(1, std::memory_order_relaxed);
+  if (!retiring_.empty()) finish_retirements();
   if (stopping_ && connections_.empty()) io_.stop();
 }
 
@@ -385,6 +402,9 @@ void Server::begin_shutdown() {
   for (auto& [a, tls] : tcp_) a->close(ec);
   for (auto& [a, tls] : unix_) a->close(ec);
   signals_.cancel(ec);
+  reload_signals_.cancel(ec);
+  deferred_timer_.cancel();
+  retire_timer_.cancel();
   for (auto& [id, weak] : connections_) {
     if (auto c = weak.lock()) c->shutdown();
   }
@@ -414,13 +434,16 @@ int Server::run() {
     spdlog::info("received signal {}", sig);
     begin_shutdown();
   });
+  wait_for_sighup();
   for (auto& [a, tls] : tcp_) asio::co_spawn(io_, accept_loop(*a, "tcp", tls), asio::detached);
   for (auto& [a, tls] : unix_) asio::co_spawn(io_, accept_loop(*a, "unix", tls), asio::detached);
   io_.run();
   // Probes would only time out from here on.
   if (http_) http_->stop();
   int status = 0;
-  for (auto& e : exports_->exports()) {
+  std::vector<std::shared_ptr<Export>> open = exports_->exports();
+  open.insert(open.end(), retiring_.begin(), retiring_.end());
+  for (auto& e : open) {
     if (e->caps.read_only) continue;
     if (int r = e->device->flush()) {
       spdlog::error("export '{}': final flush failed: {}", e->config.name, std::strerror(r));
