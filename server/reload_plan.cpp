@@ -43,11 +43,12 @@ ReloadPlan plan_reload(const Config& running, const Config& next) {
       plan.changed.push_back(now.name);
     }
   }
-  if (!same_sockets(running.listeners, next.listeners)) plan.needs_restart.push_back("listeners");
-  if (!(running.limits == next.limits)) plan.needs_restart.push_back("limits");
-  if (!(running.http == next.http)) plan.needs_restart.push_back("http");
-  if (running.log_format != next.log_format) plan.needs_restart.push_back("log_format");
-  if (running.pid_file != next.pid_file) plan.needs_restart.push_back("pid_file");
+  if (!same_sockets(running.listeners, next.listeners))
+    plan.needs_restart.emplace_back("listeners");
+  if (!(running.limits == next.limits)) plan.needs_restart.emplace_back("limits");
+  if (!(running.http == next.http)) plan.needs_restart.emplace_back("http");
+  if (running.log_format != next.log_format) plan.needs_restart.emplace_back("log_format");
+  if (running.pid_file != next.pid_file) plan.needs_restart.emplace_back("pid_file");
   return plan;
 }
 

@@ -1,9 +1,11 @@
 """Hot reload of the configuration (SIGHUP, `strata reload --pid-file`, POST
 /reload): exports added, removed while their client writes, switched to
-read-only, broken configs refused, TLS certificates swapped. Throughout each
-case a client of an export no reload touches keeps writing on one connection;
-at the end what it reads back, and the image file, are what it wrote, byte
-for byte, and the server saw that client connect exactly once."""
+read-only or to another image, broken configs refused, TLS certificates
+swapped, a client of a removed export that stops reading cut off after the
+drain timeout. Throughout each case a client of an export no reload touches
+keeps writing on one connection; at the end what it reads back, and the image
+file, are what it wrote, byte for byte, and one connection made all of its
+writes."""
 import json
 import os
 import re
@@ -14,13 +16,15 @@ import threading
 
 import nbd
 
-from strata_test import STRATA, Server, log, main, run, sparse_image, workdir
+from strata_test import (STRATA, Server, assert_closed, log, main, raw_handshake, run,
+                         send_request, sparse_image, workdir)
 from test_metrics import HTTP_LINE, http, wait_for
 from test_tls import assert_connect_fails, handle, log_count, wait_for_log
 from tls_certs import make_pki
 
 SIZE = 8 << 20
 BLOCK = 4096
+NBD_CMD_READ = 0
 
 
 class Rig:
@@ -29,13 +33,14 @@ class Rig:
     on a free loopback port. write() rewrites the config; the reload_* methods
     are the three ways to ask for a reload."""
 
-    def __init__(self, d, exports, tls=None):
+    def __init__(self, d, exports, tls=None, **top):
         self.d = d
         self.conf = os.path.join(d, "strata.json")
         self.pid_file = os.path.join(d, "strata.pid")
         # A TLS client checks the server's certificate against the host name
         # it connected to: TLS goes over TCP.
         self.tls = tls
+        self.top = top  # top-level keys every write() keeps
         self.server = Server(config=self.conf, export=next(iter(exports)), tcp=bool(tls),
                              unix=not tls)
         self.write(exports)
@@ -47,7 +52,7 @@ class Rig:
                 "exports": [{"name": name, "path": path, "format": "raw", **extra}
                             for name, (path, extra) in exports.items()],
                 "http": {"address": "127.0.0.1", "port": 0},
-                "pid_file": self.pid_file, **top}
+                "pid_file": self.pid_file, **self.top, **top}
         if self.tls:
             conf["tls"] = self.tls
         with open(self.conf, "w") as f:
@@ -283,6 +288,28 @@ def test_remove_export_while_its_client_writes():
             keeper.finish(rig, img["keep"])
 
 
+def test_removed_export_client_that_does_not_read_is_cut_off():
+    with workdir() as d:
+        img = images(d, "keep", "gone")
+        with Rig(d, {"keep": (img["keep"], {}), "gone": (img["gone"], {})},
+                 limits={"drain_timeout_ms": 500}) as rig:
+            keeper = Keeper(rig.uri("keep"))
+            s = rig.server.connect_raw()
+            raw_handshake(s, "gone")
+            # 8 MiB of replies that are never read: the server's sends block.
+            for i in range(8):
+                send_request(s, NBD_CMD_READ, offset=i << 20, length=1 << 20, cookie=i)
+            rig.write({"keep": (img["keep"], {})})
+            assert rig.reload_http()[0] == 200
+            # Long before the 120 s send timeout: the drain timeout closes it.
+            rig.wait_closed("gone")
+            assert_closed(s)
+            sent = int(re.search(r"export='gone' .* bytes_read=(\d+)", rig.server.read_log())
+                       .group(1))
+            assert sent < 8 << 20, sent
+            keeper.finish(rig, img["keep"])
+
+
 def test_change_to_read_only():
     with workdir() as d:
         img = images(d, "keep", "flip")
@@ -457,6 +484,7 @@ def test_reload_command_errors():
 
 
 if __name__ == "__main__":
-    main([test_add_export, test_remove_export_while_its_client_writes, test_change_to_read_only,
+    main([test_add_export, test_remove_export_while_its_client_writes,
+          test_removed_export_client_that_does_not_read_is_cut_off, test_change_to_read_only,
           test_change_path, test_broken_configs_are_refused, test_tls_certificates_are_swapped,
           test_without_config_reload_is_refused, test_reload_command_errors])
