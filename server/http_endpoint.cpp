@@ -26,10 +26,13 @@ constexpr const char* kText = "text/plain; charset=utf-8";
 
 // Runs `f` on the network thread and returns its result, or nullopt when the
 // thread did not run it within HttpEndpoint::kNetworkTimeout (it is busy,
-// stuck, or has stopped).
+// stuck, or has stopped). Once the thread has finished (the server is
+// exiting) the answer is nullopt at once: nothing would run `f`, and waiting
+// would hold the endpoint's stop, and the exit, for the whole timeout.
 template <class F>
 auto on_network_thread(asio::io_context& io, F f) -> std::optional<decltype(f())> {
   using R = decltype(f());
+  if (io.stopped()) return std::nullopt;
   auto done = std::make_shared<std::promise<R>>();
   auto result = done->get_future();
   asio::post(io, [done, f = std::move(f)]() mutable {
