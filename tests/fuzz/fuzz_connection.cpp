@@ -153,7 +153,7 @@ struct Plan {
   std::optional<uint32_t> cut_option;  // the stream ends after this over-long option
   bool transmission = false;
   bool structured = false, base = false, depth = false;
-  Export* exp = nullptr;
+  std::shared_ptr<Export> exp;
   std::vector<Req> reqs;
 };
 
