@@ -95,9 +95,7 @@ asio::awaitable<void> Connection::serve() {
     while (running_.load() > 0) co_await done_.async_wait(use_nothrow);
     for (auto& t : threads_) t.join();
     threads_.clear();
-    const uint64_t writes = value(stats_->requests[static_cast<size_t>(Command::write)]) +
-                            value(stats_->requests[static_cast<size_t>(Command::write_zeroes)]);
-    if (!export_->caps.read_only && writes > 0) export_->device->flush();
+    if (!export_->caps.read_only && stats_->writes() > 0) export_->device->flush();
   }
   std::error_code ec;
   if (in_transmission_ && !socket_.is_open()) {
@@ -155,19 +153,16 @@ void Connection::start_transmission() {
 
 void Connection::log_closed() const {
   auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
-  RequestTotals t;
-  if (stats_) t.add(*stats_);
-  const auto count = [&](Command c) { return t.requests[static_cast<size_t>(c)]; };
-  const uint64_t reads = count(Command::read);
-  const uint64_t writes = count(Command::write) + count(Command::write_zeroes);
-  uint64_t all = 0, errors = 0;
-  for (uint64_t n : t.requests) all += n;
-  for (uint64_t n : t.errors) errors += n;
+  // A connection that never reached an export has no counters: all zero.
+  const RequestCounters none;
+  const RequestCounters& c = stats_ ? *stats_ : none;
+  const uint64_t reads = c.count(Command::read), writes = c.writes();
   spdlog::info(
       "conn {}: closed peer={} export='{}' reads={} writes={} other={} errors={} "
       "bytes_read={} bytes_written={} seconds={:.3f}",
-      id_, peer_, export_ ? export_->config.name : "", reads, writes, all - reads - writes, errors,
-      t.bytes_read, t.bytes_written, secs);
+      id_, peer_, export_ ? export_->config.name : "", reads, writes,
+      c.total_requests() - reads - writes, c.total_errors(), value(c.bytes_read),
+      value(c.bytes_written), secs);
 }
 
 // Takes n bytes from this connection's budget and from the server's.

@@ -95,8 +95,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // After STARTTLS was acknowledged: drops what the client sent before, runs
   // the TLS handshake. False: close.
   asio::awaitable<bool> start_tls() NO_THREAD_SAFETY_ANALYSIS;
-  // Logs a step and remembers the refusal it carries (failure_).
-  void log_step(const nbd::Handshake::Step& step);
+  // Remembers the refusal a step carries (failure_, for the handshake
+  // metrics).
+  void note_refusal(const nbd::Handshake::Step& step);
+  void log_step(const nbd::Handshake::Step& step) const;
   void tls_failed();
 
   asio::awaitable<void> serve();

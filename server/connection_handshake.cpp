@@ -140,7 +140,7 @@ void Connection::tls_failed() {
   if (failure_ != HandshakeFailure::timeout) failure_ = HandshakeFailure::tls_handshake;
 }
 
-void Connection::log_step(const nbd::Handshake::Step& step) {
+void Connection::note_refusal(const nbd::Handshake::Step& step) {
   using Refusal = nbd::Handshake::Refusal;
   switch (step.refusal) {
     case Refusal::kNone:
@@ -155,6 +155,9 @@ void Connection::log_step(const nbd::Handshake::Step& step) {
       failure_ = HandshakeFailure::unknown_export;
       break;
   }
+}
+
+void Connection::log_step(const nbd::Handshake::Step& step) const {
   if (step.note.empty()) return;
   if (step.refused) {
     spdlog::warn("conn {}: peer={} identity='{}' refused: {}", id_, peer_, handshake_.identity(),
@@ -221,6 +224,7 @@ asio::awaitable<bool> Connection::handshake() {
       if (!co_await async_read_exact(data.data(), data.size())) co_return false;
       step = handshake_.on_option(opt.option, data);
     }
+    note_refusal(step);
     log_step(step);
     if (step.action == nbd::Handshake::Action::kTransmit) {
       // A client of the export before it hears so: whoever it tells next

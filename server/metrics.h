@@ -101,6 +101,9 @@ struct alignas(64) RequestCounters {
     latency[static_cast<size_t>(t)].record(
         static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()));
   }
+  uint64_t count(Command c) const { return value(requests[static_cast<size_t>(c)]); }
+  // WRITE and WRITE_ZEROES: the requests that change the image.
+  uint64_t writes() const { return count(Command::write) + count(Command::write_zeroes); }
   uint64_t total_requests() const;
   uint64_t total_errors() const;
 };
