@@ -130,6 +130,8 @@ class Server {
   ReloadResult refuse_reload(const std::string& why);
   // The export entries now served or about to be (opened after a retirement).
   Config running_exports() const;
+  // The open connections attached to `e`.
+  std::vector<std::shared_ptr<Connection>> clients_of(const Export& e) const;
   // Stops the connections of `e` and gives them limits.drain_timeout_ms.
   void retire(std::shared_ptr<Export> e);
   // Drops the retiring exports that no connection uses any more; then, once

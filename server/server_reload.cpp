@@ -175,35 +175,33 @@ void Server::order_registry(std::vector<std::shared_ptr<Export>> open) {
   exports_->replace(std::move(ordered));
 }
 
-void Server::retire(std::shared_ptr<Export> e) {
-  size_t clients = 0;
-  for (auto& [id, weak] : connections_) {
+std::vector<std::shared_ptr<Connection>> Server::clients_of(const Export& e) const {
+  std::vector<std::shared_ptr<Connection>> out;
+  for (const auto& [id, weak] : connections_) {
     auto c = weak.lock();
-    if (!c || c->chosen_export() != e.get()) continue;
-    c->shutdown();
-    ++clients;
+    if (c && c->chosen_export() == &e) out.push_back(std::move(c));
   }
-  spdlog::info("export '{}': no longer offered, {} client(s) to drain", e->config.name, clients);
+  return out;
+}
+
+void Server::retire(std::shared_ptr<Export> e) {
+  const auto clients = clients_of(*e);
+  for (const auto& c : clients) c->shutdown();
+  spdlog::info("export '{}': no longer offered, {} client(s) to drain", e->config.name,
+               clients.size());
   retiring_images_.push_back(e->device);
   retiring_.push_back(std::move(e));
 }
 
 void Server::abort_retiring_clients() {
-  for (auto& [id, weak] : connections_) {
-    auto c = weak.lock();
-    if (!c) continue;
-    for (const auto& e : retiring_) {
-      if (c->chosen_export() == e.get()) c->abort();
-    }
+  for (const auto& e : retiring_) {
+    for (const auto& c : clients_of(*e)) c->abort();
   }
 }
 
 void Server::finish_retirements() {
   std::erase_if(retiring_, [this](const std::shared_ptr<Export>& e) {
-    for (auto& [id, weak] : connections_) {
-      auto c = weak.lock();
-      if (c && c->chosen_export() == e.get()) return false;
-    }
+    if (!clients_of(*e).empty()) return false;
     if (!e->caps.read_only) {
       if (int r = e->device->flush()) {
         spdlog::error("export '{}': flush before closing failed: {}", e->config.name,
