@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <span>
 #include <string_view>
 
 #include "formats/block_device.h"
@@ -29,10 +30,23 @@ class RequestExecutor {
         has_extents_(has_extents),
         session_(session),
         stats_(stats),
-        buffer_alignment_(buffer_alignment) {}
+        buffer_alignment_(buffer_alignment),
+        runs_batches_(device.runs_batches()) {}
+
+  // A request and its WRITE payload, for execute_batch.
+  struct BatchItem {
+    const nbd::Request* hdr;
+    std::byte* payload;
+  };
 
   // REQUIRES: validate_request(h) == 0; `payload` holds a WRITE's data.
   void execute(const nbd::Request& h, const std::byte* payload, ReplyBatch& out);
+  // Whether `h` may run in a batch with others (execute_batch): a read or a
+  // write without FUA, on a device whose batches beat one request at a time.
+  bool batchable(const nbd::Request& h) const;
+  // REQUIRES: validate_request and batchable of every item. Runs them at
+  // once (BlockDevice::run_batch) and queues their replies in order.
+  void execute_batch(std::span<const BatchItem> items, ReplyBatch& out);
   // Answers a request that will not run with `error` (an NBD error value).
   void refuse(const nbd::Request& h, uint32_t error, std::string_view message, ReplyBatch& out);
 
@@ -41,6 +55,9 @@ class RequestExecutor {
   void reply_error(const nbd::Request& h, uint32_t error, std::string_view message,
                    ReplyBatch& out);
   void read(const nbd::Request& h, ReplyBatch& out);
+  // The reply of a read whose data is in `data`.
+  void reply_read(const nbd::Request& h, IoBuffer data, ReplyBatch& out);
+  void reply_ok(const nbd::Request& h, ReplyBatch& out);
   // A sparse read along `chunks`; false when a data chunk failed to read
   // (its error is queued).
   bool read_chunks(const nbd::Request& h, std::span<const nbd::ReadChunk> chunks, std::byte* buf,
@@ -55,6 +72,7 @@ class RequestExecutor {
   const nbd::Session& session_;
   RequestCounters& stats_;
   const size_t buffer_alignment_;  // of read buffers (server/io_buffer.h)
+  const bool runs_batches_;
 };
 
 }  // namespace strata
