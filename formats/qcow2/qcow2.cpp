@@ -431,32 +431,30 @@ int Qcow2Device::read_compressed(uint64_t e, std::vector<uint8_t>& cluster) {
                             cluster_size_);
 }
 
+int Qcow2Device::read_run(const Run& r, std::span<std::byte> dst, std::vector<uint8_t>& cluster) {
+  switch (r.kind) {
+    case Kind::data:
+      return data_file_->read_at(r.host, dst);
+    case Kind::zero:
+      std::memset(dst.data(), 0, dst.size());
+      return 0;
+    case Kind::backing:
+      return read_backing(r.guest, dst);
+    case Kind::compressed:
+      if (int err = read_compressed(r.host, cluster)) return err;
+      std::memcpy(dst.data(), cluster.data() + (r.guest & (cluster_size_ - 1)), dst.size());
+      return 0;
+    case Kind::invalid:
+      break;
+  }
+  spdlog::warn("{}: corrupt mapping for guest offset {}: EIO", path(), r.guest);
+  return EIO;
+}
+
 int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf) {
   std::vector<uint8_t> cluster;
   for (const Run& r : runs) {
-    auto dst = buf.subspan(r.guest - base, r.length);
-    int err = 0;
-    switch (r.kind) {
-      case Kind::data:
-        err = data_file_->read_at(r.host, dst);
-        break;
-      case Kind::zero:
-        std::memset(dst.data(), 0, dst.size());
-        break;
-      case Kind::backing:
-        err = read_backing(r.guest, dst);
-        break;
-      case Kind::compressed:
-        err = read_compressed(r.host, cluster);
-        if (!err)
-          std::memcpy(dst.data(), cluster.data() + (r.guest & (cluster_size_ - 1)), dst.size());
-        break;
-      case Kind::invalid:
-        spdlog::warn("{}: corrupt mapping for guest offset {}: EIO", path(), r.guest);
-        err = EIO;
-        break;
-    }
-    if (err) return err;
+    if (int err = read_run(r, buf.subspan(r.guest - base, r.length), cluster)) return err;
   }
   return 0;
 }
@@ -478,6 +476,48 @@ int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
     done += covered;
   }
   return 0;
+}
+
+int Qcow2Device::read_deferring_data(uint64_t offset, std::span<std::byte> buf,
+                                     std::vector<BatchIo>& host) {
+  std::vector<Run> runs;
+  std::vector<uint8_t> cluster;
+  for (uint64_t done = 0; done < buf.size();) {
+    runs.clear();
+    uint64_t covered = 0;
+    if (int r = map(offset + done, buf.size() - done, runs, 64, covered)) return r;
+    if (covered == 0) return EIO;
+    for (const Run& r : runs) {
+      auto dst = buf.subspan(r.guest - offset, r.length);
+      if (r.kind == Kind::data) {
+        host.push_back({.offset = r.host, .data = dst.data(), .length = dst.size()});
+      } else if (int err = read_run(r, dst, cluster)) {
+        return err;
+      }
+    }
+    done += covered;
+  }
+  return 0;
+}
+
+void Qcow2Device::run_batch(std::span<BatchIo> ops) {
+  std::vector<BatchIo> host;
+  std::vector<size_t> owner;  // the op each entry of `host` reads for
+  for (size_t i = 0; i < ops.size(); ++i) {
+    BatchIo& op = ops[i];
+    if (op.write) {
+      op.result = write(op.offset, {op.data, op.length}, false);
+      continue;
+    }
+    const size_t before = host.size();
+    op.result = read_deferring_data(op.offset, {op.data, op.length}, host);
+    if (op.result) host.resize(before);  // failed: nothing of it is read
+    owner.resize(host.size(), i);
+  }
+  data_file_->run_batch(host);
+  for (size_t k = 0; k < host.size(); ++k) {
+    if (host[k].result && !ops[owner[k]].result) ops[owner[k]].result = host[k].result;
+  }
 }
 
 // ---- extents

@@ -88,6 +88,11 @@ class Qcow2Device final : public BlockDevice {
 
   int read(uint64_t offset, std::span<std::byte> buf) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
+  // The data runs of the batch's reads go to the data file together; the
+  // rest (writes, zeros, backing, compressed clusters) run as they would
+  // one by one.
+  void run_batch(std::span<BatchIo> ops) override;
+  bool runs_batches() const override { return data_file_->runs_batches(); }
   int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
   int trim(uint64_t offset, uint64_t length, bool fua) override;
   int flush() override;
@@ -153,6 +158,11 @@ class Qcow2Device final : public BlockDevice {
   L2Entry classify(uint64_t entry) const { return classify_l2_entry(entry, l2_format_); }
   void set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap);
   int read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf);
+  // One run of a read into `dst`; `cluster`: scratch for a compressed one.
+  int read_run(const Run& r, std::span<std::byte> dst, std::vector<uint8_t>& cluster);
+  // Reads [offset, offset + buf.size()) as read() does, except that its data
+  // runs are appended to `host` (offsets in data_file_) instead of read.
+  int read_deferring_data(uint64_t offset, std::span<std::byte> buf, std::vector<BatchIo>& host);
   int read_backing(uint64_t off, std::span<std::byte> buf);
   int read_compressed(uint64_t entry, std::vector<uint8_t>& cluster);
 

@@ -65,42 +65,78 @@ def test_unaligned_reads_and_writes_give_the_same_bytes():
         assert os.path.getsize(img) == SIZE
 
 
+def qcow2_with_every_kind_of_cluster(d):
+    """A qcow2 over a raw backing file whose clusters are allocated, zero,
+    compressed or unallocated (the backing shows through); the bytes it
+    holds come from qemu-img, the oracle."""
+    base, _ = patterned_image(d, "base.raw")
+    img = os.path.join(d, "disk.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img, str(SIZE)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 2M", "-c", "write -z 2M 1M",
+         "-c", "write -c -P 0x62 3M 64k", "-c", "write -P 0x63 5M 1M", img])
+    raw = os.path.join(d, "expected.raw")
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, raw])
+    drop_cache(img)
+    return img, bytearray(file_bytes(raw))
+
+
+def in_flight_rounds(h, shadow, rng, rounds=10):
+    """Rounds of 48 reads and writes in flight together, in distinct 64 KiB
+    slots, aligned or not, a few with FUA; every read is checked."""
+    import nbd
+    slot = 65536
+    for _ in range(rounds):
+        reads, cookies = [], []
+        for s in rng.sample(range(SIZE // slot), 48):
+            aligned = rng.random() < 0.75
+            length = 4096 * rng.randrange(1, 9) if aligned else rng.randrange(1, 20000)
+            offset = s * slot + (0 if aligned else rng.randrange(0, slot - length))
+            if rng.random() < 0.5:
+                data = rng.randbytes(length)
+                flags = nbd.CMD_FLAG_FUA if rng.random() < 0.1 else 0
+                cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset,
+                                            flags=flags))
+                shadow[offset:offset + length] = data
+            else:
+                buf = nbd.Buffer(length)
+                cookies.append(h.aio_pread(buf, offset))
+                reads.append((buf, offset, length))
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for c in cookies:
+            assert h.aio_command_completed(c)  # raises on an error reply
+        for buf, offset, length in reads:
+            assert buf.to_bytearray() == shadow[offset:offset + length], (offset, length)
+
+
 def test_many_requests_in_flight_give_the_same_bytes():
     """Reads and writes in flight together run as batches (submitted to the
-    kernel at once): each gets its own bytes, aligned or not, FUA or not."""
-    import nbd
+    kernel at once): each gets its own bytes."""
     with workdir() as d:
         img, shadow = patterned_image(d)
-        rng = random.Random(5)
-        slot = 65536
         with Server(img, "--format", "raw", "--cache", "none") as srv:
             h = nbd_handle(srv.uri)
-            for _ in range(10):
-                reads, cookies = [], []
-                # Distinct slots: requests in flight together never overlap.
-                for s in rng.sample(range(SIZE // slot), 48):
-                    aligned = rng.random() < 0.75
-                    length = 4096 * rng.randrange(1, 9) if aligned else rng.randrange(1, 20000)
-                    offset = s * slot + (0 if aligned else rng.randrange(0, slot - length))
-                    if rng.random() < 0.5:
-                        data = rng.randbytes(length)
-                        flags = nbd.CMD_FLAG_FUA if rng.random() < 0.1 else 0
-                        cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
-                                                    offset, flags=flags))
-                        shadow[offset:offset + length] = data
-                    else:
-                        buf = nbd.Buffer(length)
-                        cookies.append(h.aio_pread(buf, offset))
-                        reads.append((buf, offset, length))
-                while h.aio_in_flight() > 0:
-                    h.poll(-1)
-                for c in cookies:
-                    assert h.aio_command_completed(c)  # raises on an error reply
-                for buf, offset, length in reads:
-                    assert buf.to_bytearray() == shadow[offset:offset + length], (offset, length)
+            in_flight_rounds(h, shadow, random.Random(5))
             h.flush()
             h.shutdown()
         assert file_bytes(img) == shadow
+
+
+def test_qcow2_requests_in_flight_give_the_same_bytes():
+    """The same on a qcow2 with allocated, zero, compressed and unallocated
+    clusters: batched reads take each kind's bytes, and the image stays
+    clean and holds what was written (qemu-img reads it back)."""
+    with workdir() as d:
+        img, shadow = qcow2_with_every_kind_of_cluster(d)
+        with Server(img, "--format", "qcow2", "--cache", "none") as srv:
+            h = nbd_handle(srv.uri)
+            in_flight_rounds(h, shadow, random.Random(6))
+            h.flush()
+            h.shutdown()
+        run(["qemu-img", "check", "-q", img])
+        out = os.path.join(d, "out.raw")
+        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out])
+        assert file_bytes(out) == shadow
 
 
 def whole_image_copy_cache_growth(cache):
@@ -170,6 +206,7 @@ def test_cache_key_in_a_config_and_its_errors():
 if __name__ == "__main__":
     main([test_unaligned_reads_and_writes_give_the_same_bytes,
           test_many_requests_in_flight_give_the_same_bytes,
+          test_qcow2_requests_in_flight_give_the_same_bytes,
           test_a_whole_image_copy_leaves_nothing_in_the_page_cache,
           test_qcow2_written_with_cache_none_is_clean_and_holds_the_data,
           test_cache_key_in_a_config_and_its_errors])
