@@ -10,12 +10,12 @@
 
 #include <algorithm>
 #include <array>
-#include <future>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <stdexcept>
 
 #include "server/metrics.h"
+#include "server/run_on_io.h"
 
 namespace strata {
 
@@ -24,33 +24,12 @@ namespace {
 constexpr const char* kMetricsType = "text/plain; version=0.0.4; charset=utf-8";
 constexpr const char* kText = "text/plain; charset=utf-8";
 
-// Runs `f` on the network thread and returns its result, or nullopt when the
-// thread did not run it within HttpEndpoint::kNetworkTimeout (it is busy,
-// stuck, or has stopped). Once the thread has finished (the server is
-// exiting) the answer is nullopt at once: nothing would run `f`, and waiting
-// would hold the endpoint's stop, and the exit, for the whole timeout.
+// `f`'s result from the network thread, or nullopt when it did not answer
+// within HttpEndpoint::kNetworkTimeout (busy, stuck, or stopped: then at
+// once, so a scrape during exit does not hold the stop).
 template <class F>
 auto on_network_thread(asio::io_context& io, F f) -> std::optional<decltype(f())> {
-  using R = decltype(f());
-  if (io.stopped()) return std::nullopt;
-  auto done = std::make_shared<std::promise<R>>();
-  auto result = done->get_future();
-  asio::post(io, [done, f = std::move(f)]() mutable {
-    try {
-      done->set_value(f());
-    } catch (...) {
-      done->set_exception(std::current_exception());
-    }
-  });
-  if (result.wait_for(HttpEndpoint::kNetworkTimeout) != std::future_status::ready) {
-    return std::nullopt;
-  }
-  try {
-    return result.get();
-  } catch (const std::exception& e) {
-    spdlog::warn("http: {}", e.what());
-    return std::nullopt;
-  }
+  return run_on_io(io, std::move(f), HttpEndpoint::kNetworkTimeout);
 }
 
 void unavailable(httplib::Response& res, const std::string& why) {

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <chrono>
-#include <future>
 
 #include "formats/errors.h"
 #include "server/connection.h"
 #include "server/reload_plan.h"
+#include "server/run_on_io.h"
 #include "server/server.h"
 
 namespace strata {
@@ -52,16 +52,10 @@ Config Server::running_exports() const {
 }
 
 ReloadResult Server::request_reload() {
-  auto done = std::make_shared<std::promise<ReloadResult>>();
-  auto result = done->get_future();
-  asio::post(io_, [this, done] { done->set_value(reload()); });
-  const auto deadline = std::chrono::steady_clock::now() + kReloadWait;
-  while (result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
-    if (io_.stopped() || std::chrono::steady_clock::now() > deadline) {
-      return {.applied = false, .message = "refused: the server did not run the reload"};
-    }
-  }
-  return result.get();
+  auto result = run_on_io(
+      io_, [this] { return reload(); }, kReloadWait);
+  if (!result) return {.applied = false, .message = "refused: the server did not run the reload"};
+  return *result;
 }
 
 void Server::wait_for_sighup() {
