@@ -16,7 +16,8 @@ TEST_CASE("a lone connection may take the whole pool, one thread at a time") {
   CHECK(pool.threads() == 5);
 }
 
-TEST_CASE("each connection takes at most its fair share, and at least one while the pool has room") {
+TEST_CASE(
+    "each connection takes at most its fair share, and at least one while the pool has room") {
   IoThreads pool(4);
   for (int i = 0; i < 8; ++i) pool.connection_started();
   CHECK(pool.fair_share() == 1);  // 4 / 8 rounds to 0: one each, first come
