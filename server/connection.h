@@ -17,8 +17,9 @@
 // hands the read side over to execute its batch, when no thread of the
 // connection waits for the read side, starts one more, if the connection has
 // fewer than limits.workers and the server's IoThreads grants an extra
-// thread (limits.max_io_threads for all connections, each connection at most
-// its fair share; server/io_threads.h). A thread that waited
+// thread (limits.max_io_threads for all connections; each connection at most
+// its fair share, max(1, max_io_threads / connections in transmission)
+// extra threads; server/io_threads.h). A thread that waited
 // kIdleThreadExit for the read side in vain (another thread held it all that
 // time), or that finds its connection over its fair share while another
 // thread holds the read side, leaves; the connection keeps at least one
