@@ -339,7 +339,7 @@ Config parse_config(const json& j) {
   if (auto it = j.find("limits"); it != j.end()) {
     check_keys(*it, "limits",
                {"max_connections", "handshake_timeout_ms", "max_inflight_bytes",
-                "max_total_inflight_bytes", "workers", "drain_timeout_ms"});
+                "max_total_inflight_bytes", "workers", "max_io_threads", "drain_timeout_ms"});
     Limits& l = c.limits;
     l.max_connections = static_cast<uint32_t>(
         get_uint(*it, "limits", "max_connections", l.max_connections, 1, 65536));
@@ -352,6 +352,8 @@ Config parse_config(const json& j) {
     l.drain_timeout_ms = static_cast<uint32_t>(
         get_uint(*it, "limits", "drain_timeout_ms", l.drain_timeout_ms, 0, 3600000));
     l.workers = static_cast<uint32_t>(get_uint(*it, "limits", "workers", l.workers, 1, 256));
+    l.max_io_threads = static_cast<uint32_t>(
+        get_uint(*it, "limits", "max_io_threads", l.max_io_threads, 0, 65536));
   }
   if (auto it = j.find("http"); it != j.end()) c.http = parse_http(*it);
   c.log_level = get_string(j, "", "log_level", "info");

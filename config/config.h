@@ -136,6 +136,9 @@ struct Limits {
   uint64_t max_inflight_bytes = 64 << 20;          // per connection
   uint64_t max_total_inflight_bytes = 1ull << 30;  // all connections together
   uint32_t workers = 16;                           // I/O threads per connection
+  // Transmission threads beyond each connection's first, all connections
+  // together (server/io_threads.h).
+  uint32_t max_io_threads = 256;
   // On SIGTERM/SIGINT, and for the clients of an export a reload takes out,
   // how long clients get to read the replies still owed to them before their
   // connections are closed.

@@ -11,6 +11,7 @@
 // the lock its caller holds.
 #pragma once
 
+#include <chrono>
 #include <mutex>
 #include <shared_mutex>
 
@@ -33,6 +34,29 @@ class CAPABILITY("mutex") Mutex {
 
  private:
   std::mutex mu_;
+};
+
+// A Mutex whose waiters may give up after a while (std::timed_mutex: the same
+// pthread mutex, so the same cost). The wait is measured on the system
+// clock: libstdc++ waits for a steady_clock deadline with
+// pthread_mutex_clocklock, which GCC 12's ThreadSanitizer does not intercept
+// (it then reports the lock as never taken). A clock step only makes one wait
+// shorter or longer, which callers must tolerate.
+class CAPABILITY("mutex") TimedMutex {
+ public:
+  TimedMutex() = default;
+  TimedMutex(const TimedMutex&) = delete;
+  TimedMutex& operator=(const TimedMutex&) = delete;
+
+  void lock() ACQUIRE() { mu_.lock(); }
+  void unlock() RELEASE() { mu_.unlock(); }
+  bool try_lock() TRY_ACQUIRE(true) { return mu_.try_lock(); }
+  bool try_lock_for(std::chrono::milliseconds wait) TRY_ACQUIRE(true) {
+    return mu_.try_lock_until(std::chrono::system_clock::now() + wait);
+  }
+
+ private:
+  std::timed_mutex mu_;
 };
 
 class CAPABILITY("shared_mutex") SharedMutex {

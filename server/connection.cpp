@@ -25,6 +25,10 @@ constexpr int kSendTimeoutMs = 120 * 1000;
 constexpr size_t kBatch = 16;
 constexpr uint64_t kBatchBytes = uint64_t{256} * 1024;
 
+// A thread that waited this long for the read side while another thread
+// held it (reading, or waiting for the client) is not needed: it leaves.
+constexpr auto kIdleThreadExit = std::chrono::milliseconds(2000);
+
 constexpr auto use_nothrow = asio::experimental::as_tuple(asio::use_awaitable);
 
 // Voluntary context switches of the calling thread so far: a thread that
@@ -58,9 +62,23 @@ Connection::Connection(Server& server, Socket socket, uint64_t id, std::string p
       done_(socket_.get_executor(), asio::steady_timer::time_point::max()),
       started_(std::chrono::steady_clock::now()) {}
 
+// serve() joined every thread before the connection can go; what is left
+// here is a coroutine destroyed before it finished (the io_context went),
+// whose threads have all returned (each held the connection) but perhaps the
+// calling one.
 Connection::~Connection() {
-  for (auto& t : threads_) {
-    if (t.joinable()) t.join();
+  std::list<Thread> left;
+  {
+    MutexLock lock(threads_mu_);
+    left.swap(threads_);
+  }
+  for (auto& t : left) {
+    if (!t.thread.joinable()) continue;
+    if (t.thread.get_id() == std::this_thread::get_id()) {
+      t.thread.detach();
+    } else {
+      t.thread.join();
+    }
   }
 }
 
@@ -93,8 +111,7 @@ asio::awaitable<void> Connection::serve() {
   if (transmitting) {
     start_transmission();
     while (running_.load() > 0) co_await done_.async_wait(use_nothrow);
-    for (auto& t : threads_) t.join();
-    threads_.clear();
+    join_threads();
     if (!export_->caps.read_only && stats_->writes() > 0) export_->device->flush();
   }
   std::error_code ec;
@@ -138,17 +155,96 @@ void Connection::start_transmission() {
   executor_ = std::make_unique<RequestExecutor>(id_, *export_->device, export_->caps.has_extents,
                                                 session_, *stats_, export_->buffer_alignment);
   in_transmission_ = true;
-  const uint32_t n = std::max<uint32_t>(1, limits_.workers);
-  running_ = n;
-  auto self = shared_from_this();
-  for (uint32_t i = 0; i < n; ++i) {
-    threads_.emplace_back([this, self] {
-      worker_loop();
-      if (running_.fetch_sub(1) == 1) {
-        asio::post(socket_.get_executor(), [self] { self->done_.cancel(); });
+  server_.io_threads().connection_started();
+  MutexLock lock(threads_mu_);
+  if (!start_thread()) stop(SHUT_RDWR);  // serve() finds no thread running and closes
+}
+
+bool Connection::start_thread() {
+  Thread& t = threads_.emplace_back();
+  t.id = next_thread_id_++;
+  running_.fetch_add(1);
+  try {
+    t.thread = std::thread([this, self = shared_from_this(), id = t.id] {
+      if (!worker_loop()) {
+        // Left as a spare: the network thread joins it.
+        asio::post(socket_.get_executor(), [self, id] { self->reap(id); });
+        return;
       }
+      bool last = false;
+      {
+        MutexLock lock(threads_mu_);
+        last = running_.fetch_sub(1) == 1;
+      }
+      if (last) asio::post(socket_.get_executor(), [self] { self->done_.cancel(); });
     });
+  } catch (const std::system_error& e) {
+    spdlog::warn("conn {}: cannot start a thread: {}", id_, e.what());
+    running_.fetch_sub(1);
+    threads_.pop_back();
+    return false;
   }
+  return true;
+}
+
+void Connection::add_thread_if_allowed() {
+  MutexLock lock(threads_mu_);
+  const auto held = static_cast<uint32_t>(threads_.size());
+  if (held >= limits_.workers || stopping_) return;
+  IoThreads& pool = server_.io_threads();
+  if (!pool.try_take_extra(held - 1)) return;
+  if (!start_thread()) pool.give_back_extra();
+}
+
+bool Connection::take_read_side() NO_THREAD_SAFETY_ANALYSIS {
+  read_waiters_.fetch_add(1);
+  bool taken = false;
+  // Over the fair share (more connections came): leave, unless the read side
+  // is free and nobody else would read.
+  if (running_.load() - 1 > server_.io_threads().fair_share()) {
+    taken = read_mu_.try_lock();
+    if (!taken && leave_if_spare()) {
+      read_waiters_.fetch_sub(1);
+      return false;
+    }
+  }
+  while (!taken) {
+    taken = read_mu_.try_lock_for(kIdleThreadExit);
+    if (!taken && leave_if_spare()) break;
+  }
+  read_waiters_.fetch_sub(1);
+  return taken;
+}
+
+bool Connection::leave_if_spare() {
+  MutexLock lock(threads_mu_);
+  if (running_.load() <= 1) return false;
+  running_.fetch_sub(1);
+  return true;
+}
+
+void Connection::reap(uint64_t id) {
+  std::list<Thread> gone;
+  {
+    MutexLock lock(threads_mu_);
+    auto it = std::find_if(threads_.begin(), threads_.end(),
+                           [id](const Thread& t) { return t.id == id; });
+    if (it == threads_.end()) return;  // serve() joined it already
+    gone.splice(gone.end(), threads_, it);
+  }
+  gone.front().thread.join();
+  server_.io_threads().give_back_extra();
+}
+
+void Connection::join_threads() {
+  std::list<Thread> all;
+  {
+    MutexLock lock(threads_mu_);
+    all.swap(threads_);
+  }
+  for (auto& t : all) t.thread.join();
+  if (!all.empty()) server_.io_threads().give_back_extra(static_cast<uint32_t>(all.size() - 1));
+  server_.io_threads().connection_ended();
 }
 
 void Connection::log_closed() const {
@@ -279,17 +375,25 @@ size_t Connection::read_batch(std::span<Request> batch, ReplyBatch& out, bool& k
 // after replying, is read_side_'s call (server/read_side.h). That hold spans
 // loop iterations, which the thread-safety analysis cannot follow: it checks
 // read_batch, which REQUIRES the read side.
-void Connection::worker_loop() NO_THREAD_SAFETY_ANALYSIS {
+//
+// A thread that hands the read side over while no other thread waits for it
+// starts another (add_thread_if_allowed): requests read meanwhile would
+// otherwise wait for this batch.
+bool Connection::worker_loop() NO_THREAD_SAFETY_ANALYSIS {
   std::array<Request, kBatch> batch;
   ReplyBatch out;
   out.reserve(kBatch);
   bool holding = false;
   for (;;) {
-    if (!holding) read_mu_.lock();
+    if (!holding && !take_read_side()) return false;
     bool keep = read_side_.keep();
     const size_t n = read_batch(batch, out, keep);
     holding = n > 0 && keep;
-    if (!holding) read_mu_.unlock();
+    if (!holding) {
+      const bool nobody_waits = read_waiters_.load() == 0;
+      read_mu_.unlock();
+      if (n > 0 && nobody_waits) add_thread_if_allowed();
+    }
     const uint64_t switches = voluntary_switches();
     size_t unsent = 0;  // batch[unsent..i) have replies waiting in `out`
     for (size_t i = 0; i < n;) {
@@ -309,7 +413,7 @@ void Connection::worker_loop() NO_THREAD_SAFETY_ANALYSIS {
     release_bytes(held);
     stats_->in_flight.fetch_sub(n, std::memory_order_relaxed);
     stats_->in_flight_bytes.fetch_sub(held, std::memory_order_relaxed);
-    if (n == 0) break;
+    if (n == 0) return true;
   }
 }
 

@@ -2,16 +2,35 @@
 //
 // Threads: the handshake is a coroutine on the network io_context. Then the
 // socket leaves Asio's reactor (so the io thread is not woken by traffic it
-// does not serve) and the transmission phase runs on limits.workers threads
-// of the connection's own (the model nbdkit uses): a thread takes the read
-// mutex, reads a request through a shared 64 KiB buffer (so one recv often
-// yields many requests) plus any further requests already complete in that
-// buffer, releases the mutex, executes them on the export's BlockDevice and
-// sends their replies together under the write mutex with one gather write
+// does not serve) and the transmission phase runs on threads of the
+// connection's own (the model nbdkit uses): a thread takes the read mutex,
+// reads a request through a shared 64 KiB buffer (so one recv often yields
+// many requests) plus any further requests already complete in that buffer,
+// releases the mutex, executes them on the export's BlockDevice and sends
+// their replies together under the write mutex with one gather write
 // (sendmsg). Replies go out as batches complete, out of order, as NBD
 // allows, and no request is handed from thread to thread. While batches run
 // without sleeping, the thread keeps the read mutex through execution and
-// reads on (see worker_loop).
+// reads on (see worker_loop), so one thread does all the work.
+//
+// Threads on demand: a connection starts with one thread. A thread that
+// hands the read side over to execute its batch, when no thread of the
+// connection waits for the read side, starts one more, if the connection has
+// fewer than limits.workers and the server's IoThreads grants an extra
+// thread (limits.max_io_threads for all connections; each connection at most
+// its fair share, max(1, max_io_threads / connections in transmission)
+// extra threads; server/io_threads.h). A thread that waited
+// kIdleThreadExit for the read side in vain (another thread held it all that
+// time), or that finds its connection over its fair share while another
+// thread holds the read side, leaves; the connection keeps at least one
+// thread (running_ >= 1 until the read side closes). The thread that reads
+// is never one that could leave, so a connection never stops reading.
+//
+// Joining: every thread holds the connection (shared_ptr) and stays in
+// threads_ until joined: a thread that left is joined on the network thread
+// (reap), the rest by serve() once running_ is 0, and only then is its
+// extra thread given back to IoThreads (threads_.size() - 1 extra threads
+// are held), so the server never runs more threads than it counts.
 //
 // Bounds: at most limits.workers batches execute at once per connection
 // (the rest wait in the socket), and payload and read buffers are held up to
@@ -29,6 +48,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <optional>
 #include <span>
@@ -107,7 +127,27 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void log_closed() const;
 
   // Transmission threads.
-  void worker_loop();
+  struct Thread {
+    uint64_t id = 0;
+    std::thread thread;
+  };
+  // Starts a thread running worker_loop, counted in running_ and threads_.
+  // False: the system refused one.
+  bool start_thread() REQUIRES(threads_mu_);
+  // One more thread, if limits.workers and the server's IoThreads allow.
+  void add_thread_if_allowed() EXCLUDES(threads_mu_);
+  // Waits for the read side; false: this thread leaves instead (idle, or its
+  // connection is over its fair share), already taken out of running_.
+  bool take_read_side() TRY_ACQUIRE(true, read_mu_) EXCLUDES(threads_mu_);
+  // Takes this thread out of running_ unless it is the last; true if so.
+  bool leave_if_spare() EXCLUDES(threads_mu_);
+  // The thread `id` left: joins it and gives its extra thread back.
+  void reap(uint64_t id) EXCLUDES(threads_mu_);
+  // Joins every thread (none runs worker_loop any more) and gives their
+  // extra threads back, and the connection's first.
+  void join_threads() EXCLUDES(threads_mu_);
+  // False when the thread left as a spare; true when the read side closed.
+  bool worker_loop();
   // Reads a batch into `batch`: one request, waiting for it, plus those
   // already whole in the buffer. Clears `keep` when one may block long.
   size_t read_batch(std::span<Request> batch, ReplyBatch& out, bool& keep) REQUIRES(read_mu_);
@@ -139,7 +179,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   nbd::Session session_;  // fixed when the handshake ends
 
   // The handshake coroutine, then the thread holding read_mu_.
-  Mutex read_mu_;
+  TimedMutex read_mu_;
   RequestReader reader_ GUARDED_BY(read_mu_);
   bool read_closed_ GUARDED_BY(read_mu_) = false;  // EOF, DISC, error or shutdown
 
@@ -152,9 +192,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // buffers); they are also counted in server_.memory().
   MemoryBudget budget_;
 
-  std::vector<std::thread> threads_;
+  Mutex threads_mu_;
+  std::list<Thread> threads_ GUARDED_BY(threads_mu_);  // not joined yet
+  uint64_t next_thread_id_ GUARDED_BY(threads_mu_) = 0;
+  // Threads in worker_loop; changed under threads_mu_, read anywhere.
   std::atomic<uint32_t> running_{0};
-  asio::steady_timer done_;  // cancelled when the last thread exits
+  std::atomic<uint32_t> read_waiters_{0};  // threads waiting for read_mu_
+  asio::steady_timer done_;                // cancelled when the last thread exits
   std::atomic<bool> stopping_{false};
   ReadSidePolicy read_side_;
   bool in_transmission_ = false;

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <system_error>
 
 #include "config/config.h"
@@ -53,6 +54,7 @@ struct ServeArgs {
   uint32_t max_connections = 0;
   uint32_t handshake_timeout_ms = 0;
   uint32_t workers = 0;
+  std::optional<uint32_t> max_io_threads;  // 0 is a value: no threads beyond the first
   std::string max_total_inflight;
   std::string tls;
   std::string tls_certificates;
@@ -175,6 +177,7 @@ Config config_from_args(ServeArgs& a) {
   if (a.max_connections) c.limits.max_connections = a.max_connections;
   if (a.handshake_timeout_ms) c.limits.handshake_timeout_ms = a.handshake_timeout_ms;
   if (a.workers) c.limits.workers = a.workers;
+  if (a.max_io_threads) c.limits.max_io_threads = *a.max_io_threads;
   if (!a.max_total_inflight.empty()) {
     try {
       c.limits.max_total_inflight_bytes = parse_size(a.max_total_inflight);
@@ -307,6 +310,11 @@ int run_command_line(int argc, char** argv) {
   serve_cmd->add_option("--handshake-timeout-ms", sa.handshake_timeout_ms,
                         "Drop clients that do not finish the handshake in time");
   serve_cmd->add_option("--workers", sa.workers, "I/O threads per connection (default 16)");
+  serve_cmd
+      ->add_option("--max-io-threads", sa.max_io_threads,
+                   "I/O threads beyond each connection's first, all connections together "
+                   "(default 256)")
+      ->check(CLI::Range(0, 65536));
   serve_cmd->add_option("--max-total-inflight-bytes", sa.max_total_inflight,
                         "Request and reply payload held in memory by all connections "
                         "together (default 1G)");

@@ -294,6 +294,12 @@ void render_server(Exposition& x, const ServerMetrics& s) {
   x.family("strata_connections_refused_total", "counter",
            "Client connections closed at once because limits.max_connections was reached.");
   x.sample("strata_connections_refused_total", {}, value(s.connections_refused));
+  if (s.io_threads) {
+    x.family("strata_io_threads", "gauge",
+             "Transmission threads running now: one per connection in transmission, plus those "
+             "started on demand (limits.max_io_threads bounds these).");
+    x.sample("strata_io_threads", {}, s.io_threads->threads());
+  }
   x.family("strata_handshakes_failed_total", "counter",
            "Handshakes that ended without an export, by reason.");
   for (size_t i = 0; i < kHandshakeFailures; ++i) {

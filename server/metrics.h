@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "formats/block_device.h"
+#include "server/io_threads.h"
 
 namespace strata {
 
@@ -161,6 +162,9 @@ struct ServerMetrics {
   std::array<std::atomic<uint64_t>, kHandshakeFailures> handshake_failures{};
   std::atomic<uint64_t> tls_handshakes{0}, tls_handshakes_failed{0};
   double start_time_seconds = 0;  // set at construction, read-only after
+  // The server's transmission threads (strata_io_threads); set by the
+  // server at construction, null where there is none.
+  const IoThreads* io_threads = nullptr;
 
   ServerMetrics();
   void count_handshake_failure(HandshakeFailure f) {

@@ -111,6 +111,7 @@ class ScopedUmask {
 Server::Server(Config config, std::vector<ActivatedSocket> activated)
     : config_(std::move(config)),
       memory_(config_.limits.max_total_inflight_bytes),
+      io_threads_(config_.limits.max_io_threads),
       activated_(std::move(activated)),
       signals_(io_, SIGINT, SIGTERM),
       reload_signals_(io_, SIGHUP) {
@@ -118,6 +119,7 @@ Server::Server(Config config, std::vector<ActivatedSocket> activated)
   // image is opened.
   listener_tls_ = load_listener_tls(config_);
   exports_ = std::make_unique<ExportRegistry>(config_.exports);
+  metrics_.io_threads = &io_threads_;
 }
 
 std::vector<Server::ListenerTls> Server::load_listener_tls(const Config& config) const {

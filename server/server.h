@@ -38,6 +38,7 @@
 
 #include "config/config.h"
 #include "server/exports.h"
+#include "server/io_threads.h"
 #include "server/memory_budget.h"
 #include "server/metrics.h"
 #include "server/reload_result.h"
@@ -72,6 +73,8 @@ class Server {
   ExportRegistry& exports() { return *exports_; }
   // Payload bytes held by all connections (limits.max_total_inflight_bytes).
   MemoryBudget& memory() { return memory_; }
+  // Transmission threads of all connections (limits.max_io_threads).
+  IoThreads& io_threads() { return io_threads_; }
   asio::io_context& io() { return io_; }
   // Human-readable URIs of the listeners, for the start-up message.
   std::vector<std::string> uris() const;
@@ -147,6 +150,7 @@ class Server {
 
   Config config_;
   MemoryBudget memory_;
+  IoThreads io_threads_;
   asio::io_context io_{1};
   asio::steady_timer drain_timer_{io_};
   std::unique_ptr<ExportRegistry> exports_;

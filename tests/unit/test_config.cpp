@@ -53,6 +53,7 @@ TEST_CASE("defaults: one TCP listener on 10809") {
   REQUIRE(c.listeners.size() == 1);
   CHECK(c.listeners[0].port == 10809);
   CHECK(c.limits.workers == 16);
+  CHECK(c.limits.max_io_threads == 256);
   CHECK(c.limits.max_total_inflight_bytes == 1ull << 30);
   CHECK(c.limits.drain_timeout_ms == 30000);
 }
@@ -96,6 +97,12 @@ TEST_CASE("errors name the key and the problem") {
         "limits.workers: 0 is outside 1..256");
   CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "limits": {"workers": -1}})") ==
         "limits.workers: must not be negative");
+  CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}],
+                     "limits": {"max_io_threads": 65537}})") ==
+        "limits.max_io_threads: 65537 is outside 0..65536");
+  CHECK(parse_config_text(R"({"exports": [{"name": "x", "path": "/x"}],
+                              "limits": {"max_io_threads": 0}})")
+            .limits.max_io_threads == 0);
   CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x"}], "log_level": "loud"})")
             .find("log_level") == 0);
   CHECK(error_of(R"({"exports": [{"name": "x", "path": "/x", "vhd_size": 1000}]})") ==

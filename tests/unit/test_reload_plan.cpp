@@ -103,6 +103,7 @@ TEST_CASE("TLS and the log level are applied, the rest needs a restart") {
           c.listeners.push_back(u);
         }) == Names{"listeners"});
   CHECK(restart_for([](Config& c) { c.limits.workers = 4; }) == Names{"limits"});
+  CHECK(restart_for([](Config& c) { c.limits.max_io_threads = 8; }) == Names{"limits"});
   CHECK(restart_for([](Config& c) { c.http.enabled = true; }) == Names{"http"});
   CHECK(restart_for([](Config& c) { c.log_format = "json"; }) == Names{"log_format"});
   CHECK(restart_for([](Config& c) { c.pid_file = "/run/s.pid"; }) == Names{"pid_file"});
