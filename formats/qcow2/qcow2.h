@@ -87,6 +87,7 @@ class Qcow2Device final : public BlockDevice {
   BlockSizes block_sizes() const override;
 
   int read(uint64_t offset, std::span<std::byte> buf) override;
+  int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
   int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
   int trim(uint64_t offset, uint64_t length, bool fua) override;
@@ -154,6 +155,17 @@ class Qcow2Device final : public BlockDevice {
   void set_entry(CachedTable& t, uint64_t i, uint64_t entry, uint64_t bitmap);
   int read_runs(const std::vector<Run>& runs, uint64_t base, std::span<std::byte> buf);
   int read_backing(uint64_t off, std::span<std::byte> buf);
+  // How much of [off, off + length) the backing file holds (the rest of an
+  // unallocated range reads as zeros); 0 without one.
+  uint64_t backing_part(uint64_t off, uint64_t length) const;
+  // The one walk of a guest range, shared by read() and map_host():
+  // visit(runs, guest offset, bytes covered) for each batch of runs map()
+  // returns.
+  template <class Visit>
+  int for_each_run(uint64_t offset, uint64_t length, Visit&& visit) EXCLUDES(mu_);
+  bool data_cannot_move(const Run& r) const;
+  int map_runs(const std::vector<Run>& runs, std::vector<HostPiece>& out);
+  int map_backing(uint64_t off, uint64_t length, std::vector<HostPiece>& out);
   int read_compressed(uint64_t entry, std::vector<uint8_t>& cluster);
 
   // ---- writes (write.cpp; the plans in write_plan.h)

@@ -18,6 +18,7 @@ class RawDevice final : public BlockDevice {
   Capabilities capabilities() const override;
 
   int read(uint64_t offset, std::span<std::byte> buf) override;
+  int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
   int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
   int trim(uint64_t offset, uint64_t length, bool fua) override;
