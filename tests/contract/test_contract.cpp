@@ -421,15 +421,21 @@ TEST_CASE("a read-only open of every configuration maps its ranges to the host b
       Model model(kSize, 0);
       const std::string image = c.make(dir, model);
       INFO(c.name);
-      // Some writes first, so that the layer holds data of its own.
-      REQUIRE(run_contract(opener(image), model, 20261205, 600) == "");
       OpenOptions ro;
       ro.read_only = true;
+      const bool compressed = std::string_view(c.name) == "qcow2 compressed";
+      if (compressed) {  // every cluster of data is compressed until written
+        auto fresh = open_image(image, ro);
+        REQUIRE(fresh);
+        const MappingCheck m = check_mapping(*fresh, 0, kSize, model);
+        CHECK(m.fail == "");
+        CHECK_FALSE(m.mapped);
+      }
+      // Some writes first, so that the layer holds data of its own.
+      REQUIRE(run_contract(opener(image), model, 20261205, 600) == "");
       auto dev = open_image(image, ro);
       REQUIRE(dev);
-      const bool compressed = std::string_view(c.name) == "qcow2 compressed";
       std::mt19937_64 rng(99);
-      int unmapped = 0;
       for (int i = 0; i < 400; ++i) {
         uint64_t off = rng() % kSize;
         if (i % 3 == 0) off &= ~uint64_t{65535};  // from a cluster or block start
@@ -437,10 +443,8 @@ TEST_CASE("a read-only open of every configuration maps its ranges to the host b
         INFO("range " << off << "+" << len);
         const MappingCheck m = check_mapping(*dev, off, len, model);
         REQUIRE(m.fail == "");
-        if (!m.mapped) ++unmapped;
         if (!compressed) REQUIRE(m.mapped);
       }
-      if (compressed) CHECK(unmapped > 0);
       CHECK(check_mapping(*dev, 0, kSize, model).fail == "");
     }
   }
