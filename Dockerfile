@@ -22,7 +22,7 @@ RUN bash .ci/build /src/build-release -DSTRATA_TESTS=OFF \
 FROM debian:12-slim
 # apt's package lists and caches (77 MB) are of no use at run time.
 RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends libspdlog1.10 libfmt9 libzstd1 zlib1g libgnutls30 libcpp-httplib0.11 \
+ && apt-get install -y -qq --no-install-recommends libspdlog1.10 libfmt9 libzstd1 zlib1g libgnutls30 libcpp-httplib0.11 liburing2 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log \
  && groupadd -g 10809 strata && useradd -u 10809 -g strata -d /images -s /usr/sbin/nologin strata \

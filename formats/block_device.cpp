@@ -34,6 +34,13 @@ std::string_view label(const Child& child) {
   return child.label.empty() ? to_string(child.role) : child.label;
 }
 
+void BlockDevice::run_batch(std::span<BatchIo> ops) {
+  for (BatchIo& op : ops) {
+    op.result = op.write ? write(op.offset, {op.data, op.length}, false)
+                         : read(op.offset, {op.data, op.length});
+  }
+}
+
 void BlockDevice::describe(nlohmann::json& out) const { (void)out; }
 
 void append_extent(std::vector<Extent>& out, const Extent& e) {

@@ -34,6 +34,7 @@
 #include <string_view>
 #include <vector>
 
+#include "formats/batch_io.h"
 #include "formats/extent.h"
 #include "formats/host_piece.h"
 
@@ -123,6 +124,14 @@ class BlockDevice {
 
   virtual int read(uint64_t offset, std::span<std::byte> buf) = 0;
   virtual int write(uint64_t offset, std::span<const std::byte> buf, bool fua) = 0;
+  // Runs the reads and writes (without FUA) of `ops` in any order and
+  // possibly at once; each op's result is what read() or write() would
+  // return. Ops that overlap have no defined result between them, as NBD
+  // leaves overlapping requests in flight. Default: one at a time.
+  virtual void run_batch(std::span<BatchIo> ops);
+  // Whether run_batch does better than one call per request (cache none
+  // submits a batch to the kernel at once, formats/io_ring.h).
+  virtual bool runs_batches() const { return false; }
   virtual int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) = 0;
   // Hint that the range is unused. Must never make a backing/parent show through
   // where the guest wrote data; returning 0 without doing anything is allowed.

@@ -10,8 +10,10 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "formats/errors.h"
+#include "formats/io_ring.h"
 #include "formats/mutex.h"
 
 namespace strata {
@@ -78,6 +80,33 @@ class DirectFile final : public File {
     return write_keeping_size(offset, buf);
   }
 
+  bool runs_batches() const override { return true; }
+
+  // The aligned ops go to the kernel together (formats/io_ring.h); the
+  // others, and any the ring did not finish, run one at a time.
+  void run_batch(std::span<BatchIo> ops) override {
+    std::vector<RingOp> ring;
+    std::vector<BatchIo*> on_ring;
+    ring.reserve(ops.size());
+    on_ring.reserve(ops.size());
+    for (BatchIo& op : ops) {
+      if (!fits_ring(op)) continue;
+      ring.push_back({.fd = fd_,
+                      .write = op.write,
+                      .offset = op.offset,
+                      .data = op.data,
+                      .length = static_cast<uint32_t>(op.length)});
+      on_ring.push_back(&op);
+    }
+    const bool ran = !ring.empty() && run_on_ring(ring);
+    for (size_t i = 0; i < on_ring.size(); ++i) {
+      on_ring[i]->result = ran ? finish(*on_ring[i], ring[i].result) : run_one(*on_ring[i]);
+    }
+    for (BatchIo& op : ops) {
+      if (!fits_ring(op)) op.result = run_one(op);
+    }
+  }
+
   int sync() override { return meta_->sync(); }
 
   int punch_hole(uint64_t offset, uint64_t length) override {
@@ -111,6 +140,35 @@ class DirectFile final : public File {
   }
 
  private:
+  int run_one(BatchIo& op) {
+    return op.write ? write_at(op.offset, {op.data, op.length})
+                    : read_at(op.offset, {op.data, op.length});
+  }
+
+  // An op the ring can run as it is: aligned, and for a write, one that
+  // write_at would also send straight to the file.
+  bool fits_ring(const BatchIo& op) const {
+    return is_aligned(op.offset, {op.data, op.length}) && op.length <= UINT32_MAX &&
+           (!op.write || (writable() && !unaligned_size_.load(std::memory_order_acquire)));
+  }
+
+  // The result of an op from what the ring did (`done`: bytes or -errno),
+  // by the rules of read_direct and write_direct: a read that stops short
+  // at the end of the file reads zeros beyond it; an aligned short transfer
+  // goes on where it stopped; an op the ring did not run runs here.
+  int finish(BatchIo& op, int32_t done) {
+    if (done == -EAGAIN || done == -EINTR || done == -ECANCELED) return run_one(op);
+    if (done < 0) return -done;
+    const auto n = static_cast<size_t>(done);
+    if (n == op.length) return 0;
+    const bool aligned_stop = n > 0 && n % align_ == 0;
+    if (op.write)
+      return aligned_stop ? write_direct(op.offset + n, {op.data + n, op.length - n}) : EIO;
+    if (aligned_stop) return read_direct(op.offset + n, {op.data + n, op.length - n});
+    std::memset(op.data + n, 0, op.length - n);  // the end of the file
+    return 0;
+  }
+
   uint64_t down(uint64_t v) const { return v / align_ * align_; }
   uint64_t up(uint64_t v) const { return down(v + align_ - 1); }
   bool is_aligned(uint64_t offset, std::span<const std::byte> buf) const {

@@ -7,6 +7,13 @@
 
 namespace strata {
 
+void File::run_batch(std::span<BatchIo> ops) {
+  for (BatchIo& op : ops) {
+    op.result = op.write ? write_at(op.offset, {op.data, op.length})
+                         : read_at(op.offset, {op.data, op.length});
+  }
+}
+
 void lock_image(File& file) {
   int e = file.lock();
   if (e != EWOULDBLOCK) return;  // locked, or no locks here (ENOLCK, EINVAL)

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "formats/batch_io.h"
 #include "formats/host_piece.h"
 
 namespace strata {
@@ -32,6 +33,13 @@ class File {
   virtual int read_at(uint64_t offset, std::span<std::byte> buf) = 0;
   // Writes exactly buf.size() bytes at offset, extending the file if needed.
   virtual int write_at(uint64_t offset, std::span<const std::byte> buf) = 0;
+  // Runs every read and write of `ops`, in any order and possibly at once
+  // (ops that overlap have no defined result between them, as NBD leaves
+  // overlapping requests in flight); each op's result is what read_at or
+  // write_at would return. Default: one at a time.
+  virtual void run_batch(std::span<BatchIo> ops);
+  // Whether run_batch does better than one call per op.
+  virtual bool runs_batches() const { return false; }
   // Makes written data durable (fdatasync).
   virtual int sync() = 0;
   // Deallocates the range; it reads as zeros afterwards. ENOTSUP if the file

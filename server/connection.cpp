@@ -293,15 +293,14 @@ void Connection::worker_loop() NO_THREAD_SAFETY_ANALYSIS {
     if (!holding) read_mu_.unlock();
     const uint64_t switches = voluntary_switches();
     size_t unsent = 0;  // batch[unsent..i) have replies waiting in `out`
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < n;) {
       // A flush can take long: the replies ready so far do not wait for it.
       if (batch[i].hdr.type == nbd::kCmdFlush) {
         send(out);
         replied(batch, unsent, i);
         unsent = i;
       }
-      executor_->execute(batch[i].hdr, batch[i].payload.get(), out);
-      batch[i].payload.reset();
+      i += execute_some(std::span(batch).first(n), i, out);
     }
     read_side_.batch_done(voluntary_switches() != switches);
     send(out);
@@ -313,6 +312,21 @@ void Connection::worker_loop() NO_THREAD_SAFETY_ANALYSIS {
     stats_->in_flight_bytes.fetch_sub(held, std::memory_order_relaxed);
     if (n == 0) break;
   }
+}
+
+size_t Connection::execute_some(std::span<Request> batch, size_t i, ReplyBatch& out) {
+  size_t end = i;
+  while (end < batch.size() && executor_->batchable(batch[end].hdr)) ++end;
+  if (end - i < 2) {
+    executor_->execute(batch[i].hdr, batch[i].payload.get(), out);
+    end = i + 1;
+  } else {
+    std::array<RequestExecutor::BatchItem, kBatch> items;
+    for (size_t k = i; k < end; ++k) items[k - i] = {&batch[k].hdr, batch[k].payload.get()};
+    executor_->execute_batch(std::span(items).first(end - i), out);
+  }
+  for (size_t k = i; k < end; ++k) batch[k].payload.reset();
+  return end - i;
 }
 
 void Connection::send(ReplyBatch& out) {

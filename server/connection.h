@@ -119,6 +119,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool refuse(const nbd::Request& h, nbd::Verdict v, ReplyBatch& out) REQUIRES(read_mu_);
   bool take_bytes(uint64_t n, bool may_wait);
   void release_bytes(uint64_t n);
+  // Executes batch[i] and the requests after it that can run together
+  // with it (RequestExecutor::batchable): how many it executed.
+  size_t execute_some(std::span<Request> batch, size_t i, ReplyBatch& out);
   void send(ReplyBatch& out) EXCLUDES(write_mu_);
   // Latency of requests [from, to) of a batch whose replies were just sent.
   void replied(std::span<const Request> batch, size_t from, size_t to);

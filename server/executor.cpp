@@ -41,8 +41,51 @@ void RequestExecutor::execute(const nbd::Request& h, const std::byte* payload, R
       break;
   }
   if (e) return device_failed(h, e, out);
-  Bytes reply;
-  append_ok(reply, h.cookie, session_);
+  reply_ok(h, out);
+}
+
+bool RequestExecutor::batchable(const nbd::Request& h) const {
+  using namespace nbd;
+  if (!runs_batches_) return false;
+  if (h.type == kCmdWrite) return !(h.flags & kCmdFlagFua);
+  return h.type == kCmdRead && !(has_extents_ && wants_sparse_read(h, session_));
+}
+
+void RequestExecutor::execute_batch(std::span<const BatchItem> items, ReplyBatch& out) {
+  std::vector<BatchIo> ops(items.size());
+  std::vector<IoBuffer> read_buffers(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    const nbd::Request& h = *items[i].hdr;
+    stats_.count_request(command_of(h.type));
+    const bool write = h.type == nbd::kCmdWrite;
+    if (!write) read_buffers[i] = make_io_buffer(h.length, buffer_alignment_);
+    ops[i] = {.offset = h.offset,
+              .data = write ? items[i].payload : read_buffers[i].get(),
+              .length = h.length,
+              .write = write};
+  }
+  device_.run_batch(ops);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const nbd::Request& h = *items[i].hdr;
+    const int e = ops[i].result;
+    if (h.type == nbd::kCmdWrite) {
+      if (e) {
+        device_failed(h, e, out);
+        continue;
+      }
+      bump(stats_.bytes_written, h.length);
+      reply_ok(h, out);
+    } else if (e) {
+      read_failed(h, e, h.offset, out);
+    } else {
+      reply_read(h, std::move(read_buffers[i]), out);
+    }
+  }
+}
+
+void RequestExecutor::reply_ok(const nbd::Request& h, ReplyBatch& out) {
+  nbd::Bytes reply;
+  nbd::append_ok(reply, h.cookie, session_);
   out.add_header(std::move(reply));
 }
 
@@ -92,11 +135,15 @@ void RequestExecutor::read(const nbd::Request& h, ReplyBatch& out) {
     return;
   }
   if (int e = device_.read(h.offset, {buf, h.length})) return read_failed(h, e, h.offset, out);
+  reply_read(h, std::move(owned), out);
+}
+
+void RequestExecutor::reply_read(const nbd::Request& h, IoBuffer data, ReplyBatch& out) {
   nbd::Bytes header;
   nbd::append_read_reply(header, h, session_);
   out.add_header(std::move(header));
-  if (h.length > 0) out.add_data(buf, h.length);
-  out.keep(std::move(owned));
+  if (h.length > 0) out.add_data(data.get(), h.length);
+  out.keep(std::move(data));
   out.read_bytes += h.length;
 }
 

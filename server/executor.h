@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -44,10 +45,23 @@ class RequestExecutor {
         session_(session),
         stats_(stats),
         buffer_alignment_(buffer_alignment),
-        copy_free_(copy_free) {}
+        copy_free_(copy_free),
+        runs_batches_(device.runs_batches()) {}
+
+  // A request and its WRITE payload, for execute_batch.
+  struct BatchItem {
+    const nbd::Request* hdr;
+    std::byte* payload;
+  };
 
   // REQUIRES: validate_request(h) == 0; `payload` holds a WRITE's data.
   void execute(const nbd::Request& h, const std::byte* payload, ReplyBatch& out);
+  // Whether `h` may run in a batch with others (execute_batch): a read or a
+  // write without FUA, on a device whose batches beat one request at a time.
+  bool batchable(const nbd::Request& h) const;
+  // REQUIRES: validate_request and batchable of every item. Runs them at
+  // once (BlockDevice::run_batch) and queues their replies in order.
+  void execute_batch(std::span<const BatchItem> items, ReplyBatch& out);
   // Answers a request that will not run with `error` (an NBD error value).
   void refuse(const nbd::Request& h, uint32_t error, std::string_view message, ReplyBatch& out);
 
@@ -65,6 +79,9 @@ class RequestExecutor {
   // Appends the pieces of exactly [offset, offset + length); false when the
   // device cannot map it.
   bool map_exactly(uint64_t offset, uint64_t length, std::vector<HostPiece>& pieces);
+  // The reply of a read whose data is in `data`.
+  void reply_read(const nbd::Request& h, IoBuffer data, ReplyBatch& out);
+  void reply_ok(const nbd::Request& h, ReplyBatch& out);
   // A sparse read along `chunks`; false when a data chunk failed to read
   // (its error is queued).
   bool read_chunks(const nbd::Request& h, std::span<const nbd::ReadChunk> chunks, std::byte* buf,
@@ -80,6 +97,7 @@ class RequestExecutor {
   RequestCounters& stats_;
   const size_t buffer_alignment_;  // of read buffers (server/io_buffer.h)
   const bool copy_free_;           // the transport sends files
+  const bool runs_batches_;
 };
 
 }  // namespace strata

@@ -6,6 +6,7 @@
 #include <map>
 #include <utility>
 
+#include "formats/io_ring.h"
 #include "protocol/nbd.h"
 
 #ifndef STRATA_VERSION
@@ -306,6 +307,9 @@ void render_server(Exposition& x, const ServerMetrics& s) {
   x.sample("strata_tls_handshakes_total", {}, value(s.tls_handshakes));
   x.family("strata_tls_handshakes_failed_total", "counter", "TLS handshakes that failed.");
   x.sample("strata_tls_handshakes_failed_total", {}, value(s.tls_handshakes_failed));
+  x.family("strata_io_uring_ops_total", "counter",
+           "Reads and writes submitted to the kernel in batches through io_uring (cache none).");
+  x.sample("strata_io_uring_ops_total", {}, ring_ops_submitted());
 }
 
 void render_requests(Exposition& x, const std::vector<ExportTotals>& all) {

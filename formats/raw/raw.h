@@ -20,6 +20,9 @@ class RawDevice final : public BlockDevice {
   int read(uint64_t offset, std::span<std::byte> buf) override;
   int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
+  // The guest's offsets are the file's: the batch goes to the file as it is.
+  void run_batch(std::span<BatchIo> ops) override { file_->run_batch(ops); }
+  bool runs_batches() const override { return file_->runs_batches(); }
   int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
   int trim(uint64_t offset, uint64_t length, bool fua) override;
   int flush() override;

@@ -65,6 +65,44 @@ def test_unaligned_reads_and_writes_give_the_same_bytes():
         assert os.path.getsize(img) == SIZE
 
 
+def test_many_requests_in_flight_give_the_same_bytes():
+    """Reads and writes in flight together run as batches (submitted to the
+    kernel at once): each gets its own bytes, aligned or not, FUA or not."""
+    import nbd
+    with workdir() as d:
+        img, shadow = patterned_image(d)
+        rng = random.Random(5)
+        slot = 65536
+        with Server(img, "--format", "raw", "--cache", "none") as srv:
+            h = nbd_handle(srv.uri)
+            for _ in range(10):
+                reads, cookies = [], []
+                # Distinct slots: requests in flight together never overlap.
+                for s in rng.sample(range(SIZE // slot), 48):
+                    aligned = rng.random() < 0.75
+                    length = 4096 * rng.randrange(1, 9) if aligned else rng.randrange(1, 20000)
+                    offset = s * slot + (0 if aligned else rng.randrange(0, slot - length))
+                    if rng.random() < 0.5:
+                        data = rng.randbytes(length)
+                        flags = nbd.CMD_FLAG_FUA if rng.random() < 0.1 else 0
+                        cookies.append(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)),
+                                                    offset, flags=flags))
+                        shadow[offset:offset + length] = data
+                    else:
+                        buf = nbd.Buffer(length)
+                        cookies.append(h.aio_pread(buf, offset))
+                        reads.append((buf, offset, length))
+                while h.aio_in_flight() > 0:
+                    h.poll(-1)
+                for c in cookies:
+                    assert h.aio_command_completed(c)  # raises on an error reply
+                for buf, offset, length in reads:
+                    assert buf.to_bytearray() == shadow[offset:offset + length], (offset, length)
+            h.flush()
+            h.shutdown()
+        assert file_bytes(img) == shadow
+
+
 def whole_image_copy_cache_growth(cache):
     with workdir() as d:
         img, _ = patterned_image(d)
@@ -131,6 +169,7 @@ def test_cache_key_in_a_config_and_its_errors():
 
 if __name__ == "__main__":
     main([test_unaligned_reads_and_writes_give_the_same_bytes,
+          test_many_requests_in_flight_give_the_same_bytes,
           test_a_whole_image_copy_leaves_nothing_in_the_page_cache,
           test_qcow2_written_with_cache_none_is_clean_and_holds_the_data,
           test_cache_key_in_a_config_and_its_errors])

@@ -19,6 +19,7 @@
 #include "config/config.h"
 #include "formats/direct_file.h"
 #include "formats/errors.h"
+#include "formats/io_ring.h"
 #include "formats/open.h"
 
 using namespace strata;
@@ -225,6 +226,98 @@ TEST_CASE("cache none: a write past the end extends the file to a block boundary
   std::byte got{};
   REQUIRE(f->read_at(5000, {&got, 1}) == 0);
   CHECK(got == b);
+}
+
+namespace {
+
+// One batch of `count` reads and writes in distinct 64 KiB slots (ops in
+// flight together must not overlap), aligned or not, in memory aligned for
+// direct I/O or not; `shadow` follows the writes and the reads are checked
+// against it.
+void run_random_batch(File& f, std::vector<std::byte>& shadow, std::mt19937& rng, size_t count) {
+  constexpr size_t kSlot = 65536;
+  const size_t slots = shadow.size() / kSlot;
+  std::vector<size_t> order(slots);
+  for (size_t i = 0; i < slots; ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rng);
+  struct Mem {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  std::vector<std::unique_ptr<std::byte, Mem>> mem;
+  std::vector<BatchIo> ops;
+  for (size_t i = 0; i < count; ++i) {
+    const bool aligned = rng() % 4 != 0;
+    const size_t len = aligned ? 4096 * (1 + rng() % 8) : 1 + rng() % 20000;
+    const size_t off = order[i] * kSlot + (aligned ? 0 : rng() % (kSlot - len));
+    mem.emplace_back(static_cast<std::byte*>(std::aligned_alloc(4096, 65536 + 4096)));
+    std::byte* p = mem.back().get() + (aligned ? 0 : rng() % 2);
+    const bool write = rng() % 2 == 0;
+    if (write) {
+      for (size_t k = 0; k < len; ++k) p[k] = static_cast<std::byte>(rng());
+      std::memcpy(shadow.data() + off, p, len);
+    }
+    ops.push_back({.offset = off, .data = p, .length = len, .write = write, .result = -1});
+  }
+  f.run_batch(ops);
+  for (const BatchIo& op : ops) {
+    CAPTURE(op.offset);
+    CAPTURE(op.length);
+    REQUIRE(op.result == 0);
+    if (!op.write) CHECK(std::memcmp(op.data, shadow.data() + op.offset, op.length) == 0);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cache none: a batch of reads and writes gives the bytes buffered I/O gives") {
+  DirectDir d;
+  const std::string path = d / "disk.raw";
+  std::vector<std::byte> shadow = make_file(path, 4 << 20);
+  auto f = direct_file_system()->open(path, true);
+  CHECK(f->runs_batches());
+  std::mt19937 rng(11);
+  SUBCASE("through io_uring") {
+    const uint64_t before = ring_ops_submitted();
+    for (int round = 0; round < 20; ++round) run_random_batch(*f, shadow, rng, 1 + rng() % 40);
+    if (io_uring_available()) {
+      CHECK(ring_ops_submitted() > before);
+    } else {
+      MESSAGE("io_uring is not available here: only the fallback was tested");
+    }
+  }
+  SUBCASE("without it") {
+    allow_io_uring(false);
+    const uint64_t before = ring_ops_submitted();
+    for (int round = 0; round < 20; ++round) run_random_batch(*f, shadow, rng, 1 + rng() % 40);
+    CHECK(ring_ops_submitted() == before);
+    allow_io_uring(true);
+  }
+  REQUIRE(f->sync() == 0);
+  f.reset();
+  CHECK(resident_pages(path) == 0);
+  CHECK(read_buffered(path) == shadow);
+}
+
+TEST_CASE("cache none: a batched read past the end of the file reads zeros there") {
+  DirectDir d;
+  const std::string path = d / "odd.raw";
+  std::vector<std::byte> shadow = make_file(path, 10000);
+  auto f = direct_file_system()->open(path, false);
+  auto* a = static_cast<std::byte*>(std::aligned_alloc(4096, 3 * 4096));
+  std::memset(a, 0xee, 3 * 4096);
+  std::vector<BatchIo> ops = {{.offset = 0, .data = a, .length = 4096},
+                              {.offset = 8192, .data = a + 4096, .length = 4096},
+                              {.offset = 12288, .data = a + 8192, .length = 4096},
+                              {.offset = 16, .data = a, .length = 1, .write = true}};
+  f->run_batch(ops);
+  CHECK(ops[0].result == 0);
+  CHECK(ops[1].result == 0);
+  CHECK(ops[2].result == 0);
+  CHECK(ops[3].result == EPERM);  // a read-only file
+  CHECK(std::memcmp(a + 4096, shadow.data() + 8192, 10000 - 8192) == 0);
+  CHECK(std::all_of(a + 4096 + (10000 - 8192), a + 3 * 4096,
+                    [](std::byte b) { return b == std::byte{0}; }));
+  std::free(a);
 }
 
 TEST_CASE("cache none: the config key and the open options") {
