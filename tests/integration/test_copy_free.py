@@ -4,7 +4,8 @@ plain TCP and unix sockets, and read byte for byte what qemu-img convert (or
 the file itself) says; strata_read_copy_free_bytes_total proves which path
 ran: above zero there, zero over TLS and under --cache none, where replies
 are copied. A client that resets the connection in the middle of a 32 MiB
-copy-free reply leaves a server that serves the next client correctly.
+copy-free reply leaves a server that serves the next client correctly. A
+writable qcow2 image's data clusters are copied (they may move).
 
 Not covered: a client that stops reading until the send timeout drops it
 (the timeout is two minutes)."""
@@ -136,6 +137,17 @@ def test_qcow2_with_backing_file():
             assert_copy_free(srv, want, [srv.tcp_uri, srv.uri])
 
 
+def test_writable_qcow2_data_clusters_are_copied():
+    """A writable qcow2 may free a data cluster and reuse it elsewhere before
+    a reply is sent: its data is read, not mapped."""
+    with workdir() as d:
+        src = random_raw(d, "src.raw", seed=6)
+        img = os.path.join(d, "t.qcow2")
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, img])
+        with serve(img, "qcow2") as srv:
+            assert_copied(srv, file_bytes(src), srv.uri)
+
+
 def test_qcow2_with_data_file():
     with workdir() as d:
         img = os.path.join(d, "t.qcow2")
@@ -211,6 +223,7 @@ def test_client_resetting_in_the_middle_of_a_copy_free_reply():
 
 if __name__ == "__main__":
     main([test_raw_over_tcp_and_unix_socket, test_raw_over_tls_is_copied,
-          test_cache_none_is_copied, test_qcow2_with_backing_file, test_qcow2_with_data_file,
+          test_cache_none_is_copied, test_qcow2_with_backing_file,
+          test_writable_qcow2_data_clusters_are_copied, test_qcow2_with_data_file,
           test_vhd_dynamic, test_vhd_differencing,
           test_client_resetting_in_the_middle_of_a_copy_free_reply])
