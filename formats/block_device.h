@@ -14,6 +14,14 @@
 //    bounds-checked by the caller (offset + length <= size()).
 //  - After flush() returns 0 (or a write with fua=true returns 0), every write
 //    acknowledged before it is durable in every file of the stack.
+//  - map_host() names host bytes the kernel reads later, when the reply is
+//    sent, after any number of other requests ran: a mapped piece must keep
+//    holding this guest range's bytes (older or newer, never another range's)
+//    for as long as the device is open. A driver maps only what cannot move:
+//    raw files, VHD blocks (never freed), read-only qcow2 layers (backing
+//    files included) and data_file_raw; a writable qcow2 can free a data
+//    cluster and reuse it for another guest offset, so its data clusters are
+//    unmappable. Zero runs and read-only layers below are always safe.
 #pragma once
 
 #include <cerrno>
@@ -28,6 +36,7 @@
 
 #include "formats/batch_io.h"
 #include "formats/extent.h"
+#include "formats/host_piece.h"
 
 namespace strata {
 
@@ -133,6 +142,17 @@ class BlockDevice {
     (void)offset;
     (void)length;
     return 0;
+  }
+  // Appends host pieces covering exactly [offset, offset + length) in order
+  // (formats/host_piece.h), whose bytes are those read() would read. ENOTSUP:
+  // some of the range cannot be mapped (compressed or transformed data,
+  // clusters that may move, files without a page-cache descriptor); the
+  // caller reads it instead. `out` holds garbage after an error.
+  virtual int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) {
+    (void)offset;
+    (void)length;
+    (void)out;
+    return ENOTSUP;
   }
   // Appends extents covering [offset, offset + length) in order (the last one
   // may be clipped by the caller). Must cover at least one byte on success.

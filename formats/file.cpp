@@ -1,5 +1,6 @@
 #include "formats/file.h"
 
+#include <algorithm>
 #include <cerrno>
 
 #include "formats/errors.h"
@@ -22,6 +23,18 @@ void lock_image(File& file) {
                                "a lock on it), so it cannot be opened read-write"
                              : "in use: another export or process has this image open read-write "
                                "(it holds a lock on it)"));
+}
+
+int map_file(File& file, uint64_t offset, uint64_t length, std::vector<HostPiece>& out) {
+  const int fd = file.fd();
+  if (fd < 0) return ENOTSUP;
+  const int64_t size = file.size();
+  if (size < 0) return static_cast<int>(-size);
+  const auto eof = static_cast<uint64_t>(size);
+  const uint64_t in_file = offset >= eof ? 0 : std::min(length, eof - offset);
+  append_piece(out, {.fd = fd, .host_offset = offset, .length = in_file});
+  append_zeros(out, length - in_file);
+  return 0;
 }
 
 }  // namespace strata

@@ -14,8 +14,10 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "formats/batch_io.h"
+#include "formats/host_piece.h"
 
 namespace strata {
 
@@ -60,7 +62,17 @@ class File {
   // waiting: exclusive when writable, shared otherwise. EWOULDBLOCK when
   // another open of the file holds a conflicting lock.
   virtual int lock() { return 0; }
+  // The descriptor whose page cache holds exactly what read_at() reads, for
+  // replies sent from it (formats/host_piece.h); -1 when there is none: a
+  // file that transforms or injects (test wrappers) or bypasses the page
+  // cache (O_DIRECT, cache mode none).
+  virtual int fd() const { return -1; }
 };
+
+// Maps [offset, offset + length) of `file` to pieces of its descriptor; what
+// lies past end of file maps to zeros, as read_at() reads it. ENOTSUP when
+// the file has no descriptor to send from.
+int map_file(File& file, uint64_t offset, uint64_t length, std::vector<HostPiece>& out);
 
 // Locks an image file for an export (File::lock): a file written through one
 // open is then never opened by another export or Strata process, and a file

@@ -25,7 +25,7 @@ class PosixFile final : public File {
 
   const std::string& path() const override { return path_; }
   bool writable() const override { return writable_; }
-  int descriptor() const { return fd_; }
+  int fd() const override { return fd_; }
 
   int read_at(uint64_t offset, std::span<std::byte> buf) override {
     size_t done = 0;
@@ -191,7 +191,7 @@ std::shared_ptr<FileSystem> host_file_system() {
 
 int host_descriptor(File& file) {
   auto* posix = dynamic_cast<PosixFile*>(&file);
-  return posix ? posix->descriptor() : -1;
+  return posix ? posix->fd() : -1;
 }
 
 std::unique_ptr<File> create_file(const std::string& path) {

@@ -153,7 +153,8 @@ void Connection::start_transmission() {
     transport_ = std::make_unique<SocketTransport>(fd_, kSendTimeoutMs);
   }
   executor_ = std::make_unique<RequestExecutor>(id_, *export_->device, export_->caps.has_extents,
-                                                session_, *stats_, export_->buffer_alignment);
+                                                session_, *stats_, export_->buffer_alignment,
+                                                transport_->can_send_files());
   in_transmission_ = true;
   server_.io_threads().connection_started();
   MutexLock lock(threads_mu_);
@@ -438,7 +439,9 @@ void Connection::send(ReplyBatch& out) {
   {
     MutexLock lock(write_mu_);
     if (!dead_) {
-      sent = transport_->send_all(out.iov);
+      // A batch without file pieces stays one gather write.
+      sent = out.files.empty() ? transport_->send_all(out.iov)
+                               : transport_->send_with_files(out.iov, out.files);
       if (!sent) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) {  // the send timeout expired
           spdlog::warn("conn {}: client stopped reading replies, dropping it", id_);
@@ -450,7 +453,10 @@ void Connection::send(ReplyBatch& out) {
       }
     }
   }
-  if (sent) bump(stats_->bytes_read, out.read_bytes);
+  if (sent) {
+    bump(stats_->bytes_read, out.read_bytes);
+    bump(stats_->read_copy_free_bytes, out.copy_free_bytes);
+  }
   out.clear();
 }
 

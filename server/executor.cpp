@@ -124,20 +124,15 @@ void RequestExecutor::read_failed(const nbd::Request& h, int host_errno, uint64_
 }
 
 void RequestExecutor::read(const nbd::Request& h, ReplyBatch& out) {
+  const std::vector<nbd::ReadChunk> chunks = sparse_plan(h);
+  if (copy_free_ && h.length >= kCopyFreeMinBytes && read_copy_free(h, chunks, out)) return;
   IoBuffer owned = make_io_buffer(h.length, buffer_alignment_);
   std::byte* buf = owned.get();
-  if (has_extents_ && nbd::wants_sparse_read(h, session_)) {
-    std::vector<Extent> extents;
-    std::vector<nbd::ReadChunk> chunks;
-    if (device_.extents(h.offset, h.length, extents) == 0) {
-      chunks = nbd::plan_sparse_read(extents, h.length);
-    }
-    if (!chunks.empty()) {
-      if (!read_chunks(h, chunks, buf, out)) return;
-      out.keep(std::move(owned));
-      out.read_bytes += h.length;
-      return;
-    }
+  if (!chunks.empty()) {
+    if (!read_chunks(h, chunks, buf, out)) return;
+    out.keep(std::move(owned));
+    out.read_bytes += h.length;
+    return;
   }
   if (int e = device_.read(h.offset, {buf, h.length})) return read_failed(h, e, h.offset, out);
   reply_read(h, std::move(owned), out);
@@ -150,6 +145,56 @@ void RequestExecutor::reply_read(const nbd::Request& h, IoBuffer data, ReplyBatc
   if (h.length > 0) out.add_data(data.get(), h.length);
   out.keep(std::move(data));
   out.read_bytes += h.length;
+}
+
+std::vector<nbd::ReadChunk> RequestExecutor::sparse_plan(const nbd::Request& h) {
+  if (!has_extents_ || !nbd::wants_sparse_read(h, session_)) return {};
+  std::vector<Extent> extents;
+  if (device_.extents(h.offset, h.length, extents) != 0) return {};
+  return nbd::plan_sparse_read(extents, h.length);
+}
+
+bool RequestExecutor::map_exactly(uint64_t offset, uint64_t length,
+                                  std::vector<HostPiece>& pieces) {
+  const size_t first = pieces.size();
+  if (device_.map_host(offset, length, pieces) != 0) return false;
+  // A mapping that does not cover the range would desynchronize the stream:
+  // read it instead.
+  uint64_t mapped = 0;
+  for (size_t i = first; i < pieces.size(); ++i) mapped += pieces[i].length;
+  return mapped == length;
+}
+
+bool RequestExecutor::read_copy_free(const nbd::Request& h, std::span<const nbd::ReadChunk> chunks,
+                                     ReplyBatch& out) {
+  // Everything is mapped before anything is queued: a reply goes out
+  // copy-free whole, or is read.
+  std::vector<HostPiece> pieces;
+  if (chunks.empty()) {
+    if (!map_exactly(h.offset, h.length, pieces)) return false;
+    nbd::Bytes header;
+    nbd::append_read_reply(header, h, session_);
+    out.add_header(std::move(header));
+    out.add_pieces(pieces);
+    out.read_bytes += h.length;
+    return true;
+  }
+  std::vector<size_t> ends;  // the pieces of chunk i end at ends[i]
+  ends.reserve(chunks.size());
+  for (const auto& c : chunks) {
+    if (!c.hole && !map_exactly(h.offset + c.pos, c.length, pieces)) return false;
+    ends.push_back(pieces.size());
+  }
+  size_t begin = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    nbd::Bytes header;
+    nbd::append_read_chunk(header, h, chunks[i], i + 1 == chunks.size());
+    out.add_header(std::move(header));
+    out.add_pieces(std::span(pieces).subspan(begin, ends[i] - begin));
+    begin = ends[i];
+  }
+  out.read_bytes += h.length;
+  return true;
 }
 
 bool RequestExecutor::read_chunks(const nbd::Request& h, std::span<const nbd::ReadChunk> chunks,

@@ -42,6 +42,7 @@ void add_counters(RequestCounters& to, const RequestCounters& from) {
   for (size_t i = 0; i < kCommands; ++i) add(to.requests[i], from.requests[i]);
   for (size_t i = 0; i < kErrorNames; ++i) add(to.errors[i], from.errors[i]);
   add(to.bytes_read, from.bytes_read);
+  add(to.read_copy_free_bytes, from.read_copy_free_bytes);
   add(to.bytes_written, from.bytes_written);
   for (size_t t = 0; t < kTimed; ++t) {
     for (size_t b = 0; b < kLatencyBuckets; ++b) {
@@ -125,6 +126,7 @@ void RequestTotals::add(const RequestCounters& c) {
   for (size_t i = 0; i < kCommands; ++i) requests[i] += value(c.requests[i]);
   for (size_t i = 0; i < kErrorNames; ++i) errors[i] += value(c.errors[i]);
   bytes_read += value(c.bytes_read);
+  read_copy_free_bytes += value(c.read_copy_free_bytes);
   bytes_written += value(c.bytes_written);
   in_flight += value(c.in_flight);
   in_flight_bytes += value(c.in_flight_bytes);
@@ -331,6 +333,12 @@ void render_requests(Exposition& x, const std::vector<ExportTotals>& all) {
   x.family("strata_read_bytes_total", "counter", "Bytes sent to clients in read replies.");
   for (const auto& e : all) {
     x.sample("strata_read_bytes_total", {{"export", e.sample->name}}, e.requests.bytes_read);
+  }
+  x.family("strata_read_copy_free_bytes_total", "counter",
+           "Bytes of read replies sent from the page cache without a copy (sendfile).");
+  for (const auto& e : all) {
+    x.sample("strata_read_copy_free_bytes_total", {{"export", e.sample->name}},
+             e.requests.read_copy_free_bytes);
   }
   x.family("strata_written_bytes_total", "counter", "Bytes written by clients (WRITE payloads).");
   for (const auto& e : all) {

@@ -90,6 +90,8 @@ struct alignas(64) RequestCounters {
   std::array<std::atomic<uint64_t>, kCommands> requests{};
   std::array<std::atomic<uint64_t>, kErrorNames> errors{};
   std::atomic<uint64_t> bytes_read{0}, bytes_written{0};
+  // Of bytes_read, those sent from the page cache (sendfile), not copied.
+  std::atomic<uint64_t> read_copy_free_bytes{0};
   // Gauges: read and not yet answered.
   std::atomic<uint64_t> in_flight{0}, in_flight_bytes{0};
   std::array<LatencyHistogram, kTimed> latency{};
@@ -119,6 +121,7 @@ struct RequestTotals {
   std::array<uint64_t, kCommands> requests{};
   std::array<uint64_t, kErrorNames> errors{};
   uint64_t bytes_read = 0, bytes_written = 0, in_flight = 0, in_flight_bytes = 0;
+  uint64_t read_copy_free_bytes = 0;
   std::array<HistogramTotals, kTimed> latency{};
 
   void add(const RequestCounters& c);

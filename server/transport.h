@@ -3,6 +3,15 @@
 // what carries the bytes: a plain socket (SocketTransport) now, a TLS session
 // behind the same three calls.
 //
+// A transport that can (can_send_files(): the plain socket, not TLS, which
+// must encrypt every byte in user space) also sends file ranges straight
+// from the page cache between the iovecs of a batch (send_with_files):
+// sendmsg with MSG_MORE up to a file range, sendfile for it. The send
+// timeout bounds both. A file that ends before its range does (it shrank
+// under us) cannot be reported to the client once the reply header went
+// out: the send fails with EIO, after a log line naming the file, and the
+// connection closes.
+//
 // Threads: one thread at a time receives (the holder of the connection's
 // read mutex) and one at a time sends (the holder of its write mutex), so a
 // transport needs no locks of its own for that; shutdown() may be called
@@ -12,10 +21,20 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include <cerrno>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 
 namespace strata {
+
+// `length` bytes of the open file `fd` at `offset`, sent before iov[at].
+struct FileSpan {
+  size_t at = 0;
+  int fd = -1;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
 
 class Transport {
  public:
@@ -27,6 +46,16 @@ class Transport {
   // False when the stream failed or the peer stopped reading (errno says
   // which; EAGAIN: the send timeout expired).
   virtual bool send_all(std::span<iovec> iov) = 0;
+  // Whether send_with_files() works.
+  virtual bool can_send_files() const { return false; }
+  // send_all(iov) with the file ranges in between, in order (`at`
+  // ascending). REQUIRES can_send_files().
+  virtual bool send_with_files(std::span<iovec> iov, std::span<const FileSpan> files) {
+    (void)iov;
+    (void)files;
+    errno = ENOTSUP;
+    return false;
+  }
   // SHUT_RD: receivers get end of stream once what was sent has been read.
   // SHUT_RDWR: also fails sends that are waiting. Both idempotent.
   virtual void shutdown(int how) = 0;
@@ -44,9 +73,15 @@ class SocketTransport final : public Transport {
   SocketTransport(int fd, int send_timeout_ms);
   ssize_t recv_some(void* dst, size_t n) override;
   bool send_all(std::span<iovec> iov) override;
+  bool can_send_files() const override { return true; }
+  bool send_with_files(std::span<iovec> iov, std::span<const FileSpan> files) override;
   void shutdown(int how) override;
 
  private:
+  // send_all with extra sendmsg flags (MSG_MORE before a file range).
+  bool send_iov(std::span<iovec> iov, int flags);
+  bool send_file(const FileSpan& f);
+
   const int fd_;
 };
 

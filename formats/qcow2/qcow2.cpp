@@ -409,9 +409,12 @@ int Qcow2Device::map_locked(uint64_t off, uint64_t len, std::vector<Run>& out, u
 
 // ---- reads
 
+uint64_t Qcow2Device::backing_part(uint64_t off, uint64_t length) const {
+  return backing_ && off < backing_size_ ? std::min(length, backing_size_ - off) : 0;
+}
+
 int Qcow2Device::read_backing(uint64_t off, std::span<std::byte> buf) {
-  uint64_t n = 0;
-  if (backing_ && off < backing_size_) n = std::min<uint64_t>(buf.size(), backing_size_ - off);
+  const uint64_t n = backing_part(off, buf.size());
   if (n) {
     if (int r = backing_->read(off, buf.first(n))) return r;
   }
@@ -465,14 +468,22 @@ int Qcow2Device::read_runs(const std::vector<Run>& runs, uint64_t base, std::spa
 // plainly allocated clusters still maps to one contiguous run and costs one
 // read of the data file.
 int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
+  return for_each_run(offset, buf.size(),
+                      [&](const std::vector<Run>& runs, uint64_t base, uint64_t covered) {
+                        return read_runs(runs, base, buf.subspan(base - offset, covered));
+                      });
+}
+
+template <class Visit>
+int Qcow2Device::for_each_run(uint64_t offset, uint64_t length, Visit&& visit) {
   uint64_t done = 0;
   std::vector<Run> runs;
-  while (done < buf.size()) {
+  while (done < length) {
     runs.clear();
     uint64_t covered = 0;
-    if (int r = map(offset + done, buf.size() - done, runs, 64, covered)) return r;
+    if (int r = map(offset + done, length - done, runs, 64, covered)) return r;
     if (covered == 0) return EIO;
-    if (int r = read_runs(runs, offset + done, buf.subspan(done, covered))) return r;
+    if (int r = visit(runs, offset + done, covered)) return r;
     done += covered;
   }
   return 0;
@@ -480,13 +491,8 @@ int Qcow2Device::read(uint64_t offset, std::span<std::byte> buf) {
 
 int Qcow2Device::read_deferring_data(uint64_t offset, std::span<std::byte> buf,
                                      std::vector<BatchIo>& host) {
-  std::vector<Run> runs;
   std::vector<uint8_t> cluster;
-  for (uint64_t done = 0; done < buf.size();) {
-    runs.clear();
-    uint64_t covered = 0;
-    if (int r = map(offset + done, buf.size() - done, runs, 64, covered)) return r;
-    if (covered == 0) return EIO;
+  return for_each_run(offset, buf.size(), [&](const std::vector<Run>& runs, uint64_t, uint64_t) {
     for (const Run& r : runs) {
       auto dst = buf.subspan(r.guest - offset, r.length);
       if (r.kind == Kind::data) {
@@ -495,9 +501,8 @@ int Qcow2Device::read_deferring_data(uint64_t offset, std::span<std::byte> buf,
         return err;
       }
     }
-    done += covered;
-  }
-  return 0;
+    return 0;
+  });
 }
 
 void Qcow2Device::run_batch(std::span<BatchIo> ops) {
@@ -518,6 +523,55 @@ void Qcow2Device::run_batch(std::span<BatchIo> ops) {
   for (size_t k = 0; k < host.size(); ++k) {
     if (host[k].result && !ops[owner[k]].result) ops[owner[k]].result = host[k].result;
   }
+}
+
+// ---- host mapping
+
+// A data cluster of a writable image can be freed (trim, zero, a rewrite of
+// a compressed or shared cluster) and handed to another guest offset before
+// the reply is sent: only clusters that cannot move are mapped, those of a
+// read-only layer and of data_file_raw (where the host offset is the guest
+// offset, whatever the L2 table says next).
+bool Qcow2Device::data_cannot_move(const Run& r) const {
+  return read_only_.load(std::memory_order_acquire) || (data_file_raw_ && r.host == r.guest);
+}
+
+int Qcow2Device::map_backing(uint64_t off, uint64_t length, std::vector<HostPiece>& out) {
+  const uint64_t n = backing_part(off, length);
+  if (n) {
+    if (int r = backing_->map_host(off, n, out)) return r;
+  }
+  append_zeros(out, length - n);
+  return 0;
+}
+
+int Qcow2Device::map_runs(const std::vector<Run>& runs, std::vector<HostPiece>& out) {
+  for (const Run& r : runs) {
+    int err = 0;
+    switch (r.kind) {
+      case Kind::data:
+        err = data_cannot_move(r) ? map_file(*data_file_, r.host, r.length, out) : ENOTSUP;
+        break;
+      case Kind::zero:
+        append_zeros(out, r.length);
+        break;
+      case Kind::backing:
+        err = map_backing(r.guest, r.length, out);
+        break;
+      case Kind::compressed:  // the bytes exist only once inflated
+      case Kind::invalid:     // read() reports it
+        err = ENOTSUP;
+        break;
+    }
+    if (err) return err;
+  }
+  return 0;
+}
+
+int Qcow2Device::map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) {
+  return for_each_run(offset, length, [&](const std::vector<Run>& runs, uint64_t, uint64_t) {
+    return map_runs(runs, out);
+  });
 }
 
 // ---- extents

@@ -87,6 +87,7 @@ class Qcow2Device final : public BlockDevice {
   BlockSizes block_sizes() const override;
 
   int read(uint64_t offset, std::span<std::byte> buf) override;
+  int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
   // The data runs of the batch's reads go to the data file together; the
   // rest (writes, zeros, backing, compressed clusters) run as they would
@@ -164,6 +165,17 @@ class Qcow2Device final : public BlockDevice {
   // runs are appended to `host` (offsets in data_file_) instead of read.
   int read_deferring_data(uint64_t offset, std::span<std::byte> buf, std::vector<BatchIo>& host);
   int read_backing(uint64_t off, std::span<std::byte> buf);
+  // How much of [off, off + length) the backing file holds (the rest of an
+  // unallocated range reads as zeros); 0 without one.
+  uint64_t backing_part(uint64_t off, uint64_t length) const;
+  // The one walk of a guest range, shared by read() and map_host():
+  // visit(runs, guest offset, bytes covered) for each batch of runs map()
+  // returns.
+  template <class Visit>
+  int for_each_run(uint64_t offset, uint64_t length, Visit&& visit) EXCLUDES(mu_);
+  bool data_cannot_move(const Run& r) const;
+  int map_runs(const std::vector<Run>& runs, std::vector<HostPiece>& out);
+  int map_backing(uint64_t off, uint64_t length, std::vector<HostPiece>& out);
   int read_compressed(uint64_t entry, std::vector<uint8_t>& cluster);
 
   // ---- writes (write.cpp; the plans in write_plan.h)

@@ -31,6 +31,12 @@ int RawDevice::read(uint64_t offset, std::span<std::byte> buf) {
   return file_->read_at(offset, buf);
 }
 
+// The guest's bytes are the file's, wherever they are: a write changes them
+// in place and nothing ever moves.
+int RawDevice::map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) {
+  return map_file(*file_, offset, length, out);
+}
+
 int RawDevice::write(uint64_t offset, std::span<const std::byte> buf, bool fua) {
   if (int r = file_->write_at(offset, buf)) return r;
   return fua ? file_->sync() : 0;

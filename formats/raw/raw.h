@@ -18,6 +18,7 @@ class RawDevice final : public BlockDevice {
   Capabilities capabilities() const override;
 
   int read(uint64_t offset, std::span<std::byte> buf) override;
+  int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
   // The guest's offsets are the file's: the batch goes to the file as it is.
   void run_batch(std::span<BatchIo> ops) override { file_->run_batch(ops); }

@@ -157,13 +157,14 @@ void VhdDevice::put_bitmap(uint64_t block, Bitmap bm, bool dirty) {
 
 // ---- reads ------------------------------------------------------------------
 
+uint64_t VhdDevice::parent_part(uint64_t offset, uint64_t length) const {
+  if (!differencing() || !parent_) return 0;
+  const uint64_t psize = parent_->size();
+  return offset >= psize ? 0 : std::min(length, psize - offset);
+}
+
 int VhdDevice::read_below(uint64_t offset, std::span<std::byte> buf) {
-  if (!differencing() || !parent_) {
-    std::memset(buf.data(), 0, buf.size());
-    return 0;
-  }
-  uint64_t psize = parent_->size();
-  uint64_t n = offset >= psize ? 0 : std::min<uint64_t>(buf.size(), psize - offset);
+  const uint64_t n = parent_part(offset, buf.size());
   if (n > 0) {
     if (int r = parent_->read(offset, buf.first(n))) return r;
   }
@@ -171,14 +172,25 @@ int VhdDevice::read_below(uint64_t offset, std::span<std::byte> buf) {
   return 0;
 }
 
-int VhdDevice::read_block(uint64_t block, uint64_t off_in, std::span<std::byte> buf) {
+int VhdDevice::map_below(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) {
+  const uint64_t n = parent_part(offset, length);
+  if (n > 0) {
+    if (int r = parent_->map_host(offset, n, out)) return r;
+  }
+  append_zeros(out, length - n);
+  return 0;
+}
+
+template <class Here, class Below>
+int VhdDevice::walk_block(uint64_t block, uint64_t off_in, uint64_t length, uint64_t pos,
+                          Here& here, Below& below) {
   const uint64_t base = block * block_size_;
   uint32_t entry = bat_entry(block);
-  if (entry == kUnallocated) return read_below(base + off_in, buf);
+  if (entry == kUnallocated) return below(base + off_in, pos, length);
   Bitmap bm;
   if (int r = get_bitmap(block, entry, bm)) return r;
   const uint64_t data = uint64_t{entry} * kSector + bitmap_bytes_;
-  const uint64_t end = off_in + buf.size();
+  const uint64_t end = off_in + length;
   uint64_t s = off_in / kSector;
   const uint64_t s_end = (end + kSector - 1) / kSector;
   while (s < s_end) {
@@ -186,34 +198,57 @@ int VhdDevice::read_block(uint64_t block, uint64_t off_in, std::span<std::byte> 
     uint64_t t = run_end(bm->data(), s, s_end, present);
     uint64_t lo = std::max(s * kSector, off_in);
     uint64_t hi = std::min(t * kSector, end);
-    auto part = buf.subspan(lo - off_in, hi - lo);
-    int r = present ? file_->read_at(data + lo, part) : read_below(base + lo, part);
+    const uint64_t at = pos + (lo - off_in);
+    int r = present ? here(data + lo, at, hi - lo) : below(base + lo, at, hi - lo);
     if (r) return r;
     s = t;
   }
   return 0;
 }
 
-int VhdDevice::read(uint64_t offset, std::span<std::byte> buf) {
-  if (!dynamic()) return file_->read_at(offset, buf);
-  size_t done = 0;
-  while (done < buf.size()) {
+template <class Here, class Below>
+int VhdDevice::walk(uint64_t offset, uint64_t length, Here&& here, Below&& below) {
+  uint64_t done = 0;
+  while (done < length) {
     uint64_t pos = offset + done;
     uint64_t block = pos / block_size_;
     uint64_t off_in = pos % block_size_;
-    size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, block_size_ - off_in));
+    uint64_t n = std::min<uint64_t>(length - done, block_size_ - off_in);
     // A run of unallocated blocks is one read of the layer below.
-    uint64_t blocks = (off_in + (buf.size() - done) + block_size_ - 1) / block_size_;
+    uint64_t blocks = (off_in + (length - done) + block_size_ - 1) / block_size_;
     uint64_t run = unallocated_run(block, blocks);
     if (run > 0) {
-      n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, run * block_size_ - off_in));
-      if (int r = read_below(pos, buf.subspan(done, n))) return r;
-    } else if (int r = read_block(block, off_in, buf.subspan(done, n))) {
+      n = std::min<uint64_t>(length - done, run * block_size_ - off_in);
+      if (int r = below(pos, done, n)) return r;
+    } else if (int r = walk_block(block, off_in, n, done, here, below)) {
       return r;
     }
     done += n;
   }
   return 0;
+}
+
+int VhdDevice::read(uint64_t offset, std::span<std::byte> buf) {
+  if (!dynamic()) return file_->read_at(offset, buf);
+  return walk(
+      offset, buf.size(),
+      [&](uint64_t host, uint64_t at, uint64_t n) {
+        return file_->read_at(host, buf.subspan(at, n));
+      },
+      [&](uint64_t guest, uint64_t at, uint64_t n) {
+        return read_below(guest, buf.subspan(at, n));
+      });
+}
+
+// Blocks are never freed (trim punches their data out, which then reads as
+// zeros through the same mapping) and a parent is read-only, so every piece
+// keeps this range's bytes.
+int VhdDevice::map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) {
+  if (!dynamic()) return map_file(*file_, offset, length, out);
+  return walk(
+      offset, length,
+      [&](uint64_t host, uint64_t, uint64_t n) { return map_file(*file_, host, n, out); },
+      [&](uint64_t guest, uint64_t, uint64_t n) { return map_below(guest, n, out); });
 }
 
 // ---- writes -----------------------------------------------------------------

@@ -57,6 +57,7 @@ class VhdDevice final : public BlockDevice {
   BlockSizes block_sizes() const override;
 
   int read(uint64_t offset, std::span<std::byte> buf) override;
+  int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
   int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
   int trim(uint64_t offset, uint64_t length, bool fua) override;
@@ -83,7 +84,18 @@ class VhdDevice final : public BlockDevice {
   // Reads what shows through where this layer has nothing: the parent chain for a
   // differencing image (zeros past the parent's size), zeros otherwise.
   int read_below(uint64_t offset, std::span<std::byte> buf);
-  int read_block(uint64_t block, uint64_t off_in_block, std::span<std::byte> buf);
+  int map_below(uint64_t offset, uint64_t length, std::vector<HostPiece>& out);
+  // How much of [offset, offset + length) the parent holds (the rest of what
+  // shows through reads as zeros); 0 without a parent.
+  uint64_t parent_part(uint64_t offset, uint64_t length) const;
+  // The one walk of a guest range of a dynamic image, shared by read() and
+  // map_host(): here(host_offset, at, n) for n bytes this layer holds, at `at`
+  // bytes into the range; below(guest_offset, at, n) for what shows through.
+  template <class Here, class Below>
+  int walk(uint64_t offset, uint64_t length, Here&& here, Below&& below);
+  template <class Here, class Below>
+  int walk_block(uint64_t block, uint64_t off_in_block, uint64_t length, uint64_t at, Here& here,
+                 Below& below);
   int write_block(uint64_t block, uint64_t off_in_block, std::span<const std::byte> buf);
   int allocate_block(uint64_t block, uint64_t s0, uint64_t s1, std::span<const std::byte> sectors);
   int write_bat_entry(uint64_t block);

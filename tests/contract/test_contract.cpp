@@ -9,8 +9,16 @@
 //
 // The model starts from what the test itself wrote into lower layers (a
 // backing file, parents, a compressed image), never from the device.
+//
+// Host mapping (map_host, for copy-free reads): beside every read, the same
+// range is mapped and, where the driver maps it, the pieces (pread from
+// their descriptors, zeros for zero runs) must hold the model's bytes;
+// configurations whose data cannot move must map every range, and a
+// read-only open of every image must map (compressed clusters excepted).
 #include <doctest/doctest.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
@@ -147,9 +155,56 @@ std::string run_batch_op(BlockDevice& dev, Model& m, std::mt19937_64& rng,
   return {};
 }
 
+// What a mapping of [off, off + len) holds compared with the model; "" when
+// equal. `mapped`: map_host succeeded; `from_files`: it named file bytes.
+struct MappingCheck {
+  std::string fail;
+  bool mapped = false;
+  bool from_files = false;
+};
+
+MappingCheck check_mapping(BlockDevice& dev, uint64_t off, uint64_t len, const Model& m) {
+  MappingCheck c;
+  std::vector<HostPiece> pieces;
+  const int e = dev.map_host(off, len, pieces);
+  if (e == ENOTSUP) return c;
+  if (e) {
+    c.fail = "map_host: errno " + std::to_string(e);
+    return c;
+  }
+  c.mapped = true;
+  std::vector<uint8_t> buf;
+  uint64_t pos = off;
+  for (const HostPiece& p : pieces) {
+    if (p.length == 0) c.fail = "map_host: a piece of 0 bytes";
+    if (pos + p.length > off + len) c.fail = "map_host: pieces past the range";
+    if (!c.fail.empty()) return c;
+    buf.assign(p.length, 0);
+    if (!p.zero()) {
+      c.from_files = true;
+      const ssize_t n = ::pread(p.fd, buf.data(), buf.size(), static_cast<off_t>(p.host_offset));
+      if (n != static_cast<ssize_t>(buf.size())) {
+        c.fail = "map_host: piece at host " + std::to_string(p.host_offset) + " reads short";
+        return c;
+      }
+    }
+    for (uint64_t k = 0; k < p.length; ++k) {
+      if (buf[k] != m[pos + k]) {
+        c.fail = "map_host: byte " + std::to_string(pos + k) + " differs";
+        return c;
+      }
+    }
+    pos += p.length;
+  }
+  if (pos != off + len) c.fail = "map_host: pieces cover " + std::to_string(pos - off) + " bytes";
+  return c;
+}
+
 // Runs the contract; "" when every answer matched the model, else the first
 // mismatch with the operation that showed it.
-std::string run_contract(const Opener& open, Model& m, uint32_t seed, int ops = kOps) {
+// `must_map`: every read's range must map (data that cannot move).
+std::string run_contract(const Opener& open, Model& m, uint32_t seed, int ops = kOps,
+                         bool must_map = false) {
   std::mt19937_64 rng(seed);
   auto dev = open();
   if (!dev) return "open failed";
@@ -180,6 +235,11 @@ std::string run_contract(const Opener& open, Model& m, uint32_t seed, int ops = 
         for (uint64_t k = 0; k < len && fail.empty(); ++k) {
           if (static_cast<uint8_t>(buf[k]) != m[off + k]) fail = "byte " + std::to_string(off + k);
         }
+      }
+      if (fail.empty()) {
+        const MappingCheck c = check_mapping(*dev, off, len, m);
+        fail = c.fail;
+        if (fail.empty() && must_map && !c.mapped) fail = "map_host: not mapped";
       }
     } else if (op < 55) {  // write
       auto [off, len] = pick(192 * 1024);
@@ -252,6 +312,9 @@ Opener opener(const std::string& path, OpenOptions o = {}) {
 struct Config {
   const char* name;
   std::function<std::string(const TempDir&, Model&)> make;
+  // Written to, it still maps every range: its data never moves (raw, VHD,
+  // data_file_raw).
+  bool maps_writable = false;
 };
 
 std::string qemu_qcow2(const TempDir& d, const std::string& opts) {
@@ -265,24 +328,28 @@ std::vector<Config> configs() {
        [](const TempDir& d, Model&) {
          create(Format::raw, d / "t.raw");
          return d / "t.raw";
-       }},
+       },
+       true},
       {"vhd fixed",
        [](const TempDir& d, Model&) {
          create(Format::vhd, d / "t.vhd", {{"type", "fixed"}});
          return d / "t.vhd";
-       }},
+       },
+       true},
       {"vhd dynamic",
        [](const TempDir& d, Model&) {
          create(Format::vhd, d / "t.vhd", {{"type", "dynamic"}, {"block_size", "65536"}});
          return d / "t.vhd";
-       }},
+       },
+       true},
       {"vhd differencing 1 deep",
        [](const TempDir& d, Model& m) {
          create(Format::vhd, d / "p.vhd", {{"block_size", "65536"}});
          fill_lower(d / "p.vhd", m, 11);
          create(Format::vhd, d / "t.vhd", {{"block_size", "65536"}}, "p.vhd");
          return d / "t.vhd";
-       }},
+       },
+       true},
       {"vhd differencing 3 deep",
        [](const TempDir& d, Model& m) {
          create(Format::vhd, d / "a.vhd", {{"block_size", "65536"}});
@@ -293,7 +360,8 @@ std::vector<Config> configs() {
          fill_lower(d / "c.vhd", m, 43);
          create(Format::vhd, d / "t.vhd", {{"block_size", "65536"}}, "c.vhd");
          return d / "t.vhd";
-       }},
+       },
+       true},
       {"qcow2 v2", [](const TempDir& d, Model&) { return qemu_qcow2(d, "compat=0.10"); }},
       {"qcow2 v3",
        [](const TempDir& d, Model&) { return qemu_qcow2(d, "compat=1.1,cluster_size=4096"); }},
@@ -324,7 +392,8 @@ std::vector<Config> configs() {
       {"qcow2 data_file_raw",
        [](const TempDir& d, Model&) {
          return qemu_qcow2(d, "data_file=" + (d / "t.data") + ",data_file_raw=on");
-       }},
+       },
+       true},
   };
 }
 
@@ -364,7 +433,7 @@ TEST_CASE("every driver configuration keeps the BlockDevice contract") {
       Model model(kSize, 0);
       const std::string image = c.make(dir, model);
       INFO(c.name);
-      CHECK(run_contract(opener(image), model, 20261203) == "");
+      CHECK(run_contract(opener(image), model, 20261203, kOps, c.maps_writable) == "");
     }
   }
 }
@@ -381,6 +450,66 @@ TEST_CASE("every driver configuration keeps the BlockDevice contract under cache
       OpenOptions o;
       o.file_system = direct_file_system();
       CHECK(run_contract(opener(image, o), model, 20261204) == "");
+    }
+  }
+}
+
+// A read-only layer maps every range but compressed clusters, and the pieces
+// hold what read() reads: ranges of every alignment, across cluster and block
+// boundaries, through backing files, parents and data files.
+TEST_CASE("a read-only open of every configuration maps its ranges to the host bytes") {
+  for (const Config& c : configs()) {
+    SUBCASE(c.name) {
+      TempDir dir;
+      Model model(kSize, 0);
+      const std::string image = c.make(dir, model);
+      INFO(c.name);
+      OpenOptions ro;
+      ro.read_only = true;
+      const bool compressed = std::string_view(c.name) == "qcow2 compressed";
+      if (compressed) {  // every cluster of data is compressed until written
+        auto fresh = open_image(image, ro);
+        REQUIRE(fresh);
+        const MappingCheck m = check_mapping(*fresh, 0, kSize, model);
+        CHECK(m.fail == "");
+        CHECK_FALSE(m.mapped);
+      }
+      // Some writes first, so that the layer holds data of its own.
+      REQUIRE(run_contract(opener(image), model, 20261205, 600) == "");
+      auto dev = open_image(image, ro);
+      REQUIRE(dev);
+      std::mt19937_64 rng(99);
+      for (int i = 0; i < 400; ++i) {
+        uint64_t off = rng() % kSize;
+        if (i % 3 == 0) off &= ~uint64_t{65535};  // from a cluster or block start
+        const uint64_t len = std::min<uint64_t>(1 + rng() % (640 * 1024), kSize - off);
+        INFO("range " << off << "+" << len);
+        const MappingCheck m = check_mapping(*dev, off, len, model);
+        REQUIRE(m.fail == "");
+        if (!compressed) REQUIRE(m.mapped);
+      }
+      CHECK(check_mapping(*dev, 0, kSize, model).fail == "");
+    }
+  }
+}
+
+// Cache none bypasses the page cache: nothing may be sent from it.
+TEST_CASE("under cache none no configuration maps file bytes") {
+  for (const Config& c : configs()) {
+    SUBCASE(c.name) {
+      TempDir dir;
+      Model model(kSize, 0);
+      const std::string image = c.make(dir, model);
+      INFO(c.name);
+      REQUIRE(run_contract(opener(image), model, 20261206, 300) == "");
+      OpenOptions o;
+      o.read_only = true;
+      o.file_system = direct_file_system();
+      auto dev = open_image(image, o);
+      REQUIRE(dev);
+      const MappingCheck m = check_mapping(*dev, 0, kSize, model);
+      CHECK(m.fail == "");
+      CHECK_FALSE(m.from_files);
     }
   }
 }
