@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "formats/errors.h"
+#include "formats/forwarding_file_system.h"
 #include "formats/io_ring.h"
 #include "formats/mutex.h"
 
@@ -313,10 +314,12 @@ size_t direct_alignment(int fd) {
   return kFallbackAlignment;
 }
 
-class DirectFileSystem final : public FileSystem {
+class DirectFileSystem final : public ForwardingFileSystem {
  public:
+  DirectFileSystem() : ForwardingFileSystem(host_file_system()) {}
+
   std::unique_ptr<File> open(const std::string& path, bool writable) override {
-    auto meta = host_->open(path, writable);
+    auto meta = inner().open(path, writable);
     // By the open file, not the name: the same inode even if the name moved.
     const int meta_fd = host_descriptor(*meta);
     if (meta_fd < 0) throw_image_error(path, "cache none: not a host file");
@@ -341,19 +344,6 @@ class DirectFileSystem final : public FileSystem {
     file->note_size();
     return file;
   }
-
-  std::unique_ptr<File> create(const std::string& path) override { return host_->create(path); }
-  int stat(const std::string& path, FileStat& out) override { return host_->stat(path, out); }
-  std::string absolute(const std::string& path) override { return host_->absolute(path); }
-  std::string canonical(const std::string& path, std::error_code& ec) override {
-    return host_->canonical(path, ec);
-  }
-  std::string weakly_canonical(const std::string& path, std::error_code& ec) override {
-    return host_->weakly_canonical(path, ec);
-  }
-
- private:
-  std::shared_ptr<FileSystem> host_ = host_file_system();
 };
 
 }  // namespace

@@ -510,19 +510,27 @@ void Qcow2Device::run_batch(std::span<BatchIo> ops) {
   std::vector<size_t> owner;  // the op each entry of `host` reads for
   for (size_t i = 0; i < ops.size(); ++i) {
     BatchIo& op = ops[i];
-    if (op.write) {
-      op.result = write(op.offset, {op.data, op.length}, false);
-      continue;
-    }
     const size_t before = host.size();
-    op.result = read_deferring_data(op.offset, {op.data, op.length}, host);
-    if (op.result) host.resize(before);  // failed: nothing of it is read
+    op.result = 0;
+    if (op.write) {
+      if (!defer_in_place_write(op.offset, {op.data, op.length}, host)) {
+        op.result = write(op.offset, {op.data, op.length}, false);
+      }
+    } else {
+      op.result = read_deferring_data(op.offset, {op.data, op.length}, host);
+    }
+    if (op.result) host.resize(before);  // failed: nothing of it runs
     owner.resize(host.size(), i);
   }
   data_file_->run_batch(host);
+  bool wrote = false;
   for (size_t k = 0; k < host.size(); ++k) {
     if (host[k].result && !ops[owner[k]].result) ops[owner[k]].result = host[k].result;
+    wrote |= host[k].write;
   }
+  // Only now: a flush that ran meanwhile must not have cleared it before
+  // these writes reached the data file.
+  if (wrote) data_dirty_ = true;
 }
 
 // ---- host mapping

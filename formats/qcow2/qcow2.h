@@ -89,9 +89,9 @@ class Qcow2Device final : public BlockDevice {
   int read(uint64_t offset, std::span<std::byte> buf) override;
   int map_host(uint64_t offset, uint64_t length, std::vector<HostPiece>& out) override;
   int write(uint64_t offset, std::span<const std::byte> buf, bool fua) override;
-  // The data runs of the batch's reads go to the data file together; the
-  // rest (writes, zeros, backing, compressed clusters) run as they would
-  // one by one.
+  // The data runs of the batch's reads and of its writes that need no
+  // allocation go to the data file together; the rest (allocating writes,
+  // zeros, backing, compressed clusters) run as they would one by one.
   void run_batch(std::span<BatchIo> ops) override;
   bool runs_batches() const override { return data_file_->runs_batches(); }
   int write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) override;
@@ -206,6 +206,14 @@ class Qcow2Device final : public BlockDevice {
     bool is_trim = false;
   };
   bool map_in_place_locked(uint64_t offset, uint64_t end, std::vector<Run>& runs) REQUIRES(mu_);
+  bool map_in_place(uint64_t offset, uint64_t end, std::vector<Run>& runs) EXCLUDES(mu_);
+  // A write that needs no allocation (map_in_place): marks the bitmaps and
+  // appends its data runs to `host` (offsets in data_file_), to be written
+  // with the batch; the caller sets data_dirty_ once they are. False: the
+  // write must go through write() (it allocates, or the image cannot be
+  // written: write() says why).
+  bool defer_in_place_write(uint64_t offset, std::span<std::byte> buf, std::vector<BatchIo>& host)
+      EXCLUDES(mu_);
   int write_cluster(uint64_t guest, std::span<const std::byte> data) EXCLUDES(mu_);
   int plan_write_locked(uint64_t guest, uint64_t length, WritePlan& plan) REQUIRES(mu_);
   int take_host_cluster_locked(WritePlan& plan) REQUIRES(mu_);

@@ -141,12 +141,7 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
   }
 
   std::vector<Run> runs;
-  bool in_place = false;
-  {
-    WriterLock lk(mu_);
-    in_place = map_in_place_locked(offset, end, runs);
-  }
-  if (in_place) {
+  if (map_in_place(offset, end, runs)) {
     for (const Run& r : runs) {
       if (int err = data_file_->write_at(r.host, buf.subspan(r.guest - offset, r.length)))
         return err;
@@ -160,6 +155,26 @@ int Qcow2Device::write(uint64_t offset, std::span<const std::byte> buf, bool fua
     pos = cend;
   }
   return fua ? flush() : 0;
+}
+
+bool Qcow2Device::map_in_place(uint64_t offset, uint64_t end, std::vector<Run>& runs) {
+  WriterLock lk(mu_);
+  return map_in_place_locked(offset, end, runs);
+}
+
+bool Qcow2Device::defer_in_place_write(uint64_t offset, std::span<std::byte> buf,
+                                       std::vector<BatchIo>& host) {
+  if (read_only_ || data_file_raw_ || begin_writing_once()) return false;
+  mark_dirty(offset, buf.size());
+  std::vector<Run> runs;
+  if (!map_in_place(offset, offset + buf.size(), runs)) return false;
+  for (const Run& r : runs) {
+    host.push_back({.offset = r.host,
+                    .data = buf.data() + (r.guest - offset),
+                    .length = r.length,
+                    .write = true});
+  }
+  return true;
 }
 
 // REQUIRES mu_. The subclusters of an L2 entry that read as zeros under

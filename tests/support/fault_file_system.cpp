@@ -11,7 +11,7 @@ bool FaultFileSystem::matches(const std::string& path, const std::string& name) 
   if (path == name) return true;
   if (std::filesystem::path(path).filename() == name) return true;
   std::error_code ec;
-  return inner_->canonical(path, ec) == name && !ec;
+  return inner().canonical(path, ec) == name && !ec;
 }
 
 void FaultFileSystem::fail_open(const std::string& name, int error) {
@@ -44,7 +44,7 @@ std::unique_ptr<File> FaultFileSystem::open(const std::string& path, bool writab
       }
     }
   }
-  auto f = std::make_unique<FaultFile>(inner_->open(path, writable));
+  auto f = std::make_unique<FaultFile>(inner().open(path, writable));
   std::lock_guard lk(mu_);
   files_[path] = f.get();
   return f;

@@ -13,15 +13,15 @@
 #include <string>
 #include <vector>
 
-#include "formats/file_system.h"
+#include "formats/forwarding_file_system.h"
 #include "tests/support/fault_file.h"
 
 namespace strata::test {
 
-class FaultFileSystem final : public FileSystem {
+class FaultFileSystem final : public ForwardingFileSystem {
  public:
   explicit FaultFileSystem(std::shared_ptr<FileSystem> inner = host_file_system())
-      : inner_(std::move(inner)) {}
+      : ForwardingFileSystem(std::move(inner)) {}
 
   // Opens of a file whose canonical path or file name is `name` fail with
   // errno `error` (EACCES, EIO, ...) from now on.
@@ -33,20 +33,10 @@ class FaultFileSystem final : public FileSystem {
   FaultFile* file(const std::string& name) const;
 
   std::unique_ptr<File> open(const std::string& path, bool writable) override;
-  std::unique_ptr<File> create(const std::string& path) override { return inner_->create(path); }
-  int stat(const std::string& path, FileStat& out) override { return inner_->stat(path, out); }
-  std::string absolute(const std::string& path) override { return inner_->absolute(path); }
-  std::string canonical(const std::string& path, std::error_code& ec) override {
-    return inner_->canonical(path, ec);
-  }
-  std::string weakly_canonical(const std::string& path, std::error_code& ec) override {
-    return inner_->weakly_canonical(path, ec);
-  }
 
  private:
   bool matches(const std::string& path, const std::string& name) const;
 
-  std::shared_ptr<FileSystem> inner_;
   mutable std::mutex mu_;
   std::map<std::string, int> fail_;  // name -> errno
   std::vector<std::string> opened_;

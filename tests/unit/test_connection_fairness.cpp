@@ -23,6 +23,7 @@
 
 #include "formats/file.h"
 #include "formats/file_system.h"
+#include "formats/forwarding_file_system.h"
 #include "protocol/nbd.h"
 #include "server/connection.h"
 #include "server/server.h"
@@ -74,25 +75,15 @@ class GatedFile final : public test::ForwardingFile {
   Gate& gate_;
 };
 
-class GatedFileSystem final : public FileSystem {
+class GatedFileSystem final : public ForwardingFileSystem {
  public:
-  explicit GatedFileSystem(Gate& gate) : gate_(gate) {}
+  explicit GatedFileSystem(Gate& gate) : ForwardingFileSystem(host_file_system()), gate_(gate) {}
   std::unique_ptr<File> open(const std::string& path, bool writable) override {
-    return std::make_unique<GatedFile>(inner_->open(path, writable), gate_);
-  }
-  std::unique_ptr<File> create(const std::string& path) override { return inner_->create(path); }
-  int stat(const std::string& path, FileStat& out) override { return inner_->stat(path, out); }
-  std::string absolute(const std::string& path) override { return inner_->absolute(path); }
-  std::string canonical(const std::string& path, std::error_code& ec) override {
-    return inner_->canonical(path, ec);
-  }
-  std::string weakly_canonical(const std::string& path, std::error_code& ec) override {
-    return inner_->weakly_canonical(path, ec);
+    return std::make_unique<GatedFile>(inner().open(path, writable), gate_);
   }
 
  private:
   Gate& gate_;
-  std::shared_ptr<FileSystem> inner_ = host_file_system();
 };
 
 ExportConfig raw_export(const std::string& name, const std::string& path) {
